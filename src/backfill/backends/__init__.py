@@ -1,0 +1,1 @@
+"""Backends: where a line's request actually runs."""

@@ -1,0 +1,1 @@
+"""Blob stores: where file bytes live (input, output and error files)."""

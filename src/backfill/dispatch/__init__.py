@@ -1,0 +1,1 @@
+"""The asyncio dispatcher: lease -> limit -> send -> record, plus each batch's lifecycle."""

@@ -1,0 +1,134 @@
+"""One batch's housekeeping: validate, expire, cancel, finalize. Each step is claimed so it runs once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from backfill import ids
+from backfill.domain.batches import Batch, BatchStatus, LineError, RequestState
+from backfill.domain.files import OUTPUT_PURPOSE, FileRecord
+from backfill.domain.lines import FileValidator, ValidationLimits, ValidationResult, split_lines
+from backfill.domain.results import output_line
+from backfill.ports import BlobStore
+from backfill.store.sql import SqlStore
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Lifecycle:
+    store: SqlStore
+    blobs: BlobStore
+    limits: ValidationLimits
+    is_served: Callable[[str], bool]
+    owner: str
+    default_token_limit: int | None = None
+
+    async def tend(self, batch: Batch, now: float) -> None:
+        """Move `batch` along if something is due; safe to call again at any time."""
+        if batch.status is BatchStatus.VALIDATING:
+            if now >= batch.expires_at:
+                await self.finalize(batch, BatchStatus.EXPIRED, now)
+            else:
+                await self.validate(batch, now)
+        elif batch.status is BatchStatus.CANCELLING:
+            await self.close_and_finalize(batch, RequestState.CANCELLED, BatchStatus.CANCELLED, now)
+        elif batch.status is BatchStatus.IN_PROGRESS and now >= batch.expires_at:
+            await self.close_and_finalize(batch, RequestState.EXPIRED, BatchStatus.EXPIRED, now)
+        elif batch.status is BatchStatus.IN_PROGRESS and batch.completed + batch.failed >= batch.total:
+            await self.store.mark_finalizing(batch.id, self.owner, int(now))
+            await self.finalize(batch, BatchStatus.COMPLETED, now)
+        elif batch.status is BatchStatus.FINALIZING:
+            await self.finalize(batch, BatchStatus.COMPLETED, now)
+
+    async def validate(self, batch: Batch, now: float) -> None:
+        record = await self.store.get_file(batch.tenant_id, batch.input_file_id)
+        if record is None:
+            error = LineError("invalid_request", f"The input file {batch.input_file_id} no longer exists.")
+            await self.store.fail_batch(batch.id, self.owner, None, [error], int(now))
+            return
+        result = await asyncio.to_thread(self._validate_blob, batch.endpoint, record.blob_key)
+        if result.ok and result.model is not None:
+            quota_error = await self._check_quota(batch.tenant_id, result)
+            if quota_error is not None:
+                result.errors, result.error_count = [quota_error], 1
+        if not result.ok:
+            await self.store.fail_batch(batch.id, self.owner, result.model, result.errors, int(now))
+            log.info("batch.failed_validation", batch_id=batch.id, errors=result.error_count)
+            return
+        started = await self.store.start_batch(batch.id, self.owner, result.model, result.lines, int(now))
+        log.info("batch.validated", batch_id=batch.id, lines=len(result.lines), started=started)
+
+    def _validate_blob(self, endpoint: str, blob_key: str) -> ValidationResult:
+        validator = FileValidator(endpoint, self.is_served, self.limits)
+        for raw in split_lines(self.blobs.iter_chunks(blob_key), self.limits.max_line_bytes):
+            validator.feed(raw)
+        return validator.finish()
+
+    async def _check_quota(self, tenant_id: str, result: ValidationResult) -> LineError | None:
+        limit = await self.store.tenant_token_limit(tenant_id)
+        limit = limit if limit is not None else self.default_token_limit
+        if limit is None or result.model is None:
+            return None
+        enqueued = await self.store.enqueued_tokens(tenant_id, result.model)
+        wanted = result.est_prompt_tokens
+        if enqueued + wanted <= limit:
+            return None
+        return LineError(
+            "token_limit_exceeded",
+            f"Enqueued token limit reached for {result.model}: this batch needs about {wanted} prompt tokens, "
+            f"{enqueued} are already enqueued, the limit is {limit}. Wait for batches to finish and retry.",
+        )
+
+    async def close_and_finalize(
+        self, batch: Batch, line_state: RequestState, terminal: BatchStatus, now: float
+    ) -> None:
+        """Queued lines end as `line_state`; once no line is in flight anywhere, write the files."""
+        closed = await self.store.close_queued_lines(batch.id, line_state)
+        fresh = await self.store.get_batch(None, batch.id)
+        if fresh is None or fresh.completed + fresh.failed < fresh.total:
+            log.info("batch.closing", batch_id=batch.id, closed=closed, waiting_for_in_flight=True)
+            return
+        if terminal is BatchStatus.EXPIRED and not (await self.store.line_state_counts(batch.id)).get("expired"):
+            # Every line ended before the window closed: that is a completed batch.
+            await self.store.mark_finalizing(batch.id, self.owner, int(now))
+            terminal = BatchStatus.COMPLETED
+        await self.finalize(fresh, terminal, now)
+
+    async def finalize(self, batch: Batch, terminal: BatchStatus, now: float) -> None:
+        """Stream every line, in input order, into the output and error files; then the terminal status."""
+        keys = (f"outputs/{batch.id}/output.jsonl", f"outputs/{batch.id}/error.jsonl")
+        writers = (self.blobs.open_writer(keys[0]), self.blobs.open_writer(keys[1]))
+        try:
+            async for result in self.store.iter_results(batch.id):
+                writers[0 if result.is_success else 1].write(output_line(result, ids.batch_request_id()))
+        except BaseException:
+            for writer in writers:
+                await writer.abort()
+            raise
+        expires_at = int(now) + batch.output_expires_after_s if batch.output_expires_after_s else None
+        records: list[FileRecord | None] = []
+        for kind, key, writer in zip(("output", "error"), keys, writers, strict=True):
+            if writer.size == 0:
+                await writer.abort()
+                records.append(None)
+                continue
+            await writer.commit()
+            records.append(
+                FileRecord(
+                    id=ids.file_id(),
+                    tenant_id=batch.tenant_id,
+                    filename=f"{batch.id}_{kind}.jsonl",
+                    purpose=OUTPUT_PURPOSE,
+                    bytes=writer.size,
+                    blob_key=key,
+                    created_at=int(now),
+                    expires_at=expires_at,
+                )
+            )
+        done = await self.store.finish_batch(batch.id, self.owner, terminal, records, int(now))
+        log.info("batch.finished", batch_id=batch.id, status=terminal.value, registered=done)

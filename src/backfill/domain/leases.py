@@ -1,0 +1,58 @@
+"""What the dispatcher and the store exchange about lines: leases out, results back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from backfill.domain.batches import RequestState
+from backfill.domain.usage import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedLine:
+    """A line this worker may run until `lease_expires_at`; writes are fenced on (owner, lease_seq)."""
+
+    id: int
+    batch_id: str
+    line_no: int
+    custom_id: str
+    offset: int
+    length: int
+    attempts: int
+    lease_seq: int
+    est_prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class LineUpdate:
+    """The new state of a leased line. `QUEUED` hands it back (retry later, or released uncharged)."""
+
+    id: int
+    batch_id: str
+    lease_seq: int
+    state: RequestState
+    attempts: int
+    next_attempt_at: float = 0.0
+    result_id: str | None = None
+    status_code: int | None = None
+    request_id: str | None = None
+    body: bytes | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def is_final(self) -> bool:
+        return self.state is not RequestState.QUEUED
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchBatch:
+    """An in-progress batch the dispatcher may lease lines from."""
+
+    id: str
+    tenant_id: str
+    model: str
+    endpoint: str
+    expires_at: int
+    input_blob_key: str

@@ -1,0 +1,246 @@
+"""Split a batch input file into lines and validate them against SPEC §3, streaming, one pass.
+
+Nothing here does I/O: the caller feeds chunks of bytes and gets back either the valid lines (with their byte
+offsets in the file, so the dispatcher reads each body straight from the blob) or the line-numbered errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from backfill.domain.batches import LineError
+
+INVALID_JSON_MESSAGE = "This line is not parseable as valid JSON."
+
+
+@dataclass(frozen=True, slots=True)
+class RawLine:
+    """One physical line: 1-based number, byte offset and length in the file; `data` None if over the limit."""
+
+    number: int
+    offset: int
+    length: int
+    data: bytes | None
+
+
+def split_lines(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[RawLine]:
+    """Yield the lines of a stream of chunks, never holding more than one line (capped) plus one chunk."""
+    number = 0
+    offset = 0  # file offset of the first byte of `pending`
+    pending: list[bytes] = []
+    pending_len = 0
+    oversize = False
+    for chunk in chunks:
+        parts = chunk.split(b"\n")
+        for part in parts[:-1]:
+            number += 1
+            length = pending_len + len(part)
+            if oversize or length > max_line_bytes:
+                yield RawLine(number, offset, length, None)
+            else:
+                yield RawLine(number, offset, length, b"".join((*pending, part)) if pending else part)
+            offset += length + 1
+            pending, pending_len, oversize = [], 0, False
+        tail = parts[-1]
+        pending_len += len(tail)
+        if oversize or pending_len > max_line_bytes:
+            pending, oversize = [], True  # keep counting its length, drop its bytes
+        elif tail:
+            pending.append(tail)
+    if pending_len:
+        number += 1
+        yield RawLine(number, offset, pending_len, None if oversize else b"".join(pending))
+
+
+@dataclass(frozen=True, slots=True)
+class ValidLine:
+    number: int
+    custom_id: str
+    offset: int
+    length: int
+    est_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class ValidationLimits:
+    max_lines: int = 50_000
+    max_line_bytes: int = 16 * 1024 * 1024
+    max_embedding_inputs: int = 50_000
+    max_reported_errors: int = 100
+
+
+@dataclass
+class ValidationResult:
+    lines: list[ValidLine]
+    model: str | None
+    errors: list[LineError]
+    error_count: int
+
+    @property
+    def ok(self) -> bool:
+        return self.error_count == 0
+
+    @property
+    def est_prompt_tokens(self) -> int:
+        return sum(line.est_prompt_tokens for line in self.lines)
+
+
+def estimate_prompt_tokens(line_bytes: int) -> int:
+    """Documented estimate used for quotas and scheduling: one token per 4 bytes of the request line."""
+    return max(1, line_bytes // 4)
+
+
+def count_embedding_inputs(body: dict[str, Any]) -> int:
+    value = body.get("input")
+    if isinstance(value, list) and value and not isinstance(value[0], int):
+        return len(value)
+    return 1
+
+
+@dataclass
+class FileValidator:
+    """Feed it every RawLine of a file in order, then call `finish()`."""
+
+    endpoint: str
+    is_served: Callable[[str], bool]
+    limits: ValidationLimits = field(default_factory=ValidationLimits)
+    _lines: list[ValidLine] = field(default_factory=list)
+    _errors: list[LineError] = field(default_factory=list)
+    _error_count: int = 0
+    _seen_ids: set[str] = field(default_factory=set)
+    _model: str | None = None
+    _model_line: int = 0
+    _requests: int = 0
+    _embedding_inputs: int = 0
+    _too_many: bool = False
+
+    def _error(self, code: str, message: str, line: int | None, param: str | None = None) -> None:
+        self._error_count += 1
+        if len(self._errors) < self.limits.max_reported_errors:
+            self._errors.append(LineError(code, message, line, param))
+
+    def feed(self, raw: RawLine) -> None:
+        if raw.data is not None and not raw.data.strip():
+            return  # blank lines carry no request
+        self._requests += 1
+        if self._requests > self.limits.max_lines:
+            if not self._too_many:
+                self._too_many = True
+                self._error(
+                    "too_many_tasks",
+                    f"The batch input file has more than the maximum of {self.limits.max_lines} requests.",
+                    None,
+                )
+            return
+        if raw.data is None:
+            self._error(
+                "invalid_request",
+                f"This line is {raw.length} bytes, more than the maximum of {self.limits.max_line_bytes}.",
+                raw.number,
+            )
+            return
+        try:
+            obj = orjson.loads(raw.data)
+        except orjson.JSONDecodeError:
+            self._error("invalid_json_line", INVALID_JSON_MESSAGE, raw.number)
+            return
+        custom_id = self._check_line(obj, raw.number)
+        if custom_id is not None:
+            self._lines.append(
+                ValidLine(raw.number, custom_id, raw.offset, raw.length, estimate_prompt_tokens(raw.length))
+            )
+
+    def _check_line(self, obj: Any, number: int) -> str | None:  # noqa: C901 - one flat list of SPEC rules
+        if not isinstance(obj, dict):
+            self._error("invalid_request", "Each line must be a JSON object.", number)
+            return None
+        for key, kind, name in (
+            ("custom_id", str, "string"),
+            ("method", str, "string"),
+            ("url", str, "string"),
+            ("body", dict, "object"),
+        ):
+            if key not in obj:
+                self._error("invalid_request", f"Missing required parameter: '{key}'.", number, key)
+                return None
+            if not isinstance(obj[key], kind):
+                self._error("invalid_request", f"'{key}' must be a {name}.", number, key)
+                return None
+        custom_id: str = obj["custom_id"]
+        body: dict[str, Any] = obj["body"]
+        if not custom_id:
+            self._error("invalid_request", "'custom_id' must not be empty.", number, "custom_id")
+            return None
+        if obj["method"] != "POST":
+            self._error("invalid_request", "'method' must be 'POST'.", number, "method")
+            return None
+        if obj["url"] != self.endpoint:
+            self._error(
+                "url_mismatch",
+                f"The URL provided for this request ({obj['url']!r}) does not match the batch endpoint "
+                f"({self.endpoint!r}).",
+                number,
+                "url",
+            )
+            return None
+        if body.get("stream") is True:
+            self._error("invalid_request", "Streaming is not supported in batch requests.", number, "body.stream")
+            return None
+        if custom_id in self._seen_ids:
+            self._error(
+                "duplicate_custom_id",
+                f"The custom_id {custom_id!r} is already used by an earlier line.",
+                number,
+                "custom_id",
+            )
+            return None
+        self._seen_ids.add(custom_id)
+        if not self._check_model(body.get("model"), number):
+            return None
+        if self.endpoint == "/v1/embeddings":
+            self._embedding_inputs += count_embedding_inputs(body)
+            if self._embedding_inputs > self.limits.max_embedding_inputs:
+                self._error(
+                    "too_many_tasks",
+                    f"The batch has more than the maximum of {self.limits.max_embedding_inputs} embedding inputs.",
+                    number,
+                    "body.input",
+                )
+                return None
+        return custom_id
+
+    def _check_model(self, model: Any, number: int) -> bool:
+        if not isinstance(model, str) or not model:
+            self._error("invalid_request", "Missing required parameter: 'body.model'.", number, "body.model")
+            return False
+        if self._model is None:
+            self._model, self._model_line = model, number
+            if not self.is_served(model):
+                self._error(
+                    "model_not_found",
+                    f"The model {model!r} is not served by any backend.",
+                    number,
+                    "body.model",
+                )
+                return False
+        elif model != self._model:
+            self._error(
+                "model_mismatch",
+                f"All lines must use the same model: this line uses {model!r}, line {self._model_line} uses "
+                f"{self._model!r}.",
+                number,
+                "body.model",
+            )
+            return False
+        return True
+
+    def finish(self) -> ValidationResult:
+        if self._requests == 0:
+            self._error("empty_file", "The batch input file is empty: it has no request lines.", None)
+        return ValidationResult(
+            self._lines if self._error_count == 0 else [], self._model, self._errors, self._error_count
+        )

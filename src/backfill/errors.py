@@ -1,0 +1,91 @@
+"""Every error backfill raises on purpose.
+
+    BackfillError
+     ├── ConfigError                 bad settings or config file; the process refuses to start
+     ├── ApiError                    a client mistake or state conflict, shown in the error envelope
+     │    ├── InvalidRequest         400  the request itself is wrong (`param` names the field)
+     │    ├── AuthenticationFailed   401  missing or unknown API key
+     │    ├── NotFound               404  unknown id, or one that belongs to another tenant
+     │    ├── Conflict               409  legal request, wrong state (cancel a finished batch, …)
+     │    └── PayloadTooLarge        413  upload or body over its size limit
+     └── BackendError                a backend call went wrong without a usable HTTP answer
+          ├── BackendTimeout         no answer within the per-request timeout
+          └── BackendUnavailable     connection refused/reset, or an answer that is not a JSON object
+
+Routes only ever see these; `backfill.http.errors` maps `ApiError` to HTTP in one table. Adapters translate
+foreign exceptions (httpx, SQLAlchemy, …) into them at the boundary.
+"""
+
+from __future__ import annotations
+
+
+class BackfillError(Exception):
+    """Something went wrong in backfill."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (type(self).__doc__ or type(self).__name__).strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class ConfigError(BackfillError):
+    """The configuration is invalid."""
+
+
+class ApiError(BackfillError):
+    """The request could not be served."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str | None = None, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class InvalidRequest(ApiError):
+    """The request is invalid."""
+
+
+class AuthenticationFailed(ApiError):
+    """Incorrect API key provided."""
+
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class NotFound(ApiError):
+    """No such object."""
+
+    status_code = 404
+
+
+class Conflict(ApiError):
+    """The object is not in a state that allows this."""
+
+    status_code = 409
+
+
+class PayloadTooLarge(ApiError):
+    """The request body is larger than allowed."""
+
+    status_code = 413
+
+
+class BackendError(BackfillError):
+    """The backend call failed without a usable answer."""
+
+    code = "backend_unavailable"
+
+
+class BackendTimeout(BackendError):
+    """The backend did not answer within the request timeout."""
+
+    code = "timeout"
+
+
+class BackendUnavailable(BackendError):
+    """The backend could not be reached or answered with something that is not a JSON object."""

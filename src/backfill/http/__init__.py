@@ -1,0 +1,1 @@
+"""The HTTP adapter: FastAPI app, routes, auth and the error envelope."""

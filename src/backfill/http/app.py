@@ -1,0 +1,44 @@
+"""create_app: the whole HTTP surface. Services are opened in the lifespan, on the server's event loop."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from backfill import __version__
+from backfill.config import Settings
+from backfill.http.auth import Authenticator
+from backfill.http.errors import install_error_handlers
+from backfill.http.routes import batches, files, health
+from backfill.ports import Backend
+from backfill.services import Services
+
+
+def create_app(
+    settings: Settings,
+    *,
+    backends: Sequence[Backend] | None = None,
+    clock: Callable[[], float] = time.time,
+    run_dispatcher: bool = True,
+) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await Services.open(settings, backends=backends, clock=clock)
+        app.state.services = services
+        app.state.authenticator = Authenticator(services)
+        if run_dispatcher:
+            services.start_dispatcher()
+        try:
+            yield
+        finally:
+            await services.close()
+
+    app = FastAPI(title="backfill", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(files.router)
+    app.include_router(batches.router)
+    app.include_router(health.router)
+    return app

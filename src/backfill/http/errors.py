@@ -1,0 +1,71 @@
+"""Errors -> the OpenAI error envelope (SPEC §1), in one table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from backfill.errors import ApiError
+
+log = structlog.get_logger(__name__)
+
+# Errors a retry cannot fix: tell the SDKs not to retry them.
+NO_RETRY = frozenset({400, 401, 403, 404, 405, 409, 413, 422})
+_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    error_type: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
+) -> Response:
+    body = {
+        "error": {
+            "message": message,
+            "type": error_type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
+    headers = {"x-should-retry": "false"} if status in NO_RETRY else {}
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return error_response(exc.status_code, exc.message, error_type=exc.error_type, param=exc.param, code=exc.code)
+
+    async def on_http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        return error_response(exc.status_code, str(exc.detail))
+
+    async def on_validation_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+        loc = [str(part) for part in first.get("loc", ()) if part not in ("query", "path", "body")]
+        param = ".".join(loc) or None
+        return error_response(400, f"Invalid '{param}': {first.get('msg', 'invalid value')}.", param=param)
+
+    async def on_unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("http.unhandled", exc_info=exc)
+        return error_response(500, "The server had an error while processing your request.")
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)

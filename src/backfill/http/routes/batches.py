@@ -1,0 +1,51 @@
+"""Batches API (SPEC §3)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from backfill.http.deps import ServicesDep, TenantDep, json_body, json_response
+from backfill.usecases import batches as uc
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+
+@router.post("")
+async def create_batch(request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
+    batch = await uc.create_batch(services, tenant, uc.parse_create(await json_body(request)))
+    services.dispatcher.wake()
+    return json_response(batch.to_openai())
+
+
+@router.get("")
+async def list_batches(
+    services: ServicesDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
+) -> Response:
+    batches, has_more = await uc.list_batches(services, tenant, limit=limit, after=after)
+    return json_response(
+        {
+            "object": "list",
+            "data": [batch.to_openai() for batch in batches],
+            "first_id": batches[0].id if batches else None,
+            "last_id": batches[-1].id if batches else None,
+            "has_more": has_more,
+        }
+    )
+
+
+@router.get("/{batch_id}")
+async def retrieve_batch(batch_id: str, services: ServicesDep, tenant: TenantDep) -> Response:
+    return json_response((await uc.get_batch(services, tenant, batch_id)).to_openai())
+
+
+@router.post("/{batch_id}/cancel")
+async def cancel_batch(batch_id: str, services: ServicesDep, tenant: TenantDep) -> Response:
+    batch = await uc.cancel_batch(services, tenant, batch_id)
+    services.dispatcher.wake()
+    return json_response(batch.to_openai())

@@ -1,0 +1,142 @@
+"""Stream a multipart/form-data upload straight into a blob, never holding the file in memory.
+
+Starlette's form parser spools files to a temporary file first; here the `file` part goes directly to the blob
+writer, and the size limit is enforced while reading: past it we stop reading and keep nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from backfill.errors import InvalidRequest, PayloadTooLarge
+from backfill.ports import BlobWriter
+
+_MAX_FIELD_BYTES = 4096
+_MAX_FIELDS = 16
+
+
+@dataclass
+class UploadedForm:
+    fields: dict[str, str] = field(default_factory=dict)
+    filename: str | None = None
+    size: int = 0
+
+
+class _FormReader:
+    """python-multipart callbacks: small fields kept in memory, the `file` part streamed to the writer."""
+
+    def __init__(self, writer: BlobWriter, max_file_bytes: int) -> None:
+        self.writer = writer
+        self.max_file_bytes = max_file_bytes
+        self.form = UploadedForm()
+        self.error: Exception | None = None
+        self._field = bytearray()
+        self._value = bytearray()
+        self._headers: dict[bytes, bytes] = {}
+        self._name: str | None = None
+        self._is_file = False
+        self._data = bytearray()
+
+    def callbacks(self) -> dict[str, object]:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self._headers.clear()
+        self._name, self._is_file = None, False
+        self._data.clear()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[bytes(self._field).lower()] = bytes(self._value)
+        self._field.clear()
+        self._value.clear()
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if len(self.form.fields) >= _MAX_FIELDS:
+            self.error = InvalidRequest("Too many form fields.")
+            return
+        try:
+            self._name = options.get(b"name", b"").decode()
+            filename = options.get(b"filename")
+            if self._name == "file":
+                if filename is None:
+                    self.error = InvalidRequest("The 'file' part must carry a filename.", param="file")
+                    return
+                self._is_file = True
+                self.form.filename = filename.decode()
+        except UnicodeDecodeError:
+            self.error = InvalidRequest("Form field names and filenames must be UTF-8.", param="file")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.error is not None:
+            return
+        if not self._is_file:
+            self._data += data[start:end]
+            if len(self._data) > _MAX_FIELD_BYTES:
+                self.error = InvalidRequest(f"Form field {self._name!r} is too long.", param=self._name)
+        elif self.writer.size + (end - start) > self.max_file_bytes:
+            self.error = PayloadTooLarge(
+                f"File is larger than the maximum of {self.max_file_bytes} bytes.", param="file", code="file_too_large"
+            )
+        else:
+            self.writer.write(data[start:end])
+
+    def on_part_end(self) -> None:
+        if self.error is not None or self._name is None:
+            return
+        if self._is_file:
+            self.form.size = self.writer.size
+            return
+        try:
+            self.form.fields[self._name] = self._data.decode()
+        except UnicodeDecodeError:
+            self.error = InvalidRequest(f"Form field {self._name!r} is not UTF-8.", param=self._name)
+
+
+def boundary_of(content_type: str | None) -> bytes:
+    if not content_type:
+        raise InvalidRequest("Expected a multipart/form-data body with a 'file' part.")
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        raise InvalidRequest("Expected a multipart/form-data body with a 'file' part.")
+    return boundary
+
+
+async def receive_upload(
+    chunks: AsyncIterator[bytes], content_type: str | None, writer: BlobWriter, max_file_bytes: int
+) -> UploadedForm:
+    """Parse the form, writing the `file` part into `writer`. The caller commits or aborts the writer."""
+    reader = _FormReader(writer, max_file_bytes)
+    parser = MultipartParser(boundary_of(content_type), reader.callbacks())  # type: ignore[arg-type]
+    try:
+        async for chunk in chunks:
+            parser.write(chunk)
+            if reader.error is not None:
+                raise reader.error
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise InvalidRequest(f"Malformed multipart body: {exc}") from exc
+    if reader.error is not None:
+        raise reader.error
+    if reader.form.filename is None:
+        raise InvalidRequest("Missing required parameter: 'file'.", param="file")
+    return reader.form

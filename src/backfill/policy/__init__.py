@@ -1,0 +1,1 @@
+"""Pure scheduling decisions: time is an argument, no I/O."""

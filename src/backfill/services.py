@@ -1,0 +1,68 @@
+"""Wiring: build the store, blob store, backends and dispatcher from Settings (no hidden globals)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from backfill.backends.openai_http import OpenAIHttpBackend
+from backfill.blobs.local import LocalBlobStore
+from backfill.config import Settings
+from backfill.dispatch.dispatcher import Dispatcher
+from backfill.ports import Backend
+from backfill.store.engine import create_engine, migrate
+from backfill.store.sql import SqlStore
+
+DEFAULT_TENANT = "default"
+
+
+def build_backends(settings: Settings) -> list[Backend]:
+    return [OpenAIHttpBackend(backend) for backend in settings.backends]
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: SqlStore
+    blobs: LocalBlobStore
+    backends: Sequence[Backend]
+    dispatcher: Dispatcher
+    clock: Callable[[], float] = time.time
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _run: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        settings: Settings,
+        *,
+        backends: Sequence[Backend] | None = None,
+        clock: Callable[[], float] = time.time,
+        run_migrations: bool = True,
+    ) -> Services:
+        url = settings.effective_database_url
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if run_migrations:
+            await asyncio.to_thread(migrate, url)
+        store = SqlStore(create_engine(url))
+        blobs = LocalBlobStore(settings.blob_dir)
+        chosen = list(backends) if backends is not None else build_backends(settings)
+        dispatcher = Dispatcher(store, blobs, chosen, settings, clock=clock)
+        return cls(settings, store, blobs, chosen, dispatcher, clock)
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    def start_dispatcher(self) -> None:
+        self._run = asyncio.create_task(self.dispatcher.run(self._stop))
+
+    async def close(self) -> None:
+        if self._run is not None:
+            self._stop.set()
+            await self._run
+        for backend in self.backends:
+            await backend.close()
+        self.blobs.close()
+        await self.store.close()

@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy tables and the SqlStore (every SQL statement lives here, named)."""

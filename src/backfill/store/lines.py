@@ -1,0 +1,318 @@
+"""Line queries: lease with fencing, group-commit results, reclaim lapsed leases, read results in order."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from backfill.domain.batches import BatchStatus, RequestState
+from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
+from backfill.domain.results import StoredResult
+from backfill.domain.usage import Usage
+from backfill.store.tables import batches, files, requests
+
+_FAILED_STATES = [RequestState.FAILED.value, RequestState.EXPIRED.value, RequestState.CANCELLED.value]
+_USAGE_COLUMNS = ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
+
+_LEASED_COLUMNS = (
+    requests.c.id,
+    requests.c.batch_id,
+    requests.c.line_no,
+    requests.c.custom_id,
+    requests.c.body_offset,
+    requests.c.body_length,
+    requests.c.attempts,
+    requests.c.lease_seq,
+    requests.c.est_prompt_tokens,
+)
+
+# Fenced: only the holder of this exact lease (owner and lease_seq) may write the line.
+_FENCE = (
+    (requests.c.id == bindparam("_id"))
+    & (requests.c.lease_owner == bindparam("_owner"))
+    & (requests.c.lease_seq == bindparam("_seq"))
+    & (requests.c.state == RequestState.LEASED.value)
+)
+
+_FINISH_LINE = (
+    update(requests)
+    .where(_FENCE)
+    .values(
+        state=bindparam("_state"),
+        attempts=bindparam("_attempts"),
+        lease_owner=None,
+        lease_expires_at=None,
+        result_id=bindparam("_result_id"),
+        status_code=bindparam("_status_code"),
+        request_id=bindparam("_request_id"),
+        body=bindparam("_body"),
+        error_code=bindparam("_error_code"),
+        error_message=bindparam("_error_message"),
+        input_tokens=bindparam("_input_tokens"),
+        cached_tokens=bindparam("_cached_tokens"),
+        output_tokens=bindparam("_output_tokens"),
+        reasoning_tokens=bindparam("_reasoning_tokens"),
+    )
+)
+
+_REQUEUE_LINE = (
+    update(requests)
+    .where(_FENCE)
+    .values(
+        state=RequestState.QUEUED.value,
+        attempts=bindparam("_attempts"),
+        next_attempt_at=bindparam("_next_attempt_at"),
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+)
+
+
+def _finish_params(owner: str, u: LineUpdate) -> dict[str, Any]:
+    return {
+        "_id": u.id,
+        "_owner": owner,
+        "_seq": u.lease_seq,
+        "_state": u.state.value,
+        "_attempts": u.attempts,
+        "_result_id": u.result_id,
+        "_status_code": u.status_code,
+        "_request_id": u.request_id,
+        "_body": u.body,
+        "_error_code": u.error_code,
+        "_error_message": u.error_message,
+        "_input_tokens": u.usage.input_tokens,
+        "_cached_tokens": u.usage.cached_tokens,
+        "_output_tokens": u.usage.output_tokens,
+        "_reasoning_tokens": u.usage.reasoning_tokens,
+    }
+
+
+class LineQueries:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.is_postgres = engine.dialect.name == "postgresql"
+
+    async def dispatchable_batches(self, now: float) -> list[DispatchBatch]:
+        """In-progress batches inside their window with lines not yet finished, earliest deadline first."""
+        query = (
+            select(
+                batches.c.id,
+                batches.c.tenant_id,
+                batches.c.model,
+                batches.c.endpoint,
+                batches.c.expires_at,
+                files.c.blob_key,
+            )
+            .select_from(batches.join(files, files.c.id == batches.c.input_file_id))
+            .where(
+                batches.c.status == BatchStatus.IN_PROGRESS.value,
+                batches.c.expires_at > now,
+                batches.c.completed + batches.c.failed < batches.c.total,
+            )
+            .order_by(batches.c.expires_at, batches.c.seq)
+        )
+        async with self.engine.connect() as conn:
+            return [
+                DispatchBatch(row.id, row.tenant_id, row.model, row.endpoint, row.expires_at, row.blob_key)
+                for row in await conn.execute(query)
+            ]
+
+    async def batch_statuses(self, batch_ids: Sequence[str]) -> dict[str, tuple[BatchStatus, int]]:
+        """Status and expires_at of each batch."""
+        if not batch_ids:
+            return {}
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(batches.c.id, batches.c.status, batches.c.expires_at).where(batches.c.id.in_(batch_ids))
+            )
+            return {row.id: (BatchStatus(row.status), row.expires_at) for row in rows}
+
+    async def lease_lines(self, batch_id: str, owner: str, limit: int, now: float, ttl_s: float) -> list[LeasedLine]:
+        """Claim up to `limit` queued lines of a batch whose retry time has come, lowest line numbers first."""
+        pick = (
+            select(requests.c.id)
+            .where(
+                requests.c.batch_id == batch_id,
+                requests.c.state == RequestState.QUEUED.value,
+                requests.c.next_attempt_at <= now,
+            )
+            .order_by(requests.c.line_no)
+            .limit(limit)
+        )
+        if self.is_postgres:
+            pick = pick.with_for_update(skip_locked=True)
+        stmt = (
+            update(requests)
+            .where(requests.c.id.in_(pick.scalar_subquery()))
+            .values(
+                state=RequestState.LEASED.value,
+                lease_owner=owner,
+                lease_expires_at=now + ttl_s,
+                lease_seq=requests.c.lease_seq + 1,
+            )
+            .returning(*_LEASED_COLUMNS)
+        )
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(stmt)).all()
+        leased = [LeasedLine(*row) for row in rows]
+        leased.sort(key=lambda line: line.line_no)
+        return leased
+
+    async def renew_leases(self, owner: str, now: float, ttl_s: float) -> None:
+        """Heartbeat: push back the expiry of every lease and batch claim this owner holds."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(requests)
+                .where(requests.c.lease_owner == owner, requests.c.state == RequestState.LEASED.value)
+                .values(lease_expires_at=now + ttl_s)
+            )
+            await conn.execute(
+                update(batches).where(batches.c.claimed_by == owner).values(claim_expires_at=now + ttl_s)
+            )
+
+    async def reclaim_lapsed_leases(self, now: float) -> int:
+        """Lines whose holder stopped renewing go back to the queue (uncharged)."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(requests)
+                .where(requests.c.state == RequestState.LEASED.value, requests.c.lease_expires_at < now)
+                .values(state=RequestState.QUEUED.value, lease_owner=None, lease_expires_at=None)
+            )
+            return int(result.rowcount)
+
+    async def record(self, owner: str, updates: Sequence[LineUpdate]) -> int:
+        """Group commit: write many line results and the batch counters in one transaction.
+
+        Every write is fenced on the lease; a result whose lease was lost is dropped. Returns the number of lines
+        written. Counters move by what was written: when a fence drops something, they are recounted.
+        """
+        by_batch: dict[str, list[LineUpdate]] = defaultdict(list)
+        for u in updates:
+            by_batch[u.batch_id].append(u)
+        written = 0
+        async with self.engine.begin() as conn:
+            for batch_id, group in by_batch.items():
+                written += await _record_batch(conn, owner, batch_id, group)
+        return written
+
+    async def close_queued_lines(self, batch_id: str, state: RequestState) -> int:
+        """Queued lines of a batch that is expiring or cancelling end as `state` and count as failed."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(requests)
+                .where(requests.c.batch_id == batch_id, requests.c.state == RequestState.QUEUED.value)
+                .values(state=state.value)
+            )
+            closed = int(result.rowcount)
+            if closed:
+                await conn.execute(
+                    update(batches).where(batches.c.id == batch_id).values(failed=batches.c.failed + closed)
+                )
+            return closed
+
+    async def iter_results(self, batch_id: str, page_size: int = 2000) -> AsyncIterator[StoredResult]:
+        """Every line of a batch in input order, one short read transaction per page."""
+        last = 0
+        columns = (
+            requests.c.line_no,
+            requests.c.custom_id,
+            requests.c.state,
+            requests.c.result_id,
+            requests.c.status_code,
+            requests.c.request_id,
+            requests.c.body,
+            requests.c.error_code,
+            requests.c.error_message,
+        )
+        while True:
+            query = (
+                select(*columns)
+                .where(requests.c.batch_id == batch_id, requests.c.line_no > last)
+                .order_by(requests.c.line_no)
+                .limit(page_size)
+            )
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+            for row in rows:
+                yield StoredResult(
+                    row.custom_id,
+                    RequestState(row.state),
+                    row.result_id,
+                    row.status_code,
+                    row.request_id,
+                    bytes(row.body) if row.body is not None else None,
+                    row.error_code,
+                    row.error_message,
+                )
+            if len(rows) < page_size:
+                return
+            last = rows[-1].line_no
+
+    async def line_state_counts(self, batch_id: str) -> dict[str, int]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(requests.c.state, func.count()).where(requests.c.batch_id == batch_id).group_by(requests.c.state)
+            )
+            return {row[0]: int(row[1]) for row in rows}
+
+
+async def _record_batch(conn: AsyncConnection, owner: str, batch_id: str, group: list[LineUpdate]) -> int:
+    final = [u for u in group if u.is_final]
+    requeue = [u for u in group if not u.is_final]
+    written = 0
+    if requeue:
+        result = await conn.execute(
+            _REQUEUE_LINE,
+            [
+                {
+                    "_id": u.id,
+                    "_owner": owner,
+                    "_seq": u.lease_seq,
+                    "_attempts": u.attempts,
+                    "_next_attempt_at": u.next_attempt_at,
+                }
+                for u in requeue
+            ],
+        )
+        written += int(result.rowcount)
+    if not final:
+        return written
+    result = await conn.execute(_FINISH_LINE, [_finish_params(owner, u) for u in final])
+    finished = int(result.rowcount)
+    written += finished
+    if finished == len(final):
+        succeeded = [u for u in final if u.state is RequestState.SUCCEEDED]
+        usage = sum((u.usage for u in succeeded), Usage())
+        await conn.execute(
+            update(batches)
+            .where(batches.c.id == batch_id)
+            .values(
+                completed=batches.c.completed + len(succeeded),
+                failed=batches.c.failed + (len(final) - len(succeeded)),
+                input_tokens=batches.c.input_tokens + usage.input_tokens,
+                cached_tokens=batches.c.cached_tokens + usage.cached_tokens,
+                output_tokens=batches.c.output_tokens + usage.output_tokens,
+                reasoning_tokens=batches.c.reasoning_tokens + usage.reasoning_tokens,
+            )
+        )
+    else:
+        await _recount(conn, batch_id)
+    return written
+
+
+async def _recount(conn: AsyncConnection, batch_id: str) -> None:
+    """Derive a batch's counters and usage from its lines (the slow, always-right path)."""
+    mine = requests.c.batch_id == batch_id
+    succeeded = mine & (requests.c.state == RequestState.SUCCEEDED.value)
+    values: dict[str, Any] = {
+        "completed": select(func.count()).where(succeeded).scalar_subquery(),
+        "failed": select(func.count()).where(mine & requests.c.state.in_(_FAILED_STATES)).scalar_subquery(),
+    }
+    for column in _USAGE_COLUMNS:
+        values[column] = select(func.coalesce(func.sum(requests.c[column]), 0)).where(succeeded).scalar_subquery()
+    await conn.execute(update(batches).where(batches.c.id == batch_id).values(**values))

@@ -1,0 +1,388 @@
+"""SqlStore: tenants, keys, files and batches on SQLite or PostgreSQL. Line queries are in `store.lines`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from sqlalchemy import Select, and_, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from backfill import ids
+from backfill.domain.batches import (
+    CANCELLABLE,
+    OPEN_STATES,
+    TERMINAL,
+    Batch,
+    BatchStatus,
+    LineError,
+)
+from backfill.domain.files import FileRecord
+from backfill.domain.keys import NewKey
+from backfill.domain.lines import ValidLine
+from backfill.errors import Conflict, NotFound
+from backfill.store.lines import LineQueries
+from backfill.store.rows import batch_from_row, batch_to_row, file_from_row
+from backfill.store.tables import api_keys, batches, files, requests, tenants
+
+_TERMINAL = [status.value for status in TERMINAL]
+_INSERT_CHUNK = 5_000
+
+
+class SqlStore(LineQueries):
+    """Every query backfill runs, by name. Construct with an engine from `store.engine.create_engine`."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # --- tenants and keys -------------------------------------------------------------------------------------
+
+    async def ensure_tenant(self, name: str, now: int, enqueued_token_limit: int | None = None) -> str:
+        """The id of the tenant called `name`, created if it does not exist."""
+        async with self.engine.begin() as conn:
+            found = await conn.scalar(select(tenants.c.id).where(tenants.c.name == name))
+            if found is not None:
+                return str(found)
+            tenant_id = ids.new_id("tenant_", 8)
+            try:
+                await conn.execute(
+                    insert(tenants).values(
+                        id=tenant_id,
+                        name=name,
+                        weight=1.0,
+                        enqueued_token_limit=enqueued_token_limit,
+                        created_at=now,
+                    )
+                )
+            except IntegrityError:
+                pass  # created concurrently; read it below
+            else:
+                return tenant_id
+        async with self.engine.connect() as conn:
+            return str(await conn.scalar(select(tenants.c.id).where(tenants.c.name == name)))
+
+    async def add_api_key(self, tenant_id: str, key: NewKey, now: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                insert(api_keys).values(
+                    id=ids.new_id("key_", 8),
+                    tenant_id=tenant_id,
+                    prefix=key.prefix,
+                    salt=key.salt,
+                    key_hash=key.key_hash,
+                    created_at=now,
+                )
+            )
+
+    async def key_candidates(self, prefix: str) -> list[tuple[str, str, str]]:
+        """(salt, key_hash, tenant_id) of live keys with this prefix."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(api_keys.c.salt, api_keys.c.key_hash, api_keys.c.tenant_id).where(
+                    api_keys.c.prefix == prefix, api_keys.c.revoked_at.is_(None)
+                )
+            )
+            return [(row.salt, row.key_hash, row.tenant_id) for row in rows]
+
+    async def count_api_keys(self) -> int:
+        async with self.engine.connect() as conn:
+            return int(await conn.scalar(select(func.count()).select_from(api_keys)) or 0)
+
+    async def tenant_token_limit(self, tenant_id: str) -> int | None:
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(select(tenants.c.enqueued_token_limit).where(tenants.c.id == tenant_id))
+            return int(value) if value is not None else None
+
+    # --- files ------------------------------------------------------------------------------------------------
+
+    async def add_file(self, record: FileRecord) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(files).values(**_file_values(record)))
+
+    async def get_file(self, tenant_id: str | None, file_id: str) -> FileRecord | None:
+        query = select(files).where(files.c.id == file_id)
+        if tenant_id is not None:
+            query = query.where(files.c.tenant_id == tenant_id)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return file_from_row(row) if row else None
+
+    async def list_files(
+        self, tenant_id: str, *, purpose: str | None, limit: int, descending: bool, after: str | None
+    ) -> tuple[list[FileRecord], bool] | None:
+        """A page of files and whether more follow; None if the `after` cursor is not one of the tenant's."""
+        query = select(files).where(files.c.tenant_id == tenant_id)
+        if purpose is not None:
+            query = query.where(files.c.purpose == purpose)
+        async with self.engine.connect() as conn:
+            if after is not None:
+                seq = await conn.scalar(select(files.c.seq).where(files.c.id == after, files.c.tenant_id == tenant_id))
+                if seq is None:
+                    return None
+                query = query.where(files.c.seq < seq if descending else files.c.seq > seq)
+            query = query.order_by(files.c.seq.desc() if descending else files.c.seq.asc()).limit(limit + 1)
+            rows = (await conn.execute(query)).all()
+        return [file_from_row(row) for row in rows[:limit]], len(rows) > limit
+
+    async def delete_file(self, tenant_id: str, file_id: str) -> FileRecord:
+        """Remove the file's row; refused (Conflict) while an unfinished batch reads it."""
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(select(files).where(files.c.id == file_id, files.c.tenant_id == tenant_id))
+            ).first()
+            if row is None:
+                raise NotFound(f"No such File object: {file_id}", param="file_id")
+            if await conn.scalar(_batches_reading(file_id)):
+                raise Conflict(f"File {file_id} is the input of a batch that has not ended; delete it afterwards.")
+            await conn.execute(files.delete().where(files.c.id == file_id))
+        return file_from_row(row)
+
+    async def expired_files(self, now: int, limit: int = 100) -> list[FileRecord]:
+        """Files past `expires_at` that no unfinished batch reads."""
+        reading = select(batches.c.input_file_id).where(batches.c.status.not_in(_TERMINAL))
+        query = (
+            select(files)
+            .where(files.c.expires_at.is_not(None), files.c.expires_at <= now, files.c.id.not_in(reading))
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [file_from_row(row) for row in await conn.execute(query)]
+
+    # --- batches ----------------------------------------------------------------------------------------------
+
+    async def create_batch(self, batch: Batch) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(batches).values(**batch_to_row(batch)))
+
+    async def get_batch(self, tenant_id: str | None, batch_id: str) -> Batch | None:
+        query = select(batches).where(batches.c.id == batch_id)
+        if tenant_id is not None:
+            query = query.where(batches.c.tenant_id == tenant_id)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return batch_from_row(row) if row else None
+
+    async def list_batches(self, tenant_id: str, *, limit: int, after: str | None) -> tuple[list[Batch], bool] | None:
+        """Newest first; None if `after` is not one of the tenant's batches."""
+        query = select(batches).where(batches.c.tenant_id == tenant_id)
+        async with self.engine.connect() as conn:
+            if after is not None:
+                seq = await conn.scalar(
+                    select(batches.c.seq).where(batches.c.id == after, batches.c.tenant_id == tenant_id)
+                )
+                if seq is None:
+                    return None
+                query = query.where(batches.c.seq < seq)
+            rows = (await conn.execute(query.order_by(batches.c.seq.desc()).limit(limit + 1))).all()
+        return [batch_from_row(row) for row in rows[:limit]], len(rows) > limit
+
+    async def request_cancel(self, tenant_id: str, batch_id: str, now: int) -> Batch:
+        async with self.engine.begin() as conn:
+            status = await conn.scalar(
+                select(batches.c.status).where(batches.c.id == batch_id, batches.c.tenant_id == tenant_id)
+            )
+            if status is None:
+                raise NotFound(f"No such Batch object: {batch_id}", param="batch_id")
+            if status not in CANCELLABLE and status != BatchStatus.CANCELLING:
+                raise Conflict(f"Cannot cancel a batch with status '{status}'.")
+            if status != BatchStatus.CANCELLING:
+                await conn.execute(
+                    update(batches)
+                    .where(batches.c.id == batch_id, batches.c.status == status)
+                    .values(status=BatchStatus.CANCELLING.value, cancelling_at=now)
+                )
+        batch = await self.get_batch(tenant_id, batch_id)
+        assert batch is not None
+        return batch
+
+    async def batches_to_tend(self, now: float, limit: int = 50) -> list[Batch]:
+        """Batches with housekeeping due: validation, cancel, expiry or finalize, not claimed by a live worker."""
+        due = or_(
+            batches.c.status.in_(
+                [BatchStatus.VALIDATING.value, BatchStatus.CANCELLING.value, BatchStatus.FINALIZING.value]
+            ),
+            and_(
+                batches.c.status == BatchStatus.IN_PROGRESS.value,
+                or_(batches.c.expires_at <= now, batches.c.completed + batches.c.failed >= batches.c.total),
+            ),
+        )
+        unclaimed = or_(batches.c.claimed_by.is_(None), batches.c.claim_expires_at < now)
+        query = select(batches).where(due, unclaimed).order_by(batches.c.seq).limit(limit)
+        async with self.engine.connect() as conn:
+            return [batch_from_row(row) for row in await conn.execute(query)]
+
+    async def claim_batch(self, batch_id: str, owner: str, now: float, ttl_s: float) -> bool:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(batches)
+                .where(
+                    batches.c.id == batch_id,
+                    or_(
+                        batches.c.claimed_by.is_(None),
+                        batches.c.claim_expires_at < now,
+                        batches.c.claimed_by == owner,
+                    ),
+                )
+                .values(claimed_by=owner, claim_expires_at=now + ttl_s)
+            )
+            return result.rowcount == 1
+
+    async def release_batch(self, batch_id: str, owner: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(batches)
+                .where(batches.c.id == batch_id, batches.c.claimed_by == owner)
+                .values(claimed_by=None, claim_expires_at=None)
+            )
+
+    async def start_batch(
+        self, batch_id: str, owner: str, model: str | None, lines: Sequence[ValidLine], now: int
+    ) -> bool:
+        """validating -> in_progress with all its lines, in one transaction; False if the batch moved on."""
+        est = sum(line.est_prompt_tokens for line in lines)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(batches)
+                .where(
+                    batches.c.id == batch_id,
+                    batches.c.status == BatchStatus.VALIDATING.value,
+                    batches.c.claimed_by == owner,
+                )
+                .values(
+                    status=BatchStatus.IN_PROGRESS.value,
+                    in_progress_at=now,
+                    model=model,
+                    total=len(lines),
+                    est_prompt_tokens=est,
+                )
+            )
+            if result.rowcount != 1:
+                return False
+            await _insert_lines(conn, batch_id, lines)
+        return True
+
+    async def fail_batch(self, batch_id: str, owner: str, model: str | None, errors: list[LineError], now: int) -> bool:
+        """validating -> failed with line-numbered errors."""
+        payload = orjson.dumps([error.to_dict() for error in errors]).decode()
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(batches)
+                .where(
+                    batches.c.id == batch_id,
+                    batches.c.status == BatchStatus.VALIDATING.value,
+                    batches.c.claimed_by == owner,
+                )
+                .values(status=BatchStatus.FAILED.value, failed_at=now, errors=payload, model=model)
+            )
+            return result.rowcount == 1
+
+    async def mark_finalizing(self, batch_id: str, owner: str, now: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(batches)
+                .where(
+                    batches.c.id == batch_id,
+                    batches.c.status == BatchStatus.IN_PROGRESS.value,
+                    batches.c.claimed_by == owner,
+                )
+                .values(status=BatchStatus.FINALIZING.value, finalizing_at=now)
+            )
+
+    async def finish_batch(
+        self,
+        batch_id: str,
+        owner: str,
+        status: BatchStatus,
+        outputs: Sequence[FileRecord | None],
+        now: int,
+    ) -> bool:
+        """Register the output and error files and set the terminal status, in one transaction."""
+        output, error = outputs
+        values: dict[str, Any] = {
+            "status": status.value,
+            f"{status.value}_at": now,
+            "output_file_id": output.id if output else None,
+            "error_file_id": error.id if error else None,
+            "claimed_by": None,
+            "claim_expires_at": None,
+        }
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(batches)
+                .where(
+                    batches.c.id == batch_id,
+                    batches.c.status.not_in(_TERMINAL),
+                    batches.c.claimed_by == owner,
+                )
+                .values(**values)
+            )
+            if result.rowcount != 1:
+                return False
+            for record in (output, error):
+                if record is not None:
+                    await conn.execute(insert(files).values(**_file_values(record)))
+        return True
+
+    async def enqueued_tokens(self, tenant_id: str, model: str) -> int:
+        """Estimated prompt tokens of the tenant's unfinished lines for `model` (SPEC §3 quota)."""
+        query = (
+            select(func.coalesce(func.sum(requests.c.est_prompt_tokens), 0))
+            .select_from(requests.join(batches, requests.c.batch_id == batches.c.id))
+            .where(
+                batches.c.tenant_id == tenant_id,
+                batches.c.model == model,
+                requests.c.state.in_([state.value for state in OPEN_STATES]),
+            )
+        )
+        async with self.engine.connect() as conn:
+            return int(await conn.scalar(query) or 0)
+
+
+def _batches_reading(file_id: str) -> Select[tuple[bool]]:
+    return select(
+        select(batches.c.seq).where(batches.c.input_file_id == file_id, batches.c.status.not_in(_TERMINAL)).exists()
+    )
+
+
+def _file_values(record: FileRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "tenant_id": record.tenant_id,
+        "filename": record.filename,
+        "purpose": record.purpose,
+        "bytes": record.bytes,
+        "blob_key": record.blob_key,
+        "created_at": record.created_at,
+        "expires_at": record.expires_at,
+    }
+
+
+async def _insert_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[ValidLine]) -> None:
+    for start in range(0, len(lines), _INSERT_CHUNK):
+        await conn.execute(
+            insert(requests),
+            [
+                {
+                    "batch_id": batch_id,
+                    "line_no": line.number,
+                    "custom_id": line.custom_id,
+                    "body_offset": line.offset,
+                    "body_length": line.length,
+                    "est_prompt_tokens": line.est_prompt_tokens,
+                    "state": "queued",
+                    "attempts": 0,
+                    "next_attempt_at": 0.0,
+                    "lease_seq": 0,
+                    "input_tokens": 0,
+                    "cached_tokens": 0,
+                    "output_tokens": 0,
+                    "reasoning_tokens": 0,
+                }
+                for line in lines[start : start + _INSERT_CHUNK]
+            ],
+        )
