@@ -39,6 +39,8 @@ def is_loopback(host: str) -> bool:
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(message)s")
+    for noisy in ("httpx", "httpcore", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -83,13 +85,13 @@ def serve(
 
     settings = _settings(config, host=host, port=port, data_dir=data_dir, database_url=database_url)
     _configure_logging(settings.log_level)
-    migrate(settings.effective_database_url)
+    migrate(settings.effective_database_url)  # once, before the app starts (its lifespan does not migrate)
     if not is_loopback(settings.host) and asyncio.run(_count_keys(settings)) == 0:
         raise click.ClickException(
             f"refusing to serve on {settings.host} without API keys: anyone who can reach it could use it. "
             "Create one with `backfill keys create --tenant NAME`, or bind to 127.0.0.1."
         )
-    app = create_app(settings)
+    app = create_app(settings, run_migrations=False)
     uvicorn.run(
         app,
         host=settings.host,

@@ -23,10 +23,11 @@ def create_app(
     backends: Sequence[Backend] | None = None,
     clock: Callable[[], float] = time.time,
     run_dispatcher: bool = True,
+    run_migrations: bool = True,
 ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await Services.open(settings, backends=backends, clock=clock)
+        services = await Services.open(settings, backends=backends, clock=clock, run_migrations=run_migrations)
         app.state.services = services
         app.state.authenticator = Authenticator(services)
         if run_dispatcher:

@@ -1,0 +1,59 @@
+"""Acceptance fixtures: a real upstream process and real `backfill serve` processes on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai import OpenAI
+
+from tests.support.processes import Server, Upstream, write_config
+
+MODEL = "test-model"
+StartServer = Callable[..., Server]
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[Upstream]:
+    server = Upstream.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_server(database_url: str, tmp_path: Path, upstream: Upstream) -> Iterator[StartServer]:
+    """Start `backfill serve` with test-friendly settings; keyword arguments override config values.
+
+    `backends=[...]` replaces the default single backend (the upstream, serving MODEL).
+    """
+    started: list[Server] = []
+
+    def start(backends: list[dict[str, Any]] | None = None, **settings: Any) -> Server:
+        config = {
+            "completion_windows": ["24h", "1h", "4s"],
+            "poll_interval_s": 0.1,
+            "retry_base_s": 0.05,
+            "retry_max_s": 0.5,
+            "lease_ttl_s": 5.0,
+            "cancel_grace_s": 1.0,
+            "request_timeout_s": 30.0,
+            **settings,
+        }
+        if backends is None:
+            backends = [{"name": "upstream", "url": upstream.url, "models": [MODEL], "max_concurrency": 16}]
+        index = len(started)
+        data_dir = tmp_path / f"data{index}"
+        data_dir.mkdir()
+        server = Server(data_dir, write_config(tmp_path / f"backfill{index}.toml", config, backends), database_url)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def client_for(server: Server, api_key: str = "open-mode") -> OpenAI:
+    return OpenAI(base_url=f"{server.base_url}/v1", api_key=api_key, max_retries=0, timeout=60)

@@ -1,0 +1,153 @@
+"""Real processes for acceptance tests: the fake upstream and `backfill serve`, on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support.databases import PG_URL, REQUIRE_PG
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout_s}s")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def write_config(path: Path, settings: dict[str, Any], backends: list[dict[str, Any]]) -> Path:
+    lines = [f"{key} = {toml_value(value)}" for key, value in settings.items()]
+    for backend in backends:
+        lines.append("\n[[backends]]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in backend.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("BACKFILL_")}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Upstream:
+    """`python -m backfill.testing.upstream` on a free port."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(cls, delay_ms: int = 0) -> Upstream:
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "backfill.testing.upstream", "--port", str(port), "--delay-ms", str(delay_ms)],
+            env=child_env(),
+        )
+        wait_http(f"http://127.0.0.1:{port}/_stats?log=0", process)
+        return cls(port, process)
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = httpx.get(f"{self.url}/_stats", timeout=10).json()
+        return result
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@dataclass
+class Server:
+    """A real `backfill serve` process with its own data dir and config file."""
+
+    data_dir: Path
+    config_path: Path
+    database_url: str
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self, *args: str) -> list[str]:
+        return [
+            sys.executable, "-m", "backfill", *args, "--data-dir", str(self.data_dir),
+            "--config", str(self.config_path), "--database-url", self.database_url,
+        ]  # fmt: skip
+
+    def start(self) -> Server:
+        self.log_path = self.data_dir.parent / f"serve-{self.port}.log"
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.process = subprocess.Popen(
+            self.command("serve", "--port", str(self.port)), env=child_env(), stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        wait_http(f"{self.base_url}/healthz", self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def create_key(self, tenant: str) -> str:
+        out = subprocess.run(
+            self.command("keys", "create", "--tenant", tenant), env=child_env(), check=True, capture_output=True
+        )
+        return out.stdout.decode().strip().splitlines()[-1]
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+
+DB_KINDS = ["sqlite", "postgres"]
+__all__ = ["DB_KINDS", "PG_URL", "REQUIRE_PG", "Server", "Upstream", "free_port", "write_config"]
