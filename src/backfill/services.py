@@ -11,6 +11,7 @@ from backfill.backends.openai_http import OpenAIHttpBackend
 from backfill.blobs.local import LocalBlobStore
 from backfill.config import Settings
 from backfill.dispatch.dispatcher import Dispatcher
+from backfill.metrics import Metrics
 from backfill.ports import Backend
 from backfill.store.engine import create_engine, migrate
 from backfill.store.sql import SqlStore
@@ -29,6 +30,7 @@ class Services:
     blobs: LocalBlobStore
     backends: Sequence[Backend]
     dispatcher: Dispatcher
+    metrics: Metrics
     clock: Callable[[], float] = time.time
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _run: asyncio.Task[None] | None = None
@@ -49,8 +51,9 @@ class Services:
         store = SqlStore(create_engine(url))
         blobs = LocalBlobStore(settings.blob_dir)
         chosen = list(backends) if backends is not None else build_backends(settings)
-        dispatcher = Dispatcher(store, blobs, chosen, settings, clock=clock)
-        return cls(settings, store, blobs, chosen, dispatcher, clock)
+        metrics = Metrics()
+        dispatcher = Dispatcher(store, blobs, chosen, settings, clock=clock, metrics=metrics)
+        return cls(settings, store, blobs, chosen, dispatcher, metrics, clock)
 
     def now(self) -> int:
         return int(self.clock())

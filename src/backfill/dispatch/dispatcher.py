@@ -24,11 +24,15 @@ from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
 from backfill.domain.lines import ValidationLimits
 from backfill.domain.outcomes import Outcome, OutcomeKind
+from backfill.errors import Conflict, NotFound
+from backfill.metrics import Metrics, outcome_label
 from backfill.policy.retry import RetryPolicy, Verdict
 from backfill.ports import Backend, BlobStore
 from backfill.store.sql import SqlStore
 
 log = structlog.get_logger(__name__)
+
+_FILE_SWEEP_S = 60.0
 
 
 @dataclass
@@ -62,6 +66,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         owner: str | None = None,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -69,6 +74,7 @@ class Dispatcher:
         self.clock = clock
         self.owner = owner or ids.owner_id()
         self.rng = rng or random.Random()
+        self.metrics = metrics or Metrics()
         self.retry = RetryPolicy(settings.max_attempts, settings.retry_base_s, settings.retry_max_s)
         self.backends = list(backends)
         self.pools: dict[str, _Pool] = {}
@@ -87,6 +93,7 @@ class Dispatcher:
             lambda model: model in self.pools,
             self.owner,
             settings.default_enqueued_token_limit,
+            self.metrics,
         )
         self._in_flight: dict[int, _InFlight] = {}
         self._load: dict[str, int] = defaultdict(int)  # backend name -> lines in flight
@@ -188,8 +195,20 @@ class Dispatcher:
             raw = await self.blobs.read_range(batch.input_blob_key, line.offset, line.length)
             body = orjson.dumps(orjson.loads(raw)["body"])
             timeout = max(1.0, min(self.settings.request_timeout_s, batch.expires_at - self.clock() + 1))
-            outcome = await backend.send(batch.endpoint, body, timeout)
-            self._pending.append(self._after(line, batch, backend, outcome))
+            self.metrics.in_flight.labels(backend.name).inc()
+            started = time.monotonic()
+            try:
+                outcome = await backend.send(batch.endpoint, body, timeout)
+            finally:
+                self.metrics.in_flight.labels(backend.name).dec()
+            self.metrics.backend_seconds.labels(backend.name).observe(time.monotonic() - started)
+            self.metrics.backend_requests.labels(backend.name, outcome_label(outcome)).inc()
+            update = self._after(line, batch, backend, outcome)
+            if update.is_final:
+                self.metrics.lines_finished.labels(update.state.value).inc()
+            else:
+                self.metrics.line_retries.labels(backend.name).inc()
+            self._pending.append(update)
         except asyncio.CancelledError:
             state = self._aborts.pop(line.id, RequestState.QUEUED)
             self._pending.append(_closed(line, state))
@@ -245,8 +264,13 @@ class Dispatcher:
         if not self._pending:
             return
         updates, self._pending = self._pending, []
+        started = time.monotonic()
         try:
             await self.store.record(self.owner, updates)
+            self.metrics.commit_seconds.observe(time.monotonic() - started)
+            self.metrics.commit_lines.inc(len(updates))
+            if any(update.is_final for update in updates):
+                self._tend_now.set()  # a batch may have just finished: finalize without waiting for the poll
         except Exception:
             log.exception("dispatcher.record_failed", lines=len(updates))
             self._pending[:0] = updates  # keep them; the next flush tries again
@@ -256,7 +280,7 @@ class Dispatcher:
 
     async def _housekeeper(self) -> None:
         renew_every = self.settings.lease_ttl_s / 3
-        renewed = 0.0
+        renewed = swept = 0.0
         while True:
             try:
                 now = self.clock()
@@ -264,6 +288,9 @@ class Dispatcher:
                     await self.store.renew_leases(self.owner, now, self.settings.lease_ttl_s)
                     await self.store.reclaim_lapsed_leases(now)
                     renewed = now
+                if now - swept >= _FILE_SWEEP_S:
+                    await self._delete_expired_files(int(now))
+                    swept = now
                 await self._watch_batches(now)
                 for batch in await self.store.batches_to_tend(now):
                     if batch.id not in self._tending:
@@ -273,6 +300,13 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._tend_now.wait(), self.settings.poll_interval_s)
             self._tend_now.clear()
+
+    async def _delete_expired_files(self, now: int) -> None:
+        """Files past `expires_at` go (never the input of an unfinished batch)."""
+        for record in await self.store.expired_files(now):
+            with contextlib.suppress(Conflict, NotFound):  # raced with a new batch, or another worker
+                await self.store.delete_file(record.tenant_id, record.id)
+                await self.blobs.delete(record.blob_key)
 
     def _spawn_tend(self, batch_id: str, now: float) -> None:
         self._tending.add(batch_id)

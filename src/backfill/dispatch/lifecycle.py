@@ -13,6 +13,7 @@ from backfill.domain.batches import Batch, BatchStatus, LineError, RequestState
 from backfill.domain.files import OUTPUT_PURPOSE, FileRecord
 from backfill.domain.lines import FileValidator, ValidationLimits, ValidationResult, split_lines
 from backfill.domain.results import output_line
+from backfill.metrics import Metrics
 from backfill.ports import BlobStore
 from backfill.store.sql import SqlStore
 
@@ -27,6 +28,7 @@ class Lifecycle:
     is_served: Callable[[str], bool]
     owner: str
     default_token_limit: int | None = None
+    metrics: Metrics | None = None
 
     async def tend(self, batch: Batch, now: float) -> None:
         """Move `batch` along if something is due; safe to call again at any time."""
@@ -57,7 +59,11 @@ class Lifecycle:
             if quota_error is not None:
                 result.errors, result.error_count = [quota_error], 1
         if not result.ok:
-            await self.store.fail_batch(batch.id, self.owner, result.model, result.errors, int(now))
+            if (
+                await self.store.fail_batch(batch.id, self.owner, result.model, result.errors, int(now))
+                and self.metrics
+            ):
+                self.metrics.batches_finished.labels(BatchStatus.FAILED.value).inc()
             log.info("batch.failed_validation", batch_id=batch.id, errors=result.error_count)
             return
         started = await self.store.start_batch(batch.id, self.owner, result.model, result.lines, int(now))
@@ -131,4 +137,6 @@ class Lifecycle:
                 )
             )
         done = await self.store.finish_batch(batch.id, self.owner, terminal, records, int(now))
+        if done and self.metrics is not None:
+            self.metrics.batches_finished.labels(terminal.value).inc()
         log.info("batch.finished", batch_id=batch.id, status=terminal.value, registered=done)

@@ -97,11 +97,3 @@ async def list_files(
     if page is None:
         raise InvalidRequest(f"Invalid 'after': no file {after!r}.", param="after")
     return page
-
-
-async def delete_expired_files(services: Services) -> int:
-    """Remove files past their `expires_at` (never the input of an unfinished batch)."""
-    expired = await services.store.expired_files(services.now())
-    for record in expired:
-        await delete_file(services, record.tenant_id, record.id)
-    return len(expired)

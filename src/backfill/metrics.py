@@ -1,0 +1,60 @@
+"""Prometheus metrics, on a registry owned by the process's Services (no global default registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from backfill.domain.outcomes import Outcome, OutcomeKind
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+def outcome_label(outcome: Outcome) -> str:
+    if outcome.kind is OutcomeKind.TIMEOUT:
+        return "timeout"
+    if outcome.kind is OutcomeKind.UNAVAILABLE:
+        return "unavailable"
+    code = outcome.status_code or 0
+    return "429" if code == 429 else f"{code // 100}xx"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.backend_requests = Counter(
+            "backfill_backend_requests",
+            "Requests sent to backends, by outcome (2xx, 4xx, 429, 5xx, timeout, unavailable).",
+            ["backend", "outcome"],
+            registry=self.registry,
+        )
+        self.backend_seconds = Histogram(
+            "backfill_backend_request_seconds",
+            "Time from sending a line to its backend's answer.",
+            ["backend"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "backfill_backend_in_flight", "Lines in flight to each backend.", ["backend"], registry=self.registry
+        )
+        self.lines_finished = Counter(
+            "backfill_lines_finished",
+            "Lines that reached a final state (succeeded, failed, expired, cancelled).",
+            ["state"],
+            registry=self.registry,
+        )
+        self.line_retries = Counter(
+            "backfill_line_retries", "Attempts that will be retried later.", ["backend"], registry=self.registry
+        )
+        self.commit_seconds = Histogram(
+            "backfill_commit_seconds",
+            "Duration of one group-commit transaction of line results.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.commit_lines = Counter(
+            "backfill_committed_line_updates", "Line updates written by group commits.", registry=self.registry
+        )
+        self.batches_finished = Counter(
+            "backfill_batches_finished", "Batches that reached a terminal status.", ["status"], registry=self.registry
+        )
