@@ -19,9 +19,12 @@ test-fast: install
 	$(BIN)/python -m pytest -q tests/unit
 
 check: install
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy src
+
+demo: install
+	$(BIN)/python examples/demo.py
 
 bench: install
 	$(BIN)/python bench/ingest.py
