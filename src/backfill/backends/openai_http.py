@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 from typing import Any
 
@@ -21,9 +22,11 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -70,6 +73,11 @@ class OpenAIHttpBackend:
             return Outcome(
                 OutcomeKind.UNAVAILABLE,
                 message=f"The backend {self.name} could not be reached: {type(exc).__name__}.",
+            )
+        except httpx.RequestError as exc:  # e.g. DecodingError: a body its Content-Encoding cannot decode
+            return Outcome(
+                OutcomeKind.UNAVAILABLE,
+                message=f"The backend {self.name} sent an answer that could not be read: {type(exc).__name__}.",
             )
         request_id = response.headers.get("x-request-id")
         parsed = _json_object(response.content)

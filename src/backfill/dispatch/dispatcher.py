@@ -213,6 +213,11 @@ class Dispatcher:
             state = self._aborts.pop(line.id, RequestState.QUEUED)
             self._pending.append(_closed(line, state))
             raise
+        except Exception as exc:
+            # Never strand the line: its lease would be renewed forever and the batch would never end.
+            log.exception("dispatcher.line_crashed", line_id=line.id, batch_id=batch.id)
+            outcome = Outcome(OutcomeKind.UNAVAILABLE, message=f"Running the request failed: {type(exc).__name__}")
+            self._pending.append(self._after(line, batch, backend, outcome))
         finally:
             self._in_flight.pop(line.id, None)
             self._load[backend.name] -= 1
@@ -222,6 +227,9 @@ class Dispatcher:
     def _after(self, line: LeasedLine, batch: DispatchBatch, backend: Backend, outcome: Outcome) -> LineUpdate:
         now = self.clock()
         attempts = line.attempts + 1
+        if outcome.kind is OutcomeKind.TIMEOUT and now >= batch.expires_at:
+            # The request timeout is capped at the window's end, so this line was cut off by the window.
+            return LineUpdate(line.id, line.batch_id, line.lease_seq, RequestState.EXPIRED, attempts)
         if outcome.status_code == 429 and outcome.retry_after_s:
             self._paused_until[backend.name] = max(
                 self._paused_until.get(backend.name, 0.0), now + min(outcome.retry_after_s, 60.0)

@@ -42,8 +42,8 @@ class Lifecycle:
         elif batch.status is BatchStatus.IN_PROGRESS and now >= batch.expires_at:
             await self.close_and_finalize(batch, RequestState.EXPIRED, BatchStatus.EXPIRED, now)
         elif batch.status is BatchStatus.IN_PROGRESS and batch.completed + batch.failed >= batch.total:
-            await self.store.mark_finalizing(batch.id, self.owner, int(now))
-            await self.finalize(batch, BatchStatus.COMPLETED, now)
+            if await self.store.mark_finalizing(batch.id, self.owner, int(now)):
+                await self.finalize(batch, BatchStatus.COMPLETED, now)
         elif batch.status is BatchStatus.FINALIZING:
             await self.finalize(batch, BatchStatus.COMPLETED, now)
 
@@ -101,7 +101,8 @@ class Lifecycle:
             return
         if terminal is BatchStatus.EXPIRED and not (await self.store.line_state_counts(batch.id)).get("expired"):
             # Every line ended before the window closed: that is a completed batch.
-            await self.store.mark_finalizing(batch.id, self.owner, int(now))
+            if not await self.store.mark_finalizing(batch.id, self.owner, int(now)):
+                return
             terminal = BatchStatus.COMPLETED
         await self.finalize(fresh, terminal, now)
 

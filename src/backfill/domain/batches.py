@@ -45,6 +45,11 @@ def is_legal(old: BatchStatus, new: BatchStatus) -> bool:
     return new in TRANSITIONS.get(old, frozenset())
 
 
+def sources_of(new: BatchStatus) -> frozenset[BatchStatus]:
+    """Every status a batch may legally be in just before moving to `new`."""
+    return frozenset(old for old, targets in TRANSITIONS.items() if new in targets)
+
+
 class RequestState(StrEnum):
     """State of one input line. `queued` and `leased` are open; the rest are final."""
 

@@ -175,6 +175,9 @@ class FileValidator:
         if not custom_id:
             self._error("invalid_request", "'custom_id' must not be empty.", number, "custom_id")
             return None
+        if "\x00" in custom_id:  # PostgreSQL text cannot store it
+            self._error("invalid_request", "'custom_id' must not contain NUL characters.", number, "custom_id")
+            return None
         if obj["method"] != "POST":
             self._error("invalid_request", "'method' must be 'POST'.", number, "method")
             return None
@@ -216,6 +219,9 @@ class FileValidator:
     def _check_model(self, model: Any, number: int) -> bool:
         if not isinstance(model, str) or not model:
             self._error("invalid_request", "Missing required parameter: 'body.model'.", number, "body.model")
+            return False
+        if "\x00" in model:  # PostgreSQL text cannot store it
+            self._error("invalid_request", "'body.model' must not contain NUL characters.", number, "body.model")
             return False
         if self._model is None:
             self._model, self._model_line = model, number

@@ -40,6 +40,7 @@ class _FormReader:
         self._name: str | None = None
         self._is_file = False
         self._data = bytearray()
+        self.ended = False  # the closing boundary was seen: the body was not cut short
 
     def callbacks(self) -> dict[str, object]:
         return {
@@ -50,6 +51,7 @@ class _FormReader:
             "on_headers_finished": self.on_headers_finished,
             "on_part_data": self.on_part_data,
             "on_part_end": self.on_part_end,
+            "on_end": self.on_end,
         }
 
     def on_part_begin(self) -> None:
@@ -80,6 +82,12 @@ class _FormReader:
                 if filename is None:
                     self.error = InvalidRequest("The 'file' part must carry a filename.", param="file")
                     return
+                if self.form.filename is not None:
+                    self.error = InvalidRequest("Send exactly one 'file' part.", param="file")
+                    return
+                if b"\x00" in filename:
+                    self.error = InvalidRequest("The filename must not contain NUL characters.", param="file")
+                    return
                 self._is_file = True
                 self.form.filename = filename.decode()
         except UnicodeDecodeError:
@@ -98,6 +106,9 @@ class _FormReader:
             )
         else:
             self.writer.write(data[start:end])
+
+    def on_end(self) -> None:
+        self.ended = True
 
     def on_part_end(self) -> None:
         if self.error is not None or self._name is None:
@@ -137,6 +148,8 @@ async def receive_upload(
         raise InvalidRequest(f"Malformed multipart body: {exc}") from exc
     if reader.error is not None:
         raise reader.error
+    if not reader.ended:
+        raise InvalidRequest("Malformed multipart body: it ends before the closing boundary.")
     if reader.form.filename is None:
         raise InvalidRequest("Missing required parameter: 'file'.", param="file")
     return reader.form

@@ -196,7 +196,7 @@ class LineQueries:
             by_batch[u.batch_id].append(u)
         written = 0
         async with self.engine.begin() as conn:
-            for batch_id, group in by_batch.items():
+            for batch_id, group in sorted(by_batch.items()):  # one lock order for all workers: no deadlocks
                 written += await _record_batch(conn, owner, batch_id, group)
         return written
 
@@ -307,6 +307,10 @@ async def _record_batch(conn: AsyncConnection, owner: str, batch_id: str, group:
 
 async def _recount(conn: AsyncConnection, batch_id: str) -> None:
     """Derive a batch's counters and usage from its lines (the slow, always-right path)."""
+    # Lock the batch row first, in its own statement: a transaction that already moved the counters holds it, and
+    # the UPDATE below must count with a snapshot taken after that one commits. Otherwise (PostgreSQL, read
+    # committed) the UPDATE waits for the row but counts from its older snapshot, and overwrites that increment.
+    await conn.execute(select(batches.c.id).where(batches.c.id == batch_id).with_for_update())
     mine = requests.c.batch_id == batch_id
     succeeded = mine & (requests.c.state == RequestState.SUCCEEDED.value)
     values: dict[str, Any] = {

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, and_, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, false, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -18,6 +18,7 @@ from backfill.domain.batches import (
     Batch,
     BatchStatus,
     LineError,
+    sources_of,
 )
 from backfill.domain.files import FileRecord
 from backfill.domain.keys import NewKey
@@ -105,7 +106,7 @@ class SqlStore(LineQueries):
             await conn.execute(insert(files).values(**_file_values(record)))
 
     async def get_file(self, tenant_id: str | None, file_id: str) -> FileRecord | None:
-        query = select(files).where(files.c.id == file_id)
+        query = select(files).where(_equals(files.c.id, file_id))
         if tenant_id is not None:
             query = query.where(files.c.tenant_id == tenant_id)
         async with self.engine.connect() as conn:
@@ -118,10 +119,12 @@ class SqlStore(LineQueries):
         """A page of files and whether more follow; None if the `after` cursor is not one of the tenant's."""
         query = select(files).where(files.c.tenant_id == tenant_id)
         if purpose is not None:
-            query = query.where(files.c.purpose == purpose)
+            query = query.where(_equals(files.c.purpose, purpose))
         async with self.engine.connect() as conn:
             if after is not None:
-                seq = await conn.scalar(select(files.c.seq).where(files.c.id == after, files.c.tenant_id == tenant_id))
+                seq = await conn.scalar(
+                    select(files.c.seq).where(_equals(files.c.id, after), files.c.tenant_id == tenant_id)
+                )
                 if seq is None:
                     return None
                 query = query.where(files.c.seq < seq if descending else files.c.seq > seq)
@@ -133,7 +136,7 @@ class SqlStore(LineQueries):
         """Remove the file's row; refused (Conflict) while an unfinished batch reads it."""
         async with self.engine.begin() as conn:
             row = (
-                await conn.execute(select(files).where(files.c.id == file_id, files.c.tenant_id == tenant_id))
+                await conn.execute(select(files).where(_equals(files.c.id, file_id), files.c.tenant_id == tenant_id))
             ).first()
             if row is None:
                 raise NotFound(f"No such File object: {file_id}", param="file_id")
@@ -160,7 +163,7 @@ class SqlStore(LineQueries):
             await conn.execute(insert(batches).values(**batch_to_row(batch)))
 
     async def get_batch(self, tenant_id: str | None, batch_id: str) -> Batch | None:
-        query = select(batches).where(batches.c.id == batch_id)
+        query = select(batches).where(_equals(batches.c.id, batch_id))
         if tenant_id is not None:
             query = query.where(batches.c.tenant_id == tenant_id)
         async with self.engine.connect() as conn:
@@ -173,7 +176,7 @@ class SqlStore(LineQueries):
         async with self.engine.connect() as conn:
             if after is not None:
                 seq = await conn.scalar(
-                    select(batches.c.seq).where(batches.c.id == after, batches.c.tenant_id == tenant_id)
+                    select(batches.c.seq).where(_equals(batches.c.id, after), batches.c.tenant_id == tenant_id)
                 )
                 if seq is None:
                     return None
@@ -183,8 +186,12 @@ class SqlStore(LineQueries):
 
     async def request_cancel(self, tenant_id: str, batch_id: str, now: int) -> Batch:
         async with self.engine.begin() as conn:
+            # Locked: otherwise validation can move the batch on between this read and the update below, and the
+            # cancel is silently lost (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises).
             status = await conn.scalar(
-                select(batches.c.status).where(batches.c.id == batch_id, batches.c.tenant_id == tenant_id)
+                select(batches.c.status)
+                .where(_equals(batches.c.id, batch_id), batches.c.tenant_id == tenant_id)
+                .with_for_update()
             )
             if status is None:
                 raise NotFound(f"No such Batch object: {batch_id}", param="batch_id")
@@ -281,9 +288,10 @@ class SqlStore(LineQueries):
             )
             return result.rowcount == 1
 
-    async def mark_finalizing(self, batch_id: str, owner: str, now: int) -> None:
+    async def mark_finalizing(self, batch_id: str, owner: str, now: int) -> bool:
+        """in_progress -> finalizing; False if the batch moved on (cancelled meanwhile, say)."""
         async with self.engine.begin() as conn:
-            await conn.execute(
+            result = await conn.execute(
                 update(batches)
                 .where(
                     batches.c.id == batch_id,
@@ -292,6 +300,7 @@ class SqlStore(LineQueries):
                 )
                 .values(status=BatchStatus.FINALIZING.value, finalizing_at=now)
             )
+            return result.rowcount == 1
 
     async def finish_batch(
         self,
@@ -301,7 +310,8 @@ class SqlStore(LineQueries):
         outputs: Sequence[FileRecord | None],
         now: int,
     ) -> bool:
-        """Register the output and error files and set the terminal status, in one transaction."""
+        """Register the output and error files and set the terminal status, in one transaction; only from a status
+        that may legally move to it (a batch cancelled while its files were written is not marked completed)."""
         output, error = outputs
         values: dict[str, Any] = {
             "status": status.value,
@@ -316,7 +326,7 @@ class SqlStore(LineQueries):
                 update(batches)
                 .where(
                     batches.c.id == batch_id,
-                    batches.c.status.not_in(_TERMINAL),
+                    batches.c.status.in_([old.value for old in sources_of(status)]),
                     batches.c.claimed_by == owner,
                 )
                 .values(**values)
@@ -341,6 +351,12 @@ class SqlStore(LineQueries):
         )
         async with self.engine.connect() as conn:
             return int(await conn.scalar(query) or 0)
+
+
+def _equals(column: ColumnElement[str], value: str) -> ColumnElement[bool]:
+    """`column == value` for a value from a client. PostgreSQL text cannot hold NUL, so no stored key contains
+    one (and the driver refuses to send it): such a value matches nothing, on every database alike."""
+    return false() if "\x00" in value else column == value
 
 
 def _batches_reading(file_id: str) -> Select[tuple[bool]]:

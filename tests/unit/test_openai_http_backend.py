@@ -1,0 +1,267 @@
+"""OpenAIHttpBackend through an injected mock transport: every kind of answer becomes an Outcome."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from backfill.backends.openai_http import OpenAIHttpBackend, parse_retry_after
+from backfill.config import BackendSettings
+from backfill.domain.outcomes import OutcomeKind
+from backfill.domain.usage import Usage
+
+CHAT = "/v1/chat/completions"
+REQUEST = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+CHAT_REPLY = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15},
+}
+ERROR = {"error": {"message": "slow down", "type": "rate_limit_error", "param": None, "code": None}}
+
+Handler = Callable[[httpx.Request], httpx.Response]
+MakeBackend = Callable[..., OpenAIHttpBackend]
+
+
+@pytest.fixture
+async def make_backend() -> AsyncIterator[MakeBackend]:
+    made: list[OpenAIHttpBackend] = []
+
+    def make(handler: Handler, url: str = "http://upstream:8000", **settings: Any) -> OpenAIHttpBackend:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        backend = OpenAIHttpBackend(BackendSettings(name="up", url=url, models=["m"], **settings), client=client)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        await backend.close()
+
+
+def answer(status: int, payload: object = None, *, content: bytes | None = None, **headers: str) -> Handler:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = content if content is not None else orjson.dumps(payload)
+        return httpx.Response(status, content=body, headers={k.replace("_", "-"): v for k, v in headers.items()})
+
+    return handler
+
+
+async def test_success_carries_status_request_id_body_and_usage(make_backend: MakeBackend) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=CHAT_REPLY, headers={"x-request-id": "req_up_1"})
+
+    outcome = await make_backend(handler).send(CHAT, REQUEST, 30.0)
+
+    assert OutcomeKind.SUCCESS == outcome.kind
+    assert 200 == outcome.status_code
+    assert "req_up_1" == outcome.request_id
+    assert outcome.body is not None
+    assert CHAT_REPLY == orjson.loads(outcome.body)
+    assert Usage(11, 0, 4, 0) == outcome.usage
+    assert not outcome.is_retryable
+    [request] = seen
+    assert "POST" == request.method
+    assert "http://upstream:8000/v1/chat/completions" == str(request.url)
+    assert REQUEST == request.content
+    assert "application/json" == request.headers["content-type"]
+    assert "authorization" not in request.headers
+
+
+async def test_api_key_is_sent_as_bearer_token(make_backend: MakeBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UPSTREAM_TEST_KEY", "sk-upstream")
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=CHAT_REPLY)
+
+    await make_backend(handler, api_key_env="UPSTREAM_TEST_KEY").send(CHAT, REQUEST, 30.0)
+
+    assert "Bearer sk-upstream" == seen[0].headers["authorization"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://upstream:8000", "http://upstream:8000/", "http://upstream:8000/v1", "http://upstream:8000/v1/"],
+)
+async def test_base_url_with_or_without_v1_reaches_the_same_path(make_backend: MakeBackend, url: str) -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200, json=CHAT_REPLY)
+
+    await make_backend(handler, url=url).send("/v1/embeddings", REQUEST, 30.0)
+
+    assert ["http://upstream:8000/v1/embeddings"] == seen
+
+
+async def test_base_url_path_prefix_is_kept(make_backend: MakeBackend) -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200, json=CHAT_REPLY)
+
+    await make_backend(handler, url="https://gateway.example/team-a/v1").send(CHAT, REQUEST, 30.0)
+
+    assert ["https://gateway.example/team-a/v1/chat/completions"] == seen
+
+
+async def test_pretty_printed_body_is_stored_compactly(make_backend: MakeBackend) -> None:
+    pretty = orjson.dumps(CHAT_REPLY, option=orjson.OPT_INDENT_2)
+    assert b"\n" in pretty
+
+    outcome = await make_backend(answer(200, content=pretty)).send(CHAT, REQUEST, 30.0)
+
+    assert OutcomeKind.SUCCESS == outcome.kind
+    assert orjson.dumps(CHAT_REPLY) == outcome.body
+
+
+async def test_429_with_retry_after_seconds(make_backend: MakeBackend) -> None:
+    outcome = await make_backend(answer(429, ERROR, retry_after="7")).send(CHAT, REQUEST, 30.0)
+
+    assert OutcomeKind.HTTP_ERROR == outcome.kind
+    assert 429 == outcome.status_code
+    assert 7.0 == outcome.retry_after_s
+    assert outcome.body is not None
+    assert ERROR == orjson.loads(outcome.body)
+    assert outcome.is_retryable
+
+
+async def test_429_with_retry_after_http_date(make_backend: MakeBackend) -> None:
+    when = email.utils.formatdate(time.time() + 120, usegmt=True)
+
+    outcome = await make_backend(answer(429, ERROR, retry_after=when)).send(CHAT, REQUEST, 30.0)
+
+    assert outcome.retry_after_s is not None
+    assert 115 <= outcome.retry_after_s <= 121  # the date has whole seconds; the test takes some time
+
+
+async def test_429_without_retry_after(make_backend: MakeBackend) -> None:
+    outcome = await make_backend(answer(429, ERROR)).send(CHAT, REQUEST, 30.0)
+
+    assert outcome.retry_after_s is None
+    assert outcome.is_retryable
+
+
+async def test_500_is_a_retryable_http_error_with_its_body(make_backend: MakeBackend) -> None:
+    body = {"error": {"message": "oops", "type": "server_error", "param": None, "code": None}}
+
+    outcome = await make_backend(answer(500, body, x_request_id="req_9")).send(CHAT, REQUEST, 30.0)
+
+    assert OutcomeKind.HTTP_ERROR == outcome.kind
+    assert 500 == outcome.status_code
+    assert "req_9" == outcome.request_id
+    assert outcome.body is not None
+    assert body == orjson.loads(outcome.body)
+    assert outcome.is_retryable
+
+
+async def test_error_with_non_json_body_is_wrapped_in_an_error_envelope(make_backend: MakeBackend) -> None:
+    outcome = await make_backend(answer(502, content=b"<html>Bad Gateway</html>")).send(CHAT, REQUEST, 30.0)
+
+    assert OutcomeKind.HTTP_ERROR == outcome.kind
+    assert outcome.body is not None
+    error = orjson.loads(outcome.body)["error"]
+    assert "<html>Bad Gateway</html>" == error["message"]
+    assert {"message", "type", "param", "code"} == set(error)
+
+
+async def test_400_is_not_retryable(make_backend: MakeBackend) -> None:
+    outcome = await make_backend(answer(400, ERROR)).send(CHAT, REQUEST, 30.0)
+
+    assert OutcomeKind.HTTP_ERROR == outcome.kind
+    assert not outcome.is_retryable
+
+
+async def test_timeout_is_a_timeout_outcome(make_backend: MakeBackend) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    outcome = await make_backend(handler).send(CHAT, REQUEST, 5.0)
+
+    assert OutcomeKind.TIMEOUT == outcome.kind
+    assert outcome.status_code is None
+    assert outcome.body is None
+    assert "timeout" == outcome.error_code
+    assert "5s" in outcome.message
+    assert outcome.is_retryable
+
+
+async def test_per_backend_timeout_overrides_the_callers(make_backend: MakeBackend) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.extensions["timeout"])
+        return httpx.Response(200, json=CHAT_REPLY)
+
+    await make_backend(handler).send(CHAT, REQUEST, 42.0)
+    await make_backend(handler, request_timeout_s=3.0).send(CHAT, REQUEST, 42.0)
+
+    assert [42.0, 3.0] == [timeouts["read"] for timeouts in seen]
+
+
+async def test_connect_error_is_unavailable(make_backend: MakeBackend) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    outcome = await make_backend(handler).send(CHAT, REQUEST, 30.0)
+
+    assert OutcomeKind.UNAVAILABLE == outcome.kind
+    assert outcome.status_code is None
+    assert "backend_unavailable" == outcome.error_code
+    assert "ConnectError" in outcome.message
+    assert outcome.is_retryable
+
+
+async def test_body_that_cannot_be_decoded_is_unavailable(make_backend: MakeBackend) -> None:
+    outcome = await make_backend(answer(200, content=b"not gzip", content_encoding="gzip")).send(CHAT, REQUEST, 30.0)
+
+    assert OutcomeKind.UNAVAILABLE == outcome.kind
+    assert "DecodingError" in outcome.message
+    assert outcome.is_retryable
+
+
+@pytest.mark.parametrize("content", [b"this is not json", b"[1, 2, 3]", b""], ids=["text", "array", "empty"])
+async def test_200_without_a_json_object_is_unavailable(make_backend: MakeBackend, content: bytes) -> None:
+    outcome = await make_backend(answer(200, content=content)).send(CHAT, REQUEST, 30.0)
+
+    assert OutcomeKind.UNAVAILABLE == outcome.kind
+    assert outcome.body is None
+    assert outcome.is_retryable
+
+
+# --- parse_retry_after: time is an argument -------------------------------------------------------------
+
+
+NOW = 1_700_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("12", 12.0),
+        ("0.5", 0.5),
+        ("0", 0.0),
+        ("-3", 0.0),
+        (email.utils.formatdate(NOW + 90, usegmt=True), 90.0),
+        (email.utils.formatdate(NOW - 90, usegmt=True), 0.0),
+        (None, None),
+        ("", None),
+        ("soon", None),
+    ],
+    ids=["seconds", "fraction", "zero", "negative", "date", "past-date", "absent", "empty", "garbage"],
+)
+def test_retry_after_parses_seconds_and_http_dates(value: str | None, expected: float | None) -> None:
+    assert expected == parse_retry_after(value, NOW)
