@@ -2,6 +2,7 @@
 
     BackfillError
      ├── ConfigError                 bad settings or config file; the process refuses to start
+     ├── TokenLimitExceeded          a batch would take its tenant over the enqueued-token limit (SPEC §3)
      ├── ApiError                    a client mistake or state conflict, shown in the error envelope
      │    ├── InvalidRequest         400  the request itself is wrong (`param` names the field)
      │    ├── AuthenticationFailed   401  missing or unknown API key
@@ -32,6 +33,17 @@ class BackfillError(Exception):
 
 class ConfigError(BackfillError):
     """The configuration is invalid."""
+
+
+class TokenLimitExceeded(BackfillError):
+    """The tenant's enqueued-token limit for this model would be exceeded."""
+
+    def __init__(self, *, enqueued: int, wanted: int, limit: int) -> None:
+        super().__init__(
+            f"Enqueued token limit reached: this batch needs about {wanted} prompt tokens, {enqueued} are already "
+            f"enqueued, the limit is {limit}. Wait for batches to finish and retry."
+        )
+        self.enqueued, self.wanted, self.limit = enqueued, wanted, limit
 
 
 class ApiError(BackfillError):

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
+from tests.support.databases import database_url_for
 from tests.support.processes import Server, Upstream, write_config
 
 MODEL = "test-model"
@@ -22,6 +23,32 @@ def upstream() -> Iterator[Upstream]:
     server.stop()
 
 
+TEST_SETTINGS: dict[str, Any] = {
+    "completion_windows": ["24h", "1h", "4s"],
+    "poll_interval_s": 0.1,
+    "retry_base_s": 0.05,
+    "retry_max_s": 0.5,
+    "lease_ttl_s": 5.0,
+    "cancel_grace_s": 1.0,
+    "request_timeout_s": 30.0,
+}
+
+
+def _launcher(directory: Path, database_url: str, upstream: Upstream, started: list[Server]) -> StartServer:
+    def start(backends: list[dict[str, Any]] | None = None, **settings: Any) -> Server:
+        config = {**TEST_SETTINGS, **settings}
+        if backends is None:
+            backends = [{"name": "upstream", "url": upstream.url, "models": [MODEL], "max_concurrency": 16}]
+        index = len(started)
+        data_dir = directory / f"data{index}"
+        data_dir.mkdir()
+        server = Server(data_dir, write_config(directory / f"backfill{index}.toml", config, backends), database_url)
+        started.append(server)
+        return server.start()
+
+    return start
+
+
 @pytest.fixture
 def start_server(database_url: str, tmp_path: Path, upstream: Upstream) -> Iterator[StartServer]:
     """Start `backfill serve` with test-friendly settings; keyword arguments override config values.
@@ -29,30 +56,25 @@ def start_server(database_url: str, tmp_path: Path, upstream: Upstream) -> Itera
     `backends=[...]` replaces the default single backend (the upstream, serving MODEL).
     """
     started: list[Server] = []
-
-    def start(backends: list[dict[str, Any]] | None = None, **settings: Any) -> Server:
-        config = {
-            "completion_windows": ["24h", "1h", "4s"],
-            "poll_interval_s": 0.1,
-            "retry_base_s": 0.05,
-            "retry_max_s": 0.5,
-            "lease_ttl_s": 5.0,
-            "cancel_grace_s": 1.0,
-            "request_timeout_s": 30.0,
-            **settings,
-        }
-        if backends is None:
-            backends = [{"name": "upstream", "url": upstream.url, "models": [MODEL], "max_concurrency": 16}]
-        index = len(started)
-        data_dir = tmp_path / f"data{index}"
-        data_dir.mkdir()
-        server = Server(data_dir, write_config(tmp_path / f"backfill{index}.toml", config, backends), database_url)
-        started.append(server)
-        return server.start()
-
-    yield start
+    yield _launcher(tmp_path, database_url, upstream, started)
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def start_module_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, upstream: Upstream
+) -> Iterator[StartServer]:
+    """Like `start_server`, but the servers live for the whole test module (one per database kind).
+
+    For modules of many quick tests that each leave the server as they found it.
+    """
+    directory = tmp_path_factory.mktemp(f"module-{request.param}")
+    started: list[Server] = []
+    with database_url_for(request.param, directory) as database_url:
+        yield _launcher(directory, database_url, upstream, started)
+        for server in started:
+            server.stop()
 
 
 def client_for(server: Server, api_key: str = "open-mode") -> OpenAI:

@@ -3,37 +3,11 @@
 from __future__ import annotations
 
 import io
-import time
 
 import orjson
-from openai import OpenAI
 
-from tests.acceptance.conftest import MODEL, StartServer, client_for
-
-TERMINAL = {"completed", "failed", "expired", "cancelled"}
-
-
-def chat_line(custom_id: str, text: str, model: str = MODEL) -> dict[str, object]:
-    return {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": {"model": model, "messages": [{"role": "user", "content": text}]},
-    }
-
-
-def jsonl(lines: list[dict[str, object]]) -> bytes:
-    return b"".join(orjson.dumps(line) + b"\n" for line in lines)
-
-
-def wait_terminal(client: OpenAI, batch_id: str, timeout_s: float = 60) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in TERMINAL:
-            return batch
-        time.sleep(0.1)
-    raise TimeoutError(f"batch {batch_id} did not end within {timeout_s}s")
+from tests.acceptance.conftest import StartServer, client_for
+from tests.acceptance.helpers import chat_line, jsonl, wait_terminal
 
 
 def test_a_batch_runs_end_to_end_with_the_openai_sdk(start_server: StartServer) -> None:
@@ -46,7 +20,7 @@ def test_a_batch_runs_end_to_end_with_the_openai_sdk(start_server: StartServer) 
     )
     assert "validating" == batch.status
 
-    done = client.batches.retrieve(wait_terminal(client, batch.id).id)  # type: ignore[attr-defined]
+    done = wait_terminal(client, batch.id)
 
     assert "completed" == done.status
     assert (50, 50, 0) == (done.request_counts.total, done.request_counts.completed, done.request_counts.failed)

@@ -9,6 +9,7 @@ from sqlalchemy import bindparam, select, update
 
 from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.usage import Usage
+from backfill.errors import TokenLimitExceeded
 from backfill.store.sql import SqlStore
 from backfill.store.tables import batches, requests
 from tests.support.store_data import (
@@ -60,6 +61,36 @@ async def test_start_batch_needs_the_claim_and_a_validating_batch(store: SqlStor
     assert await store.start_batch(batch.id, "owner-a", "m", valid_lines([1]), NOW)
     assert not await store.start_batch(batch.id, "owner-a", "m", valid_lines([1]), NOW)  # no longer validating
     assert {"queued": 1} == await store.line_state_counts(batch.id)
+
+
+async def test_start_batch_over_the_token_limit_changes_nothing(store: SqlStore) -> None:
+    tenant_id = await add_tenant(store)
+    batch = await add_batch(store, tenant_id)
+    assert await store.claim_batch(batch.id, "v", NOW, 60.0)
+
+    with pytest.raises(TokenLimitExceeded) as raised:
+        await store.start_batch(batch.id, "v", "m", valid_lines([1, 2]), NOW, token_limit=43)
+
+    assert (0, 44, 43) == (raised.value.enqueued, raised.value.wanted, raised.value.limit)
+    assert BatchStatus.VALIDATING == (await store.get_batch(None, batch.id)).status  # type: ignore[union-attr]
+    assert {} == await store.line_state_counts(batch.id)
+    assert await store.start_batch(batch.id, "v", "m", valid_lines([1, 2]), NOW, token_limit=44)
+
+
+async def test_two_batches_started_at_once_cannot_both_slip_under_the_token_limit(store: SqlStore) -> None:
+    tenant_id = await add_tenant(store)
+    first, second = await add_batch(store, tenant_id), await add_batch(store, tenant_id)
+    for batch in (first, second):
+        assert await store.claim_batch(batch.id, "v", NOW, 60.0)
+
+    outcomes = await asyncio.gather(
+        *(store.start_batch(b.id, "v", "m", valid_lines([1, 2, 3]), NOW, token_limit=100) for b in (first, second)),
+        return_exceptions=True,
+    )
+
+    assert [True] == [outcome for outcome in outcomes if outcome is True]
+    assert 1 == sum(isinstance(outcome, TokenLimitExceeded) for outcome in outcomes)
+    assert 66 == await store.enqueued_tokens(tenant_id, "m")
 
 
 # --- lease_lines ------------------------------------------------------------------------------------------

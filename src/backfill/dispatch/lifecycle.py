@@ -13,6 +13,7 @@ from backfill.domain.batches import Batch, BatchStatus, LineError, RequestState
 from backfill.domain.files import OUTPUT_PURPOSE, FileRecord
 from backfill.domain.lines import FileValidator, ValidationLimits, ValidationResult, split_lines
 from backfill.domain.results import output_line
+from backfill.errors import TokenLimitExceeded
 from backfill.metrics import Metrics
 from backfill.ports import BlobStore
 from backfill.store.sql import SqlStore
@@ -49,46 +50,41 @@ class Lifecycle:
 
     async def validate(self, batch: Batch, now: float) -> None:
         record = await self.store.get_file(batch.tenant_id, batch.input_file_id)
-        if record is None:
-            error = LineError("invalid_request", f"The input file {batch.input_file_id} no longer exists.")
-            await self.store.fail_batch(batch.id, self.owner, None, [error], int(now))
+        try:
+            if record is None:
+                raise FileNotFoundError(batch.input_file_id)
+            result = await asyncio.to_thread(self._validate_blob, batch.endpoint, record.blob_key)
+        except OSError as exc:
+            log.exception("batch.input_unreadable", batch_id=batch.id)
+            error = LineError("invalid_request", f"The input file {batch.input_file_id} could not be read: {exc}.")
+            await self._fail(batch, None, [error], now)
             return
-        result = await asyncio.to_thread(self._validate_blob, batch.endpoint, record.blob_key)
-        if result.ok and result.model is not None:
-            quota_error = await self._check_quota(batch.tenant_id, result)
-            if quota_error is not None:
-                result.errors, result.error_count = [quota_error], 1
         if not result.ok:
-            if (
-                await self.store.fail_batch(batch.id, self.owner, result.model, result.errors, int(now))
-                and self.metrics
-            ):
-                self.metrics.batches_finished.labels(BatchStatus.FAILED.value).inc()
+            await self._fail(batch, result.model, result.errors, now)
             log.info("batch.failed_validation", batch_id=batch.id, errors=result.error_count)
             return
-        started = await self.store.start_batch(batch.id, self.owner, result.model, result.lines, int(now))
+        try:
+            started = await self.store.start_batch(
+                batch.id, self.owner, result.model, result.lines, int(now), token_limit=await self._limit(batch)
+            )
+        except TokenLimitExceeded as exc:
+            await self._fail(batch, result.model, [LineError("token_limit_exceeded", f"{result.model}: {exc}")], now)
+            return
         log.info("batch.validated", batch_id=batch.id, lines=len(result.lines), started=started)
+
+    async def _fail(self, batch: Batch, model: str | None, errors: list[LineError], now: float) -> None:
+        if await self.store.fail_batch(batch.id, self.owner, model, errors, int(now)) and self.metrics:
+            self.metrics.batches_finished.labels(BatchStatus.FAILED.value).inc()
+
+    async def _limit(self, batch: Batch) -> int | None:
+        limit = await self.store.tenant_token_limit(batch.tenant_id)
+        return limit if limit is not None else self.default_token_limit
 
     def _validate_blob(self, endpoint: str, blob_key: str) -> ValidationResult:
         validator = FileValidator(endpoint, self.is_served, self.limits)
         for raw in split_lines(self.blobs.iter_chunks(blob_key), self.limits.max_line_bytes):
             validator.feed(raw)
         return validator.finish()
-
-    async def _check_quota(self, tenant_id: str, result: ValidationResult) -> LineError | None:
-        limit = await self.store.tenant_token_limit(tenant_id)
-        limit = limit if limit is not None else self.default_token_limit
-        if limit is None or result.model is None:
-            return None
-        enqueued = await self.store.enqueued_tokens(tenant_id, result.model)
-        wanted = result.est_prompt_tokens
-        if enqueued + wanted <= limit:
-            return None
-        return LineError(
-            "token_limit_exceeded",
-            f"Enqueued token limit reached for {result.model}: this batch needs about {wanted} prompt tokens, "
-            f"{enqueued} are already enqueued, the limit is {limit}. Wait for batches to finish and retry.",
-        )
 
     async def close_and_finalize(
         self, batch: Batch, line_state: RequestState, terminal: BatchStatus, now: float

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from backfill.errors import ApiError
 
@@ -61,6 +62,10 @@ def install_error_handlers(app: FastAPI) -> None:
         param = ".".join(loc) or None
         return error_response(400, f"Invalid '{param}': {first.get('msg', 'invalid value')}.", param=param)
 
+    async def on_disconnect(_: Request, exc: Exception) -> Response:
+        log.info("http.client_disconnected")  # nobody is left to read an answer; nothing was kept
+        return error_response(400, "The client disconnected before the request body was complete.")
+
     async def on_unexpected(_: Request, exc: Exception) -> Response:
         log.exception("http.unhandled", exc_info=exc)
         return error_response(500, "The server had an error while processing your request.")
@@ -68,4 +73,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(ClientDisconnect, on_disconnect)
     app.add_exception_handler(Exception, on_unexpected)

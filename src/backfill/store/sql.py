@@ -23,7 +23,7 @@ from backfill.domain.batches import (
 from backfill.domain.files import FileRecord
 from backfill.domain.keys import NewKey
 from backfill.domain.lines import ValidLine
-from backfill.errors import Conflict, NotFound
+from backfill.errors import Conflict, NotFound, TokenLimitExceeded
 from backfill.store.lines import LineQueries
 from backfill.store.rows import batch_from_row, batch_to_row, file_from_row
 from backfill.store.tables import api_keys, batches, files, requests, tenants
@@ -248,11 +248,34 @@ class SqlStore(LineQueries):
             )
 
     async def start_batch(
-        self, batch_id: str, owner: str, model: str | None, lines: Sequence[ValidLine], now: int
+        self,
+        batch_id: str,
+        owner: str,
+        model: str | None,
+        lines: Sequence[ValidLine],
+        now: int,
+        *,
+        token_limit: int | None = None,
     ) -> bool:
-        """validating -> in_progress with all its lines, in one transaction; False if the batch moved on."""
+        """validating -> in_progress with all its lines, in one transaction; False if the batch moved on.
+
+        With a `token_limit`, the tenant's enqueued tokens for the model are checked in the same transaction,
+        under a lock on the tenant row, so two batches validated at once cannot both slip under the limit;
+        over it, raises TokenLimitExceeded and changes nothing.
+        """
         est = sum(line.est_prompt_tokens for line in lines)
         async with self.engine.begin() as conn:
+            if token_limit is not None and model is not None:
+                tenant_id = await conn.scalar(
+                    select(tenants.c.id)
+                    .where(
+                        tenants.c.id == select(batches.c.tenant_id).where(batches.c.id == batch_id).scalar_subquery()
+                    )
+                    .with_for_update()
+                )
+                enqueued = int(await conn.scalar(_enqueued_tokens_query(str(tenant_id), model)) or 0)
+                if enqueued + est > token_limit:
+                    raise TokenLimitExceeded(enqueued=enqueued, wanted=est, limit=token_limit)
             result = await conn.execute(
                 update(batches)
                 .where(
@@ -340,17 +363,8 @@ class SqlStore(LineQueries):
 
     async def enqueued_tokens(self, tenant_id: str, model: str) -> int:
         """Estimated prompt tokens of the tenant's unfinished lines for `model` (SPEC §3 quota)."""
-        query = (
-            select(func.coalesce(func.sum(requests.c.est_prompt_tokens), 0))
-            .select_from(requests.join(batches, requests.c.batch_id == batches.c.id))
-            .where(
-                batches.c.tenant_id == tenant_id,
-                batches.c.model == model,
-                requests.c.state.in_([state.value for state in OPEN_STATES]),
-            )
-        )
         async with self.engine.connect() as conn:
-            return int(await conn.scalar(query) or 0)
+            return int(await conn.scalar(_enqueued_tokens_query(tenant_id, model)) or 0)
 
 
 def _equals(column: ColumnElement[str], value: str) -> ColumnElement[bool]:
@@ -362,6 +376,18 @@ def _equals(column: ColumnElement[str], value: str) -> ColumnElement[bool]:
 def _batches_reading(file_id: str) -> Select[tuple[bool]]:
     return select(
         select(batches.c.seq).where(batches.c.input_file_id == file_id, batches.c.status.not_in(_TERMINAL)).exists()
+    )
+
+
+def _enqueued_tokens_query(tenant_id: str, model: str) -> Select[tuple[int]]:
+    return (
+        select(func.coalesce(func.sum(requests.c.est_prompt_tokens), 0))
+        .select_from(requests.join(batches, requests.c.batch_id == batches.c.id))
+        .where(
+            batches.c.tenant_id == tenant_id,
+            batches.c.model == model,
+            requests.c.state.in_([state.value for state in OPEN_STATES]),
+        )
     )
 
 
