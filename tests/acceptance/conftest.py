@@ -77,5 +77,18 @@ def start_module_server(
             server.stop()
 
 
+_OPENED: list[OpenAI] = []
+
+
 def client_for(server: Server, api_key: str = "open-mode") -> OpenAI:
-    return OpenAI(base_url=f"{server.base_url}/v1", api_key=api_key, max_retries=0, timeout=60)
+    """An SDK client on `server`; closed when the test ends (no socket is left to the garbage collector)."""
+    client = OpenAI(base_url=f"{server.base_url}/v1", api_key=api_key, max_retries=0, timeout=60)
+    _OPENED.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _OPENED:
+        _OPENED.pop().close()

@@ -12,7 +12,8 @@ import orjson
 from openai import OpenAI
 from openai.types import Batch
 
-from tests.acceptance.conftest import MODEL
+from tests.acceptance.conftest import MODEL, client_for
+from tests.support.processes import Server
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
@@ -26,6 +27,25 @@ BATCH_TIMES = (
     "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
     "cancelling_at", "cancelled_at",
 )  # fmt: skip
+
+
+class Clients:
+    """The OpenAI clients one test opens, all closed when it ends (no socket is left to the garbage collector)."""
+
+    def __init__(self) -> None:
+        self._opened: list[OpenAI] = []
+
+    def __call__(self, server: Server, api_key: str = "open-mode") -> OpenAI:
+        client = client_for(server, api_key)
+        self._opened.append(client)
+        return client
+
+    def __enter__(self) -> Clients:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for client in self._opened:
+            client.close()
 
 
 def chat_line(custom_id: str, text: str, model: str = MODEL) -> dict[str, object]:

@@ -91,7 +91,11 @@ class Upstream:
 
     def stop(self) -> None:
         self.process.terminate()
-        self.process.wait(10)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:  # still sleeping on a hung request nobody waits for
+            self.process.kill()
+            self.process.wait()
 
 
 @dataclass

@@ -194,7 +194,9 @@ class Dispatcher:
         try:
             raw = await self.blobs.read_range(batch.input_blob_key, line.offset, line.length)
             body = orjson.dumps(orjson.loads(raw)["body"])
-            timeout = max(1.0, min(self.settings.request_timeout_s, batch.expires_at - self.clock() + 1))
+            # A line in flight when the window closes gets the same grace as one in flight at a cancel.
+            left_s = batch.expires_at - self.clock() + self.settings.cancel_grace_s
+            timeout = max(1.0, min(self.settings.request_timeout_s, left_s))
             self.metrics.in_flight.labels(backend.name).inc()
             started = time.monotonic()
             try:

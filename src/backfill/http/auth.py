@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import time
-
 from backfill.domain.keys import key_matches, prefix_of
 from backfill.errors import AuthenticationFailed
 from backfill.services import DEFAULT_TENANT, Services
-
-_OPEN_MODE_RECHECK_S = 2.0
 
 
 class Authenticator:
     def __init__(self, services: Services) -> None:
         self.services = services
-        self._open_checked_at = -1e9
         self._open = True
         self._default_tenant: str | None = None
         self._cache: dict[str, str] = {}
 
     async def _is_open(self) -> bool:
-        now = time.monotonic()
-        if self._open and now - self._open_checked_at > _OPEN_MODE_RECHECK_S:
+        # Checked on every request until the first key exists (a cheap count), then never again: a key created
+        # by `backfill keys create` on a running server closes open mode at once.
+        if self._open:
             self._open = await self.services.store.count_api_keys() == 0
-            self._open_checked_at = now
         return self._open
 
     async def tenant_for(self, presented: str | None) -> str:
