@@ -1,14 +1,14 @@
-"""`make demo`: start `backfill serve`, run the bundled batch of 200 product reviews end to end, show results.
+"""`make demo`: start `backfill serve` on the embedded CPU engine, run two bundled batches end to end.
 
-Until the embedded CPU engine lands, the backend is backfill's built-in test upstream
-(`python -m backfill.testing.upstream`), an OpenAI-compatible server that answers with synthetic text: what is
-real here is the whole batch pipeline (upload, validation, leasing, retries, group commit, finalize) driven by
-the official openai SDK.
+1. 200 product reviews classified positive/negative by SmolLM2-135M-Instruct (llama.cpp, CPU).
+2. 20 product titles embedded with all-MiniLM-L6-v2; the nearest neighbour of each is printed.
+Both models ship inside PyPI packages: nothing is downloaded at run time. The client is the official openai SDK.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import subprocess
@@ -35,78 +35,84 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(url: str, process: subprocess.Popen[bytes]) -> None:
-    for _ in range(300):
-        if process.poll() is not None:
-            sys.exit(f"{process.args} exited with {process.returncode}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        time.sleep(0.1)
-    sys.exit(f"{url} did not come up")
-
-
 @contextlib.contextmanager
-def running(args: list[str], ready_url: str, log: Path) -> Iterator[None]:
+def serving(port: int, work: Path) -> Iterator[None]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BACKFILL_")}
-    with open(log, "wb") as fh:
-        process = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    args = [sys.executable, "-m", "backfill", "serve", "--port", str(port), "--data-dir", str(work / "data")]
+    with open(work / "serve.log", "wb") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_for(ready_url, process)
+        for _ in range(300):
+            if process.poll() is not None:
+                sys.exit(f"backfill serve exited with {process.returncode}; see {work / 'serve.log'}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
         yield
     finally:
         process.terminate()
-        process.wait(30)
+        process.wait(60)
 
 
-def main() -> None:
-    work = Path(tempfile.mkdtemp(prefix="backfill-demo-"))
-    upstream_port, port = free_port(), free_port()
-    config = work / "backfill.toml"
-    config.write_text(
-        f'[[backends]]\nname = "demo-upstream"\nurl = "http://127.0.0.1:{upstream_port}"\n'
-        'models = ["smollm2-135m-instruct"]\nmax_concurrency = 16\n'
-    )
-    upstream = [sys.executable, "-m", "backfill.testing.upstream", "--port", str(upstream_port), "--delay-ms", "20"]
-    serve = [sys.executable, "-m", "backfill", "serve", "--port", str(port), "--data-dir", str(work / "data"),
-             "--config", str(config)]  # fmt: skip
-    console.print(f"[bold]backfill demo[/] — data in {work}")
-    with (
-        running(upstream, f"http://127.0.0.1:{upstream_port}/_stats?log=0", work / "upstream.log"),
-        running(serve, f"http://127.0.0.1:{port}/healthz", work / "serve.log"),
-    ):
-        console.print(f"backfill serve is up on http://127.0.0.1:{port} (backend: built-in test upstream)")
-        run_batch(OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="demo"))
-
-
-def run_batch(client: OpenAI) -> None:
-    uploaded = client.files.create(file=open(HERE / "reviews.jsonl", "rb"), purpose="batch")  # noqa: SIM115
-    batch = client.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"demo": "1"}
-    )
-    console.print(f"uploaded {uploaded.filename} as {uploaded.id}; created {batch.id}")
+def run_batch(client: OpenAI, path: Path, endpoint: str) -> list[dict[str, object]]:
+    uploaded = client.files.create(file=open(path, "rb"), purpose="batch")  # noqa: SIM115
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h")
+    console.print(f"[bold]{path.name}[/]: uploaded as {uploaded.id}, batch {batch.id}")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("validating", total=None)
         while batch.status not in ("completed", "failed", "expired", "cancelled"):
-            time.sleep(0.2)
+            time.sleep(0.3)
             batch = client.batches.retrieve(batch.id)
             counts = batch.request_counts
             done = (counts.completed + counts.failed) if counts else 0
             progress.update(task, description=batch.status, total=counts.total if counts else None, completed=done)
-    console.print(f"batch {batch.id}: [bold]{batch.status}[/] {batch.request_counts}")
+    console.print(
+        f"  {batch.status}: {batch.request_counts}; usage {batch.usage.total_tokens if batch.usage else 0} tokens"
+    )
     if batch.output_file_id is None:
         sys.exit(f"no output: {batch.errors}")
-    OUT.mkdir(exist_ok=True)
     output = client.files.content(batch.output_file_id).read()
-    (OUT / "output.jsonl").write_bytes(output)
-    if batch.error_file_id:
-        (OUT / "errors.jsonl").write_bytes(client.files.content(batch.error_file_id).read())
-    for line in output.splitlines()[:5]:
-        result = orjson.loads(line)
-        reply = result["response"]["body"]["choices"][0]["message"]["content"]
-        console.print(f"  {result['custom_id']}: {reply!r}")
-    console.print(f"results in {OUT / 'output.jsonl'}; usage {batch.usage}")
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"{path.stem}.output.jsonl").write_bytes(output)
+    console.print(f"  results in {OUT / (path.stem + '.output.jsonl')}")
+    return [orjson.loads(line) for line in output.splitlines()]
+
+
+def show_reviews(results: list[dict[str, object]]) -> None:
+    reviews = {
+        line["custom_id"]: line["body"]["messages"][1]["content"]
+        for line in map(orjson.loads, (HERE / "reviews.jsonl").read_bytes().splitlines())
+    }
+    for result in results[:6]:
+        reply = result["response"]["body"]["choices"][0]["message"]["content"]  # type: ignore[index]
+        console.print(f"  {reviews[result['custom_id']]!r:70.70} -> [bold]{reply.strip()}[/]")  # type: ignore[index]
+
+
+def show_neighbours(results: list[dict[str, object]]) -> None:
+    titles = {
+        line["custom_id"]: line["body"]["input"]
+        for line in map(orjson.loads, (HERE / "products.jsonl").read_bytes().splitlines())
+    }
+    vectors = {r["custom_id"]: r["response"]["body"]["data"][0]["embedding"] for r in results}  # type: ignore[index]
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    for cid in list(vectors)[:6:2]:
+        best = max((other for other in vectors if other != cid), key=lambda o: cosine(vectors[cid], vectors[o]))
+        console.print(f"  {titles[cid]!r} is nearest to {titles[best]!r}")
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="backfill-demo-"))
+    port = free_port()
+    console.print(f"[bold]backfill demo[/]: embedded CPU engine, data in {work}")
+    with serving(port, work):
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="demo")
+        show_reviews(run_batch(client, HERE / "reviews.jsonl", "/v1/chat/completions"))
+        show_neighbours(run_batch(client, HERE / "products.jsonl", "/v1/embeddings"))
 
 
 if __name__ == "__main__":

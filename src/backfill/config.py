@@ -75,6 +75,10 @@ class Settings(BaseSettings):
 
     # Dispatcher
     backends: list[BackendSettings] = []
+    # The embedded CPU engine, used when no backend is configured and backfill[local] is installed.
+    embedded_chat_slots: int = Field(default=8, ge=1, le=64)
+    embedded_context_per_slot: int = Field(default=2048, ge=256, le=8192)
+    embedded_threads: int | None = Field(default=None, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     retry_base_s: float = Field(default=1.0, ge=0)
@@ -138,3 +142,27 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return _FromFile(**{key: value for key, value in overrides.items() if value is not None})
     except ValidationError as exc:
         raise ConfigError(f"invalid settings: {exc}") from exc
+
+
+class ClientSettings(BaseSettings):
+    """Where the client commands (`backfill submit`, `status`, …) find the server, and the key they present."""
+
+    model_config = SettingsConfigDict(env_prefix="BACKFILL_", extra="ignore")
+
+    base_url: str = "http://127.0.0.1:8080"
+    api_key: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _server_root(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"the base URL must start with http:// or https://, got {url!r}")
+        return url.rstrip("/").removesuffix("/v1")  # the SDKs' base URL (…/v1) names the same server
+
+
+def load_client_settings(**overrides: Any) -> ClientSettings:
+    """Client settings from explicit values (None is ignored), then `BACKFILL_BASE_URL` / `BACKFILL_API_KEY`."""
+    try:
+        return ClientSettings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid client settings: {exc.errors()[0]['msg']}") from exc

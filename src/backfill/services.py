@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import structlog
+
 from backfill.backends.openai_http import OpenAIHttpBackend
 from backfill.blobs.local import LocalBlobStore
 from backfill.config import Settings
@@ -17,10 +19,28 @@ from backfill.store.engine import create_engine, migrate
 from backfill.store.sql import SqlStore
 
 DEFAULT_TENANT = "default"
+log = structlog.get_logger(__name__)
 
 
 def build_backends(settings: Settings) -> list[Backend]:
-    return [OpenAIHttpBackend(backend) for backend in settings.backends]
+    """The configured backends; with none configured, the embedded CPU engine when backfill[local] is installed."""
+    if settings.backends:
+        return [OpenAIHttpBackend(backend) for backend in settings.backends]
+    from backfill.backends.embedded.backend import is_available
+
+    if not is_available():
+        log.warning("no backends configured and backfill[local] is not installed: no model is served")
+        return []
+    from backfill.backends.embedded.backend import EmbeddedChatBackend, EmbeddedEmbeddingBackend
+
+    return [
+        EmbeddedChatBackend(
+            slots=settings.embedded_chat_slots,
+            context_per_slot=settings.embedded_context_per_slot,
+            threads=settings.embedded_threads,
+        ),
+        EmbeddedEmbeddingBackend(threads=settings.embedded_threads),
+    ]
 
 
 @dataclass

@@ -1,0 +1,240 @@
+"""OpenAI request parsing and response building for the embedded engine (no model code here)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from backfill import ids
+
+DEFAULT_MAX_TOKENS = 256
+
+
+class BadRequest(Exception):
+    """The request body cannot be served; becomes a 400 with the OpenAI error envelope."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def envelope(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": "invalid_request_error", "param": self.param, "code": None}}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """What to generate: chat `messages` (formatted with the model's template) or a raw `prompt`."""
+
+    sampling: Sampling
+    messages: tuple[tuple[str, str], ...] = ()
+    prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    inputs: list[str]
+    base64: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise BadRequest(f"'{key}' must be a number between {low:g} and {high:g}.", key)
+    return float(value)
+
+
+def parse_sampling(body: dict[str, Any], max_tokens_key: str = "max_tokens") -> Sampling:
+    max_tokens = body.get(max_tokens_key, body.get("max_completion_tokens", DEFAULT_MAX_TOKENS))
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise BadRequest(f"'{max_tokens_key}' must be a positive integer.", max_tokens_key)
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop):
+        stops = tuple(stop)
+    else:
+        raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings.", "stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise BadRequest("'seed' must be an integer.", "seed")
+    n = body.get("n", 1)
+    if n != 1:
+        raise BadRequest("Only n=1 is supported by the embedded engine.", "n")
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        stop=stops,
+        seed=seed,
+    )
+
+
+def _content_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in ("text", "input_text", "output_text"):
+                raise BadRequest(f"{where}: only text content parts are supported by the embedded engine.", where)
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+    if content is None:
+        return ""
+    raise BadRequest(f"{where}: content must be a string or a list of text parts.", where)
+
+
+def _messages(raw: Any, param: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest(f"'{param}' must be a non-empty list of messages.", param)
+    messages = []
+    for index, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise BadRequest(f"{param}[{index}] must be an object.", f"{param}[{index}]")
+        role = message.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise BadRequest(f"{param}[{index}].role {role!r} is not supported.", f"{param}[{index}].role")
+        messages.append((str(role), _content_text(message.get("content"), f"{param}[{index}].content")))
+    return tuple(messages)
+
+
+def parse_chat(body: dict[str, Any]) -> TextRequest:
+    if body.get("tools") or body.get("functions"):
+        raise BadRequest("Tools are not supported by the embedded engine.", "tools")
+    return TextRequest(parse_sampling(body), messages=_messages(body.get("messages"), "messages"))
+
+
+def parse_completion(body: dict[str, Any]) -> TextRequest:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("'prompt' must be a string (one prompt per request).", "prompt")
+    return TextRequest(parse_sampling(body), prompt=prompt)
+
+
+def parse_responses(body: dict[str, Any]) -> TextRequest:
+    sampling = parse_sampling(body, "max_output_tokens")
+    raw = body.get("input")
+    messages: list[tuple[str, str]] = []
+    if isinstance(body.get("instructions"), str):
+        messages.append(("system", body["instructions"]))
+    if isinstance(raw, str):
+        messages.append(("user", raw))
+    else:
+        messages.extend(_messages(raw, "input"))
+    return TextRequest(sampling, messages=tuple(messages))
+
+
+def parse_embeddings(body: dict[str, Any], dimensions: int) -> EmbeddingRequest:
+    raw = body.get("input")
+    if isinstance(raw, str):
+        inputs = [raw]
+    elif isinstance(raw, list) and raw and all(isinstance(item, str) for item in raw):
+        inputs = list(raw)
+    else:
+        raise BadRequest("'input' must be a string or a non-empty list of strings (token arrays are not "
+                         "supported by the embedded engine).", "input")  # fmt: skip
+    wanted = body.get("dimensions")
+    if wanted is not None and wanted != dimensions:
+        raise BadRequest(
+            f"'dimensions' is not supported: all-minilm-l6-v2 always returns {dimensions} dimensions.", "dimensions"
+        )
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise BadRequest("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
+    return EmbeddingRequest(inputs, base64=encoding == "base64")
+
+
+def chat_completion(model: str, gen: Generation) -> dict[str, Any]:
+    return {
+        "id": ids.new_id("chatcmpl-", 12),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": gen.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": gen.finish_reason,
+            }
+        ],
+        "usage": _usage(gen),
+    }
+
+
+def text_completion(model: str, gen: Generation) -> dict[str, Any]:
+    return {
+        "id": ids.new_id("cmpl-", 12),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason}],
+        "usage": _usage(gen),
+    }
+
+
+def response_object(model: str, gen: Generation, request: TextRequest) -> dict[str, Any]:
+    incomplete = gen.finish_reason == "length"
+    return {
+        "id": ids.new_id("resp_", 16),
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "incomplete" if incomplete else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "error": None,
+        "model": model,
+        "output": [
+            {
+                "type": "message",
+                "id": ids.new_id("msg_", 16),
+                "status": "incomplete" if incomplete else "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": gen.text, "annotations": []}],
+            }
+        ],
+        "max_output_tokens": request.sampling.max_tokens,
+        "temperature": request.sampling.temperature,
+        "top_p": request.sampling.top_p,
+        "usage": {
+            "input_tokens": gen.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": gen.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+        },
+    }
+
+
+def _usage(gen: Generation) -> dict[str, int]:
+    return {
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": gen.completion_tokens,
+        "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+    }

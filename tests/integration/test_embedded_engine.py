@@ -1,0 +1,158 @@
+"""The embedded CPU engine with its real models (needs backfill[local]; CI installs it)."""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+import pytest_asyncio
+
+from backfill.backends.embedded.backend import is_available
+
+pytestmark = [
+    pytest.mark.skipif(not is_available(), reason="needs backfill[local] (llama-cpp-python, models)"),
+    pytest.mark.asyncio(loop_scope="module"),
+]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def chat() -> AsyncIterator[Any]:
+    from backfill.backends.embedded.backend import EmbeddedChatBackend
+
+    backend = EmbeddedChatBackend(slots=4, context_per_slot=1024)
+    yield backend
+    await backend.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def embeddings() -> AsyncIterator[Any]:
+    from backfill.backends.embedded.backend import EmbeddedEmbeddingBackend
+
+    backend = EmbeddedEmbeddingBackend()
+    yield backend
+    await backend.close()
+
+
+def chat_body(text: str, **params: Any) -> bytes:
+    return orjson.dumps({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": text}], **params})
+
+
+async def test_chat_completion_has_real_text_usage_and_finish_reason(chat: Any) -> None:
+    outcome = await chat.send("/v1/chat/completions", chat_body("Name a color.", max_tokens=12, temperature=0), 60)
+
+    body = orjson.loads(outcome.body)
+    assert 200 == outcome.status_code
+    assert "chat.completion" == body["object"]
+    assert body["choices"][0]["message"]["content"].strip()
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert body["usage"]["prompt_tokens"] > 5
+    assert body["usage"]["completion_tokens"] >= 1
+    assert outcome.usage.input_tokens == body["usage"]["prompt_tokens"]
+
+
+async def test_max_tokens_cuts_generation_with_finish_reason_length(chat: Any) -> None:
+    outcome = await chat.send(
+        "/v1/chat/completions", chat_body("Write a long story about the sea.", max_tokens=5, temperature=0), 60
+    )
+
+    body = orjson.loads(outcome.body)
+    assert (5, "length") == (body["usage"]["completion_tokens"], body["choices"][0]["finish_reason"])
+
+
+async def test_greedy_and_seeded_sampling_are_reproducible(chat: Any) -> None:
+    prompt = "Invent a name for a cat."
+    greedy = [
+        orjson.loads(
+            (await chat.send("/v1/chat/completions", chat_body(prompt, max_tokens=10, temperature=0), 60)).body
+        )
+        for _ in range(2)
+    ]
+    seeded = [
+        orjson.loads(
+            (
+                await chat.send("/v1/chat/completions", chat_body(prompt, max_tokens=10, temperature=1.2, seed=7), 60)
+            ).body
+        )
+        for _ in range(2)
+    ]
+
+    assert greedy[0]["choices"][0]["message"] == greedy[1]["choices"][0]["message"]
+    assert seeded[0]["choices"][0]["message"] == seeded[1]["choices"][0]["message"]
+
+
+async def test_stop_sequence_ends_the_text_before_it(chat: Any) -> None:
+    body = {"model": "smollm2-135m-instruct", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 20, "temperature": 0}
+    free = orjson.loads((await chat.send("/v1/completions", orjson.dumps(body), 60)).body)["choices"][0]["text"]
+    assert "7" in free, free  # the model counts on; then stop it there
+    stopped = orjson.loads((await chat.send("/v1/completions", orjson.dumps({**body, "stop": ["7"]}), 60)).body)
+
+    assert free[: free.index("7")] == stopped["choices"][0]["text"]
+    assert "stop" == stopped["choices"][0]["finish_reason"]
+
+
+async def test_responses_endpoint_returns_a_response_object(chat: Any) -> None:
+    body = {"model": "smollm2-135m-instruct", "input": "Say hello.", "max_output_tokens": 8, "temperature": 0}
+    response = orjson.loads((await chat.send("/v1/responses", orjson.dumps(body), 60)).body)
+
+    assert "response" == response["object"]
+    assert response["output"][0]["content"][0]["text"].strip()
+    assert response["usage"]["output_tokens"] >= 1
+
+
+async def test_unsupported_content_is_a_clear_400(chat: Any) -> None:
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    body = orjson.dumps({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": image}]})
+    outcome = await chat.send("/v1/chat/completions", body, 60)
+
+    assert 400 == outcome.status_code
+    assert "only text content" in orjson.loads(outcome.body)["error"]["message"]
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True)) / (
+        math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    )
+
+
+async def test_embeddings_rank_a_paraphrase_above_an_unrelated_sentence(embeddings: Any) -> None:
+    texts = ["The cat sat on the mat.", "A cat was sitting on the rug.", "Quarterly revenue grew by four percent."]
+    body = orjson.dumps({"model": "all-minilm-l6-v2", "input": texts})
+    result = orjson.loads((await embeddings.send("/v1/embeddings", body, 60)).body)
+
+    vectors = [item["embedding"] for item in result["data"]]
+    assert [384, 384, 384] == [len(vector) for vector in vectors]
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.3
+    assert result["usage"]["prompt_tokens"] > 10
+
+
+async def test_base64_embeddings_decode_to_the_float_vector(embeddings: Any) -> None:
+    floats = orjson.loads(
+        (
+            await embeddings.send("/v1/embeddings", orjson.dumps({"model": "all-minilm-l6-v2", "input": "hello"}), 60)
+        ).body
+    )["data"][0]["embedding"]
+    encoded = orjson.loads(
+        (
+            await embeddings.send(
+                "/v1/embeddings",
+                orjson.dumps({"model": "all-minilm-l6-v2", "input": "hello", "encoding_format": "base64"}),
+                60,
+            )
+        ).body
+    )["data"][0]["embedding"]
+
+    decoded = struct.unpack("<384f", base64.b64decode(encoded))
+    assert all(abs(x - y) < 1e-6 for x, y in zip(floats, decoded, strict=True))
+
+
+async def test_dimensions_other_than_384_are_rejected(embeddings: Any) -> None:
+    body = orjson.dumps({"model": "all-minilm-l6-v2", "input": "hi", "dimensions": 128})
+    outcome = await embeddings.send("/v1/embeddings", body, 60)
+
+    assert 400 == outcome.status_code
+    assert "dimensions" == orjson.loads(outcome.body)["error"]["param"]
