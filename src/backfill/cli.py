@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import sys
@@ -12,11 +13,18 @@ from typing import Any
 
 import click
 import structlog
+from rich.console import Console
 
 from backfill import __version__
-from backfill.config import Settings, load_settings
+from backfill.cli_client import COMMANDS as CLIENT_COMMANDS
+from backfill.cli_client import CommandFailed
+from backfill.config import Settings, load_settings, parse_duration_s
+from backfill.domain.batches import ENDPOINTS, BatchStatus
 from backfill.domain.keys import make_key
-from backfill.errors import ConfigError
+from backfill.errors import BackfillError, ConfigError
+from backfill.offline import RunRequest, RunResult, run_offline, state_dir_for
+from backfill.progress import ExitCode, ProgressDisplay, make_console
+from backfill.result_files import default_errors_path
 from backfill.store.engine import create_engine, migrate
 from backfill.store.sql import SqlStore
 
@@ -144,3 +152,118 @@ async def _create_key(settings: Settings, tenant: str) -> str:
         return key.plaintext
     finally:
         await store.close()
+
+
+def _check_window(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        parse_duration_s(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+@main.command(name="run")
+@click.argument("input_path", metavar="IN.jsonl", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output file (JSONL)."
+)
+@click.option(
+    "--errors",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Error file (default: OUTPUT with .errors.jsonl in place of .jsonl).",
+)
+@click.option(
+    "--config", type=click.Path(path_type=Path, dir_okay=False), help="TOML config file: backends and limits."
+)
+@click.option("--endpoint", type=click.Choice(sorted(ENDPOINTS)), default="/v1/chat/completions", show_default=True)
+@click.option(
+    "--window",
+    default="24h",
+    show_default=True,
+    callback=_check_window,
+    help="Completion window (any duration: 90m, 24h, 7d).",
+)
+@click.option("--keep-state", is_flag=True, help="Keep the state directory once the files are written.")
+def run_command(
+    input_path: Path,
+    output: Path,
+    errors: Path | None,
+    config: Path | None,
+    endpoint: str,
+    window: str,
+    keep_state: bool,
+) -> None:
+    """Run a batch file offline, in this process, resumably.
+
+    The input goes through the server's own validation, dispatcher and
+    finalizer, to the backends of --config (with none configured, the
+    embedded engine). A live progress bar shows done/failed/total,
+    requests/s, output tokens/s and the ETA.
+
+    \b
+    Results: OUTPUT and the error file, in input order, both always
+    written (empty when no line belongs there). Lines not done within
+    --window end in the error file as batch_expired.
+
+    \b
+    State: OUTPUT.backfill/ beside the output holds a copy of the input,
+    a SQLite database with every line's result, and a lock. Killed (even
+    with kill -9), the same command continues where it stopped and never
+    runs a finished line again; a changed input file is refused. The
+    directory is removed once the files are written (--keep-state keeps
+    it) and when the input is invalid.
+
+    \b
+    Exit codes:
+      0    every line succeeded
+      1    some lines failed or expired
+      2    the input file is invalid (errors printed with line numbers),
+           or the command line is wrong
+      3    any other error (config, state directory busy or holding
+           another input, ...)
+      130  interrupted: run the same command again to continue
+    """
+    console = make_console()
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        raise CommandFailed(exc.message) from None
+    _configure_logging("warning")  # the progress bar is the news; warnings and errors still show
+    request = RunRequest(input_path, output, errors or default_errors_path(output), endpoint, window, keep_state)
+    try:
+        with ProgressDisplay(console) as display:
+            note = functools.partial(console.print, markup=False)
+            result = asyncio.run(run_offline(settings, request, display.update, note))
+    except BackfillError as exc:
+        raise CommandFailed(exc.message) from None
+    except OSError as exc:
+        raise CommandFailed(str(exc)) from None
+    except KeyboardInterrupt:
+        console.print(f"interrupted; run the same command again to continue ({state_dir_for(output)})", markup=False)
+        raise click.exceptions.Exit(ExitCode.INTERRUPTED) from None
+    except Exception:
+        console.print_exception()  # a bug: all of it, but not exit code 1, which means "some lines failed"
+        raise click.exceptions.Exit(ExitCode.ERROR) from None
+    _report_run(console, request, result)
+    raise click.exceptions.Exit(result.snapshot.exit_code)
+
+
+def _report_run(console: Console, request: RunRequest, result: RunResult) -> None:
+    snapshot = result.snapshot
+    if snapshot.status is BatchStatus.FAILED:
+        console.print(f"{request.input_path} is invalid:", markup=False)
+        for error in result.errors:
+            where = f"line {error.line}: " if error.line is not None else ""
+            console.print(f"  {where}{error.message} ({error.code})", markup=False)
+        return
+    console.print(
+        f"{snapshot.status.value}: {snapshot.completed} lines in {request.output_path}, "
+        f"{snapshot.failed} in {request.errors_path}",
+        markup=False,
+    )
+    if result.state_dir is not None:
+        console.print(f"state kept in {result.state_dir}", markup=False)
+
+
+for _command in CLIENT_COMMANDS:
+    main.add_command(_command)

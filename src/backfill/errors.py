@@ -3,6 +3,10 @@
     BackfillError
      ├── ConfigError                 bad settings or config file; the process refuses to start
      ├── TokenLimitExceeded          a batch would take its tenant over the enqueued-token limit (SPEC §3)
+     ├── RunStateError               `backfill run`: its state directory is busy or belongs to another input
+     ├── ClientError                 a client command (`backfill submit`, …) got no answer it can use
+     │    ├── ServerUnreachable      connection refused, unknown host, timeout
+     │    └── ServerRejected         the server answered with an error envelope (its status and message)
      ├── ApiError                    a client mistake or state conflict, shown in the error envelope
      │    ├── InvalidRequest         400  the request itself is wrong (`param` names the field)
      │    ├── AuthenticationFailed   401  missing or unknown API key
@@ -44,6 +48,26 @@ class TokenLimitExceeded(BackfillError):
             f"enqueued, the limit is {limit}. Wait for batches to finish and retry."
         )
         self.enqueued, self.wanted, self.limit = enqueued, wanted, limit
+
+
+class RunStateError(BackfillError):
+    """The state directory of `backfill run` cannot be used."""
+
+
+class ClientError(BackfillError):
+    """The backfill server gave no answer the client can use."""
+
+
+class ServerUnreachable(ClientError):
+    """The backfill server could not be reached."""
+
+
+class ServerRejected(ClientError):
+    """The backfill server refused the request."""
+
+    def __init__(self, message: str | None = None, *, status_code: int = 0) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class ApiError(BackfillError):

@@ -185,6 +185,23 @@ class LineQueries:
             )
             return int(result.rowcount)
 
+    async def release_all_leases(self) -> int:
+        """Every leased line back to the queue (uncharged) and every batch claim dropped, whoever holds them.
+
+        Only for a database no other process uses: `backfill run` calls it under its state-directory lock, where
+        any lease it finds belongs to an earlier run that was killed. Returns the number of lines handed back.
+        """
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(requests)
+                .where(requests.c.state == RequestState.LEASED.value)
+                .values(state=RequestState.QUEUED.value, lease_owner=None, lease_expires_at=None)
+            )
+            await conn.execute(
+                update(batches).where(batches.c.claimed_by.is_not(None)).values(claimed_by=None, claim_expires_at=None)
+            )
+            return int(result.rowcount)
+
     async def record(self, owner: str, updates: Sequence[LineUpdate]) -> int:
         """Group commit: write many line results and the batch counters in one transaction.
 

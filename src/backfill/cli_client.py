@@ -1,0 +1,289 @@
+"""Client commands against a running server: submit, status, wait, results, cancel, list.
+
+The server is `--base-url` (else `BACKFILL_BASE_URL`, else http://127.0.0.1:8080), the key `--api-key` (else
+`BACKFILL_API_KEY`; none is needed in open mode). Exit codes are `progress.ExitCode`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from backfill.client import BackfillClient, RemoteBatch
+from backfill.config import load_client_settings
+from backfill.domain.batches import ENDPOINTS, BatchStatus
+from backfill.errors import BackfillError
+from backfill.progress import ExitCode, ProgressDisplay, Snapshot, format_duration, make_console
+from backfill.result_files import default_errors_path, write_atomically
+
+_POLL_S = 0.5
+_PIPE_WIDTH = 200
+_TIME_LABELS = {
+    "created_at": "created",
+    "in_progress_at": "in progress",
+    "finalizing_at": "finalizing",
+    "completed_at": "completed",
+    "failed_at": "failed",
+    "expired_at": "expired",
+    "cancelling_at": "cancelling",
+    "cancelled_at": "cancelled",
+    "expires_at": "window ends",
+}
+
+
+class CommandFailed(click.ClickException):
+    """An error shown as one line, exiting with ExitCode.ERROR."""
+
+    exit_code = ExitCode.ERROR
+
+
+def client_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option("--api-key", help="API key (default: $BACKFILL_API_KEY; none needed in open mode).")(func)
+    return click.option(
+        "--base-url", help="The backfill server (default: $BACKFILL_BASE_URL, else http://127.0.0.1:8080)."
+    )(func)
+
+
+@contextlib.contextmanager
+def _connected(base_url: str | None, api_key: str | None) -> Iterator[BackfillClient]:
+    """A client on the configured server; any backfill error inside becomes a one-line message and exit 3."""
+    try:
+        settings = load_client_settings(base_url=base_url, api_key=api_key)
+        with BackfillClient(settings.base_url, settings.api_key) as client:
+            yield client
+    except BackfillError as exc:
+        raise CommandFailed(exc.message) from None
+    except OSError as exc:  # writing the results
+        raise CommandFailed(str(exc)) from None
+
+
+def _stderr() -> Console:
+    return make_console()
+
+
+def _stdout() -> Console:
+    console = make_console(stderr=False)
+    if not console.is_terminal:
+        console.width = _PIPE_WIDTH  # piped into a file or grep: whole rows, nothing cut to 80 columns
+    return console
+
+
+def snapshot_of(batch: RemoteBatch) -> Snapshot:
+    return Snapshot(batch.status, batch.total, batch.completed, batch.failed, batch.output_tokens)
+
+
+def _follow(client: BackfillClient, batch_id: str) -> RemoteBatch:
+    """Poll with a live progress bar until the batch is terminal."""
+    try:
+        with ProgressDisplay(_stderr()) as display:
+            while True:
+                batch = client.get_batch(batch_id)
+                display.update(snapshot_of(batch))
+                if batch.status.is_terminal:
+                    return batch
+                time.sleep(_POLL_S)
+    except KeyboardInterrupt:
+        _stderr().print(f"stopped following {batch_id}; it goes on. Follow it again: backfill wait {batch_id}")
+        raise click.exceptions.Exit(ExitCode.INTERRUPTED) from None
+
+
+def _finish(batch: RemoteBatch) -> None:
+    """Say how it ended and where the results are; exit with the batch's exit code."""
+    console = _stderr()
+    console.print(f"{batch.id} {batch.status.value}: {batch.completed} succeeded, {batch.failed} failed")
+    if batch.status is BatchStatus.FAILED:
+        _print_errors(console, batch.errors)
+    elif batch.output_file_id or batch.error_file_id:
+        console.print(f"results: backfill results {batch.id} -o {batch.id}.jsonl")
+        for label, file_id in (("output file", batch.output_file_id), ("error file", batch.error_file_id)):
+            if file_id:
+                console.print(f"  {label}: {file_id}")
+    click.get_current_context().exit(snapshot_of(batch).exit_code)
+
+
+def _print_errors(console: Console, errors: Sequence[dict[str, Any]]) -> None:
+    for error in errors:
+        where = f"line {error['line']}: " if error.get("line") is not None else ""
+        code = f" ({error['code']})" if error.get("code") else ""
+        console.print(f"  {where}{error.get('message', '')}{code}", markup=False)
+
+
+def _parse_metadata(pairs: Sequence[str]) -> dict[str, str]:
+    metadata: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--metadata")
+        metadata[key] = value
+    return metadata
+
+
+@click.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--endpoint", type=click.Choice(sorted(ENDPOINTS)), default="/v1/chat/completions", show_default=True)
+@click.option("--window", default="24h", show_default=True, help="Completion window the server accepts.")
+@click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Batch metadata; repeat for more pairs.")
+@click.option("--wait", is_flag=True, help="Follow the batch with a progress bar until it ends.")
+@client_options
+def submit(
+    file: Path,
+    endpoint: str,
+    window: str,
+    metadata: tuple[str, ...],
+    wait: bool,
+    base_url: str | None,
+    api_key: str | None,
+) -> None:
+    """Upload FILE (JSONL) and create a batch; prints its id.
+
+    With --wait, follows it with a progress bar and exits like `backfill wait`.
+    """
+    pairs = _parse_metadata(metadata)
+    with _connected(base_url, api_key) as client:
+        batch = client.create_batch(client.upload(file), endpoint, window, pairs or None)
+        click.echo(batch.id)
+        if not wait:
+            _stderr().print(f"follow it with: backfill wait {batch.id}")
+            return
+        batch = _follow(client, batch.id)
+    _finish(batch)
+
+
+@click.command()
+@click.argument("batch_id")
+@client_options
+def wait(batch_id: str, base_url: str | None, api_key: str | None) -> None:
+    """Follow a batch with a progress bar until it ends.
+
+    \b
+    Exit codes:
+      0  completed, every line succeeded
+      1  completed with failed lines, or expired, or cancelled
+      2  failed: the input file was invalid
+      3  error (server unreachable, unknown batch, …)
+    """
+    with _connected(base_url, api_key) as client:
+        batch = _follow(client, batch_id)
+    _finish(batch)
+
+
+@click.command()
+@click.argument("batch_id")
+@client_options
+def status(batch_id: str, base_url: str | None, api_key: str | None) -> None:
+    """Show a batch: status, counts, usage, times, files and errors."""
+    with _connected(base_url, api_key) as client:
+        batch = client.get_batch(batch_id)
+    _stdout().print(_summary(batch, time.time()))
+
+
+def _summary(batch: RemoteBatch, now: float) -> Group:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    model = f" (model {batch.model})" if batch.model else ""
+    table.add_row("endpoint", f"{batch.endpoint}{model}, window {batch.completion_window}")
+    table.add_row("requests", f"{batch.total} total · {batch.completed} succeeded · {batch.failed} failed")
+    table.add_row("usage", f"{batch.input_tokens:,} input tokens · {batch.output_tokens:,} output tokens")
+    for name, label in _TIME_LABELS.items():
+        if name in batch.times:
+            table.add_row(label, _when(batch.times[name], now))
+    for label, file_id in (
+        ("input file", batch.input_file_id),
+        ("output file", batch.output_file_id),
+        ("error file", batch.error_file_id),
+    ):
+        if file_id:
+            table.add_row(label, file_id)
+    if batch.metadata:
+        table.add_row("metadata", ", ".join(f"{key}={value}" for key, value in batch.metadata.items()))
+    for index, error in enumerate(batch.errors):
+        where = f"line {error['line']}: " if error.get("line") is not None else ""
+        table.add_row("errors" if index == 0 else "", f"{where}{error.get('message', '')} ({error.get('code')})")
+    return Group(Text.assemble((batch.id, "bold"), "  ", batch.status.value), table)
+
+
+def _when(at: int, now: float) -> str:
+    stamp = datetime.fromtimestamp(at).astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
+    delta = now - at
+    return f"{stamp} ({format_duration(delta)} ago)" if delta >= 0 else f"{stamp} (in {format_duration(-delta)})"
+
+
+@click.command()
+@click.argument("batch_id")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output file.")
+@click.option(
+    "--errors",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Error file (default: OUTPUT with .errors.jsonl in place of .jsonl).",
+)
+@client_options
+def results(batch_id: str, output: Path, errors: Path | None, base_url: str | None, api_key: str | None) -> None:
+    """Download a finished batch's output and error files.
+
+    Both files are written, empty when no line belongs there.
+    """
+    errors = errors or default_errors_path(output)
+    with _connected(base_url, api_key) as client:
+        batch = client.get_batch(batch_id)
+        if batch.status is BatchStatus.FAILED:
+            _stderr().print(f"{batch.id} failed validation; it has no results:")
+            _print_errors(_stderr(), batch.errors)
+            click.get_current_context().exit(ExitCode.INVALID_INPUT)
+        if not batch.status.is_terminal:
+            raise CommandFailed(f"{batch.id} is still {batch.status.value}; wait for it: backfill wait {batch.id}")
+        for file_id, dest in ((batch.output_file_id, output), (batch.error_file_id, errors)):
+            if file_id:
+                client.download(file_id, dest)
+            else:
+                write_atomically(dest, [])
+    _stderr().print(f"{batch.completed} lines in {output}, {batch.failed} in {errors}")
+
+
+@click.command()
+@click.argument("batch_id")
+@client_options
+def cancel(batch_id: str, base_url: str | None, api_key: str | None) -> None:
+    """Cancel a batch.
+
+    Finished lines stay in its output file; the rest end as batch_cancelled.
+    """
+    with _connected(base_url, api_key) as client:
+        batch = client.cancel_batch(batch_id)
+    click.echo(f"{batch.id} {batch.status.value}")
+
+
+@click.command(name="list")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@client_options
+def list_batches(limit: int, base_url: str | None, api_key: str | None) -> None:
+    """List the newest batches."""
+    with _connected(base_url, api_key) as client:
+        batches = client.list_batches(limit)
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in ("id", "status", "endpoint", "model", "done", "failed", "created"):
+        table.add_column(name, no_wrap=name not in ("endpoint", "model"), overflow="fold")
+    for batch in batches:
+        created = batch.times.get("created_at")
+        table.add_row(
+            batch.id,
+            batch.status.value,
+            batch.endpoint,
+            batch.model or "",
+            f"{batch.completed + batch.failed}/{batch.total}",
+            str(batch.failed),
+            datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M") if created else "",
+        )
+    _stdout().print(table)
+
+
+COMMANDS = (submit, status, wait, results, cancel, list_batches)

@@ -1,0 +1,209 @@
+"""BackfillClient: a small typed client for a backfill server's Files and Batches APIs, for the client commands.
+
+Synchronous httpx (the commands are one request at a time); uploads and downloads are streamed, never held in
+memory. httpx's exceptions and the server's error envelope become `errors.ServerUnreachable` /
+`errors.ServerRejected` here, with a one-line message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from backfill import __version__
+from backfill.domain.batches import BatchStatus
+from backfill.errors import ServerRejected, ServerUnreachable
+from backfill.result_files import write_atomically
+
+BATCH_TIMES = (
+    "created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
+    "cancelled_at", "expires_at",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RemoteBatch:
+    """The fields of a batch object (SPEC §3) the commands show."""
+
+    id: str
+    status: BatchStatus
+    endpoint: str
+    model: str | None
+    completion_window: str
+    input_file_id: str
+    output_file_id: str | None
+    error_file_id: str | None
+    total: int
+    completed: int
+    failed: int
+    input_tokens: int
+    output_tokens: int
+    times: dict[str, int]
+    errors: list[dict[str, Any]]
+    metadata: dict[str, str]
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> RemoteBatch:
+        counts = payload.get("request_counts") or {}
+        usage = payload.get("usage") or {}
+        return cls(
+            id=payload["id"],
+            status=BatchStatus(payload["status"]),
+            endpoint=payload.get("endpoint") or "",
+            model=payload.get("model"),
+            completion_window=payload.get("completion_window") or "",
+            input_file_id=payload.get("input_file_id") or "",
+            output_file_id=payload.get("output_file_id"),
+            error_file_id=payload.get("error_file_id"),
+            total=int(counts.get("total", 0)),
+            completed=int(counts.get("completed", 0)),
+            failed=int(counts.get("failed", 0)),
+            input_tokens=int(usage.get("input_tokens", 0)),
+            output_tokens=int(usage.get("output_tokens", 0)),
+            times={name: int(payload[name]) for name in BATCH_TIMES if payload.get(name) is not None},
+            errors=list((payload.get("errors") or {}).get("data") or []),
+            metadata=dict(payload.get("metadata") or {}),
+        )
+
+
+class BackfillClient:
+    """One server, one key. Use as a context manager so the connection pool is closed."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url
+        headers = {"user-agent": f"backfill-cli/{__version__}"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(
+            base_url=base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=10.0),
+            transport=transport,
+        )
+
+    def __enter__(self) -> BackfillClient:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- API --------------------------------------------------------------------------------------------------
+
+    def upload(self, path: Path) -> str:
+        """Upload a JSONL file with purpose `batch`, streamed from disk; its file id."""
+        with open(path, "rb") as fh:
+            payload = self._json(
+                "POST", "/v1/files", files={"file": (path.name, fh, "application/jsonl")}, data={"purpose": "batch"}
+            )
+        return str(payload["id"])
+
+    def create_batch(
+        self, input_file_id: str, endpoint: str, window: str, metadata: dict[str, str] | None = None
+    ) -> RemoteBatch:
+        body: dict[str, Any] = {"input_file_id": input_file_id, "endpoint": endpoint, "completion_window": window}
+        if metadata:
+            body["metadata"] = metadata
+        return RemoteBatch.from_json(self._json("POST", "/v1/batches", json=body))
+
+    def get_batch(self, batch_id: str) -> RemoteBatch:
+        return RemoteBatch.from_json(self._json("GET", f"/v1/batches/{batch_id}"))
+
+    def cancel_batch(self, batch_id: str) -> RemoteBatch:
+        return RemoteBatch.from_json(self._json("POST", f"/v1/batches/{batch_id}/cancel"))
+
+    def list_batches(self, limit: int = 20) -> list[RemoteBatch]:
+        """The newest `limit` batches, newest first (following pages as needed)."""
+        found: list[RemoteBatch] = []
+        after: str | None = None
+        while len(found) < limit:
+            params: dict[str, Any] = {"limit": min(100, limit - len(found))}
+            if after is not None:
+                params["after"] = after
+            page = self._json("GET", "/v1/batches", params=params)
+            found += [RemoteBatch.from_json(item) for item in page.get("data") or []]
+            if not page.get("has_more") or not page.get("last_id"):
+                break
+            after = str(page["last_id"])
+        return found[:limit]
+
+    def download(self, file_id: str, dest: Path) -> int:
+        """Stream a file's content to `dest` (replaced only once complete); the number of bytes written."""
+        with self._transport_errors(), self._http.stream("GET", f"/v1/files/{file_id}/content") as response:
+            if response.is_error:
+                response.read()
+                _raise_for(response)
+            return write_atomically(dest, response.iter_bytes())
+
+    # --- plumbing ---------------------------------------------------------------------------------------------
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        with self._transport_errors():
+            response = self._http.request(method, path, **kwargs)
+        _raise_for(response)
+        try:
+            payload = response.json()
+        except ValueError:
+            raise ServerRejected(
+                f"the server at {self.base_url} answered {method} {path} with something that is not JSON",
+                status_code=response.status_code,
+            ) from None
+        if not isinstance(payload, dict):
+            raise ServerRejected(f"unexpected answer to {method} {path}", status_code=response.status_code)
+        return payload
+
+    @contextlib.contextmanager
+    def _transport_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except httpx.ConnectError as exc:
+            raise ServerUnreachable(
+                f"cannot connect to the backfill server at {self.base_url} ({_reason(exc)}). Is `backfill serve` "
+                "running there? Point --base-url or BACKFILL_BASE_URL at it."
+            ) from None
+        except httpx.TimeoutException:
+            raise ServerUnreachable(f"the backfill server at {self.base_url} did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(
+                f"talking to the backfill server at {self.base_url} failed: {_reason(exc)}"
+            ) from None
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    if "refused" in text.lower():
+        return "connection refused"
+    return text or type(exc).__name__
+
+
+def _raise_for(response: httpx.Response) -> None:
+    """The server's error envelope as one line: `No such Batch object: batch_x (HTTP 404)`."""
+    if not response.is_error:
+        return
+    message: str | None = None
+    try:
+        error = response.json().get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            message = error["message"]
+    except (ValueError, AttributeError):
+        pass
+    if message is None:
+        message = " ".join(response.text.split())[:200] or response.reason_phrase
+    raise ServerRejected(f"{message} (HTTP {response.status_code})", status_code=response.status_code)
