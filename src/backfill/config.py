@@ -110,9 +110,6 @@ class Settings(BaseSettings):
         """Seconds of an accepted completion window, or None if it is not accepted."""
         return parse_duration_s(window) if window in self.completion_windows else None
 
-    def models(self) -> set[str]:
-        return {model for backend in self.backends for model in backend.models}
-
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build Settings from a TOML file, the environment and explicit overrides (None values are ignored)."""

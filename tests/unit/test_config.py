@@ -48,7 +48,6 @@ def test_file_values_override_defaults(config_file: Path) -> None:
     assert ["24h", "2h"] == settings.completion_windows
     backend = BackendSettings(name="vllm-a", url="http://10.0.0.5:8000/v1", models=["llama", "qwen"], max_concurrency=8)
     assert [backend] == settings.backends
-    assert {"llama", "qwen"} == settings.models()
 
 
 def test_environment_overrides_the_file(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:

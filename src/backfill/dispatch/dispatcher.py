@@ -90,7 +90,7 @@ class Dispatcher:
                 settings.max_embedding_inputs,
                 settings.max_reported_errors,
             ),
-            lambda model: model in self.pools,
+            self.is_served,
             self.owner,
             settings.default_enqueued_token_limit,
             self.metrics,

@@ -41,10 +41,6 @@ TRANSITIONS: dict[BatchStatus, frozenset[BatchStatus]] = {
 }
 
 
-def is_legal(old: BatchStatus, new: BatchStatus) -> bool:
-    return new in TRANSITIONS.get(old, frozenset())
-
-
 def sources_of(new: BatchStatus) -> frozenset[BatchStatus]:
     """Every status a batch may legally be in just before moving to `new`."""
     return frozenset(old for old, targets in TRANSITIONS.items() if new in targets)
