@@ -9,7 +9,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from backfill.testing.processes import free_port, wait_http, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "bench-model"
@@ -78,26 +79,6 @@ def running() -> Iterator[Children]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within {timeout_s}s")
-
-
 @dataclass
 class Upstream:
     """The instant fake inference server, `python -m backfill.testing.upstream`."""
@@ -122,27 +103,6 @@ class Upstream:
 
     def reset(self) -> None:
         httpx.post(f"{self.url}/_reset", timeout=30).raise_for_status()
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(item) for item in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def write_config(path: Path, settings: dict[str, Any], backends: list[dict[str, Any]]) -> Path:
-    lines = [f"{key} = {_toml(value)}" for key, value in settings.items()]
-    for backend in backends:
-        lines.append("\n[[backends]]")
-        lines += [f"{key} = {_toml(value)}" for key, value in backend.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @dataclass

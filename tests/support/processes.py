@@ -4,58 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from backfill.testing.processes import free_port, wait_http, write_config
 from tests.support.databases import PG_URL, REQUIRE_PG
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within {timeout_s}s")
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(item) for item in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def write_config(path: Path, settings: dict[str, Any], backends: list[dict[str, Any]]) -> Path:
-    lines = [f"{key} = {toml_value(value)}" for key, value in settings.items()]
-    for backend in backends:
-        lines.append("\n[[backends]]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in backend.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -154,4 +112,14 @@ class Server:
 
 
 DB_KINDS = ["sqlite", "postgres"]
-__all__ = ["DB_KINDS", "PG_URL", "REQUIRE_PG", "Server", "Upstream", "free_port", "write_config"]
+__all__ = [
+    "DB_KINDS",
+    "PG_URL",
+    "REQUIRE_PG",
+    "Server",
+    "Upstream",
+    "child_env",
+    "free_port",
+    "wait_http",
+    "write_config",
+]
