@@ -25,6 +25,7 @@ from backfill.errors import BackfillError, ConfigError
 from backfill.offline import RunRequest, RunResult, run_offline, state_dir_for
 from backfill.progress import ExitCode, ProgressDisplay, make_console
 from backfill.result_files import default_errors_path
+from backfill.sim.cli import sim
 from backfill.store.engine import create_engine, migrate
 from backfill.store.sql import SqlStore
 
@@ -267,3 +268,4 @@ def _report_run(console: Console, request: RunRequest, result: RunResult) -> Non
 
 for _command in CLIENT_COMMANDS:
     main.add_command(_command)
+main.add_command(sim)
