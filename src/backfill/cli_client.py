@@ -197,6 +197,8 @@ def _summary(batch: RemoteBatch, now: float) -> Group:
     for name, label in _TIME_LABELS.items():
         if name in batch.times:
             table.add_row(label, _when(batch.times[name], now))
+    if batch.status is BatchStatus.IN_PROGRESS and batch.schedule is not None:
+        table.add_row("outlook", _outlook(batch, now))
     for label, file_id in (
         ("input file", batch.input_file_id),
         ("output file", batch.output_file_id),
@@ -210,6 +212,20 @@ def _summary(batch: RemoteBatch, now: float) -> Group:
         where = f"line {error['line']}: " if error.get("line") is not None else ""
         table.add_row("errors" if index == 0 else "", f"{where}{error.get('message', '')} ({error.get('code')})")
     return Group(Text.assemble((batch.id, "bold"), "  ", batch.status.value), table)
+
+
+_SCHEDULES = {
+    "on_track": "on track",
+    "promoted": "promoted: running ahead of other work to make its window",
+    "at_risk": "at risk: expected to miss its window",
+}
+
+
+def _outlook(batch: RemoteBatch, now: float) -> str:
+    schedule = _SCHEDULES.get(batch.schedule or "", batch.schedule or "")
+    if batch.estimated_completion_at is None:
+        return f"{schedule} (no estimate yet)"
+    return f"{schedule}, estimated to finish {_when(batch.estimated_completion_at, now)}"
 
 
 def _when(at: int, now: float) -> str:

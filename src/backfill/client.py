@@ -47,6 +47,8 @@ class RemoteBatch:
     times: dict[str, int]
     errors: list[dict[str, Any]]
     metadata: dict[str, str]
+    estimated_completion_at: int | None = None  # backfill's extra field: the scheduler's outlook
+    schedule: str | None = None
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> RemoteBatch:
@@ -69,6 +71,8 @@ class RemoteBatch:
             times={name: int(payload[name]) for name in BATCH_TIMES if payload.get(name) is not None},
             errors=list((payload.get("errors") or {}).get("data") or []),
             metadata=dict(payload.get("metadata") or {}),
+            estimated_completion_at=(payload.get("backfill") or {}).get("estimated_completion_at"),
+            schedule=(payload.get("backfill") or {}).get("schedule"),
         )
 
 

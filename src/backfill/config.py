@@ -40,6 +40,12 @@ class BackendSettings(BaseModel):
     api_key_env: str | None = None
     max_concurrency: int = Field(default=64, ge=1, le=4096)
     request_timeout_s: float | None = Field(default=None, gt=0)
+    # Adaptive concurrency searches below max_concurrency for the level past which the server gains no
+    # throughput (policy/limits.py); off, max_concurrency lines are kept in flight.
+    adaptive_concurrency: bool = True
+    initial_concurrency: int = Field(default=16, ge=1)
+    rpm: float | None = Field(default=None, gt=0)  # requests per minute
+    tpm: float | None = Field(default=None, gt=0)  # tokens (prompt + max output) per minute
 
     @field_validator("url")
     @classmethod
@@ -73,6 +79,14 @@ class Settings(BaseSettings):
     completion_windows: list[str] = ["1h", "24h", "7d"]
     default_enqueued_token_limit: int | None = Field(default=None, ge=1)
 
+    # Anthropic Message Batches (SPEC §4). `public_url`: how clients reach this server, for `results_url`; unset,
+    # it is read from each request (X-Forwarded-* / Forwarded headers, then Host).
+    public_url: str | None = None
+    message_batch_max_requests: int = Field(default=100_000, ge=1)
+    message_batch_max_bytes: int = Field(default=256 * MiB, ge=1)
+    message_batch_window_s: int = Field(default=86400, ge=1)
+    message_batch_retention_s: int = Field(default=29 * 86400, ge=1)
+
     # Dispatcher
     backends: list[BackendSettings] = []
     # The embedded CPU engine, used when no backend is configured and backfill[local] is installed.
@@ -88,6 +102,14 @@ class Settings(BaseSettings):
     commit_interval_s: float = Field(default=0.05, gt=0)
     commit_max_results: int = Field(default=512, ge=1)
     poll_interval_s: float = Field(default=0.5, gt=0)
+    outlook_interval_s: float = Field(default=5.0, gt=0)  # how often completion estimates are refreshed
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"public_url must start with http:// or https://, got {url!r}")
+        return url.rstrip("/") if url is not None else None
 
     @field_validator("completion_windows")
     @classmethod

@@ -22,6 +22,7 @@ BATCH_KEYS = {
     "id", "object", "endpoint", "input_file_id", "completion_window", "metadata", "model", "status", "errors",
     "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at",
     "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "request_counts", "usage",
+    "backfill",  # ours: the scheduler's outlook (SPEC keys above, unchanged)
 }  # fmt: skip
 BATCH_TIMES = (
     "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",

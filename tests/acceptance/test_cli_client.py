@@ -67,7 +67,7 @@ def test_cancel_then_wait_exits_1_and_results_hold_both_files(
 ) -> None:
     server = start_server(backends=[{"name": "up", "url": upstream.url, "models": [MODEL], "max_concurrency": 1}])
     tag = f"cancel-{time.time_ns()}"
-    source = write_lines(tmp_path / "in.jsonl", [chat_line(f"r-{i}", f"{tag} {i} #slow:200") for i in range(10)])
+    source = write_lines(tmp_path / "in.jsonl", [chat_line(f"r-{i}", f"{tag} {i} #slow:1000") for i in range(10)])
     submitted = cli("submit", source, "--base-url", server.base_url)
     assert 0 == submitted.returncode, submitted.stderr
     batch_id = submitted.stdout.strip()

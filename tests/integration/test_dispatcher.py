@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -342,3 +343,32 @@ async def test_a_line_whose_send_raises_fails_instead_of_staying_leased(make_har
         (line["custom_id"], line["error"]["code"]) for line in errors
     ]
     assert 2 * 3 == broken.calls  # every attempt of the budget was made
+
+
+async def test_a_small_tenant_finishes_long_before_a_large_backlog(make_harness: MakeHarness) -> None:
+    harness = await make_harness(max_concurrency=4)
+    other = dataclasses.replace(harness, tenant_id=await harness.services.store.ensure_tenant("small", 0))
+    big = await harness.submit(*(chat(f"a{i}", f"big {i} #slow:20") for i in range(300)))
+    await harness.wait_for(big.id, lambda batch: batch.completed >= 8)
+
+    small = await other.submit(*(chat(f"b{i}", f"small {i} #slow:20") for i in range(8)))
+    done = await other.wait_terminal(small.id)
+    big_then = await harness.services.store.get_batch(harness.tenant_id, big.id)
+
+    assert BatchStatus.COMPLETED == done.status
+    assert big_then is not None
+    # With 4 slots shared fairly, 8 small lines take about 4 rounds; FIFO would have made them wait for all 300.
+    assert big_then.completed < 300 - 200
+
+
+async def test_in_progress_batches_show_an_estimated_completion(make_harness: MakeHarness) -> None:
+    harness = await make_harness(max_concurrency=2, outlook_interval_s=0.05)
+    batch = await harness.submit(*(chat(f"l{i}", f"line {i} #slow:30") for i in range(200)))
+
+    seen = await harness.wait_for(batch.id, lambda b: b.eta_at is not None)
+
+    assert "on_track" == seen.schedule_state
+    assert seen.eta_at is not None
+    assert harness.clock() < seen.eta_at < seen.expires_at
+    shown = seen.to_openai()["backfill"]
+    assert {"estimated_completion_at": seen.eta_at, "schedule": "on_track"} == shown

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import bindparam, select, update
 
 from backfill.domain.batches import BatchStatus, RequestState
+from backfill.domain.lines import ValidLine, group_by_prefix
 from backfill.domain.usage import Usage
 from backfill.errors import TokenLimitExceeded
 from backfill.store.sql import SqlStore
@@ -432,3 +433,46 @@ async def test_results_include_lines_that_never_ran(store: SqlStore) -> None:
     assert [RequestState.FAILED, RequestState.CANCELLED, RequestState.CANCELLED] == [r.state for r in results]
     assert ("timeout", "no answer", None) == (results[0].error_code, results[0].error_message, results[0].body)
     assert [None, None] == [r.result_id for r in results[1:]]
+
+
+# --- scheduling estimates ---------------------------------------------------------------------------------
+
+
+async def test_lines_sharing_a_prefix_are_leased_together(store: SqlStore) -> None:
+    tenant_id = await add_tenant(store)
+    batch = await add_batch(store, tenant_id)
+    keys = [5, 6, 5, 6, 5, 6]  # two prompts, interleaved in the file
+    lines = [
+        ValidLine(n, f"r{n}", 10 * n, 9, 22, max_output_tokens=100, prefix_key=key)
+        for n, key in enumerate(keys, start=1)
+    ]
+    assert await store.claim_batch(batch.id, "v", NOW, 60.0)
+    assert await store.start_batch(batch.id, "v", "m", group_by_prefix(lines), NOW)
+
+    first = await store.lease_lines(batch.id, "w", 4, NOW, TTL_S)
+    rest = await store.lease_lines(batch.id, "w", 4, NOW, TTL_S)
+
+    assert [1, 2, 3, 5] == [line.line_no for line in first]  # prompt 5's lines, with prompt 6's first ahead
+    assert [4, 6] == [line.line_no for line in rest]
+    assert {100} == {line.max_output_tokens for line in first + rest}
+    dispatchable = {b.id: b for b in await store.dispatchable_batches(NOW)}[batch.id]
+    assert (6, 6 * 22, 6 * 100, 1.0) == (
+        dispatchable.open_lines,
+        dispatchable.est_prompt_tokens,
+        dispatchable.est_output_tokens,
+        dispatchable.weight,
+    )
+
+
+async def test_outlooks_are_written_on_in_progress_batches_only(store: SqlStore) -> None:
+    running = await running_batch(store, 2)
+    tenant_id = await add_tenant(store, "other")
+    validating = await add_batch(store, tenant_id)
+
+    await store.set_outlooks([(running.id, NOW + 60, "promoted"), (validating.id, NOW + 5, "on_track")])
+
+    shown = (await current(store, running.id)).to_openai()["backfill"]
+    assert {"estimated_completion_at": NOW + 60, "schedule": "promoted"} == shown
+    assert {"estimated_completion_at": None, "schedule": None} == (await current(store, validating.id)).to_openai()[
+        "backfill"
+    ]

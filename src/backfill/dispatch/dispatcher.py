@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
-from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 import structlog
@@ -20,6 +20,7 @@ import structlog
 from backfill import ids
 from backfill.config import Settings
 from backfill.dispatch.lifecycle import Lifecycle
+from backfill.dispatch.pools import Pool, Start
 from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
 from backfill.domain.lines import ValidationLimits
@@ -41,18 +42,6 @@ class _InFlight:
     batch: DispatchBatch
     backend: Backend
     task: asyncio.Task[None]
-
-
-@dataclass
-class _Pool:
-    """The backends that serve one model, and the lines leased for it but not yet sent."""
-
-    backends: list[Backend]
-    buffer: deque[tuple[LeasedLine, DispatchBatch]] = field(default_factory=deque)
-
-    @property
-    def capacity(self) -> int:
-        return sum(backend.max_concurrency for backend in self.backends)
 
 
 class Dispatcher:
@@ -77,10 +66,12 @@ class Dispatcher:
         self.metrics = metrics or Metrics()
         self.retry = RetryPolicy(settings.max_attempts, settings.retry_base_s, settings.retry_max_s)
         self.backends = list(backends)
-        self.pools: dict[str, _Pool] = {}
+        configured = {backend.name: backend for backend in settings.backends}
+        by_model: dict[str, list[Backend]] = {}
         for backend in self.backends:
             for model in backend.models:
-                self.pools.setdefault(model, _Pool([])).backends.append(backend)
+                by_model.setdefault(model, []).append(backend)
+        self.pools = {model: Pool.build(served, configured) for model, served in by_model.items()}
         self.lifecycle = Lifecycle(
             store,
             blobs,
@@ -96,8 +87,6 @@ class Dispatcher:
             self.metrics,
         )
         self._in_flight: dict[int, _InFlight] = {}
-        self._load: dict[str, int] = defaultdict(int)  # backend name -> lines in flight
-        self._paused_until: dict[str, float] = {}
         self._aborts: dict[int, RequestState] = {}  # line id -> state to record when its task is cancelled
         self._abort_at: dict[str, tuple[float, RequestState]] = {}  # batch id -> (when, state)
         self._pending: list[LineUpdate] = []
@@ -109,6 +98,9 @@ class Dispatcher:
         self._stopping = False
         self._batches: list[DispatchBatch] = []
         self._batches_at = 0.0
+        self._dry: set[str] = set()  # batches with nothing leasable at the last look
+        self._timer: asyncio.TimerHandle | None = None
+        self._outlooks_at = 0.0
 
     # --- public ---------------------------------------------------------------------------------------------
 
@@ -149,48 +141,63 @@ class Dispatcher:
         if now - self._batches_at >= self.settings.poll_interval_s:
             self._batches = await self.store.dispatchable_batches(now)
             self._batches_at = now
+            self._dry.clear()
+            for pool in self.pools.values():
+                pool.prune()
+            if now - self._outlooks_at >= self.settings.outlook_interval_s:
+                await self._refresh_outlooks(now)
         ttl = self.settings.lease_ttl_s
-        for batch in list(self._batches):
-            pool = self.pools.get(batch.model)
-            if pool is None or batch.id in self._abort_at:
+        active: dict[str, int] = {}
+        for batch in self._batches:
+            active[batch.model] = active.get(batch.model, 0) + 1
+        for batch in self._batches:
+            serving = self.pools.get(batch.model)
+            if serving is None or batch.id in self._abort_at or batch.id in self._dry:
                 continue
-            want = 2 * pool.capacity - self._pool_load(pool) - len(pool.buffer)
-            if want < max(1, pool.capacity // 8):
+            want = serving.lease_wanted(batch.id, active[batch.model])
+            if want == 0:
                 continue
             lines = await self.store.lease_lines(batch.id, self.owner, want, now, ttl)
-            pool.buffer.extend((line, batch) for line in lines)
+            serving.add(batch, lines)
             if len(lines) < want:
-                self._batches.remove(batch)  # dry for now: look again at the next refresh
+                self._dry.add(batch.id)  # look again at the next refresh
         for pool in self.pools.values():
             self._start_from(pool)
 
-    def _pool_load(self, pool: _Pool) -> int:
-        return sum(self._load[backend.name] for backend in pool.backends)
+    async def _refresh_outlooks(self, now: float) -> None:
+        self._outlooks_at = now
+        shown: list[tuple[str, int | None, str | None]] = []
+        for model, pool in self.pools.items():
+            shown += pool.outlooks(now, (batch for batch in self._batches if batch.model == model))
+        try:
+            await self.store.set_outlooks(shown)
+        except Exception:
+            log.exception("dispatcher.outlooks_failed")
 
-    def _pick_backend(self, pool: _Pool) -> Backend | None:
-        now = self.clock()
-        best: Backend | None = None
-        for backend in pool.backends:
-            free = backend.max_concurrency - self._load[backend.name]
-            if free <= 0 or self._paused_until.get(backend.name, 0.0) > now:
-                continue
-            if best is None or self._load[backend.name] / backend.max_concurrency < (
-                self._load[best.name] / best.max_concurrency
-            ):
-                best = backend
-        return best
-
-    def _start_from(self, pool: _Pool) -> None:
-        while pool.buffer and not self._stopping:
-            backend = self._pick_backend(pool)
-            if backend is None:
+    def _start_from(self, pool: Pool) -> None:
+        while not self._stopping:
+            now = self.clock()
+            start = pool.next_start(now)
+            if not isinstance(start, Start):
+                if math.isfinite(start):
+                    self._wake_at(start)
                 return
-            line, batch = pool.buffer.popleft()
-            self._load[backend.name] += 1
-            task = asyncio.create_task(self._run_line(line, batch, backend))
-            self._in_flight[line.id] = _InFlight(line, batch, backend, task)
+            task = asyncio.create_task(self._run_line(start, pool))
+            self._in_flight[start.line.id] = _InFlight(start.line, start.batch, start.backend, task)
 
-    async def _run_line(self, line: LeasedLine, batch: DispatchBatch, backend: Backend) -> None:
+    def _wake_at(self, when: float) -> None:
+        """A rate limit or Retry-After holds lines back until `when`: look again then, not at the next poll."""
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, when - self.clock())
+        if self._timer is not None and self._timer.when() <= loop.time() + delay:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_later(delay, self._wake.set)
+
+    async def _run_line(self, start: Start, pool: Pool) -> None:
+        line, batch, backend = start.line, start.batch, start.backend
+        reported = False  # the slot taken at start goes back through on_finish or release, exactly once
         try:
             raw = await self.blobs.read_range(batch.input_blob_key, line.offset, line.length)
             body = orjson.dumps(orjson.loads(raw)["body"])
@@ -203,7 +210,10 @@ class Dispatcher:
                 outcome = await backend.send(batch.endpoint, body, timeout)
             finally:
                 self.metrics.in_flight.labels(backend.name).dec()
-            self.metrics.backend_seconds.labels(backend.name).observe(time.monotonic() - started)
+            latency_s = time.monotonic() - started
+            pool.finish(start, self.clock(), latency_s, outcome)
+            reported = True
+            self.metrics.backend_seconds.labels(backend.name).observe(latency_s)
             self.metrics.backend_requests.labels(backend.name, outcome_label(outcome)).inc()
             update = self._after(line, batch, backend, outcome)
             if update.is_final:
@@ -221,8 +231,9 @@ class Dispatcher:
             outcome = Outcome(OutcomeKind.UNAVAILABLE, message=f"Running the request failed: {type(exc).__name__}")
             self._pending.append(self._after(line, batch, backend, outcome))
         finally:
+            if not reported:
+                pool.release(start)  # cancelled or crashed before the endpoint answered
             self._in_flight.pop(line.id, None)
-            self._load[backend.name] -= 1
             self._note_pending()
             self._wake.set()
 
@@ -232,10 +243,6 @@ class Dispatcher:
         if outcome.kind is OutcomeKind.TIMEOUT and now >= batch.expires_at:
             # The request timeout is capped at the window's end, so this line was cut off by the window.
             return LineUpdate(line.id, line.batch_id, line.lease_seq, RequestState.EXPIRED, attempts)
-        if outcome.status_code == 429 and outcome.retry_after_s:
-            self._paused_until[backend.name] = max(
-                self._paused_until.get(backend.name, 0.0), now + min(outcome.retry_after_s, 60.0)
-            )
         decision = self.retry.decide(outcome, attempts, now, batch.expires_at, self.rng)
         if decision.verdict is Verdict.RETRY:
             assert decision.retry_at is not None
@@ -344,7 +351,7 @@ class Dispatcher:
         """Stop work on batches that are cancelling or past their window: drop buffered lines at once, abort
         in-flight ones after the grace period."""
         mine = {flight.batch.id for flight in self._in_flight.values()}
-        mine |= {batch.id for pool in self.pools.values() for _, batch in pool.buffer}
+        mine |= {batch_id for pool in self.pools.values() for batch_id, lines in pool.ready.items() if lines}
         for batch_id, (status, expires_at) in (await self.store.batch_statuses(sorted(mine))).items():
             if status is BatchStatus.CANCELLING:
                 state = RequestState.CANCELLED
@@ -365,20 +372,15 @@ class Dispatcher:
 
     def _drop_buffered(self, batch_id: str, state: RequestState) -> None:
         for pool in self.pools.values():
-            kept: deque[tuple[LeasedLine, DispatchBatch]] = deque()
-            for line, batch in pool.buffer:
-                if batch.id == batch_id:
-                    self._pending.append(_closed(line, state))
-                else:
-                    kept.append((line, batch))
-            pool.buffer = kept
+            self._pending.extend(_closed(line, state) for line in pool.take_batch(batch_id))
 
     async def _shutdown(self) -> None:
         """Hand back buffered lines, give in-flight ones a grace period, then abort them (uncharged)."""
+        if self._timer is not None:
+            self._timer.cancel()
         for pool in self.pools.values():
-            while pool.buffer:
-                line, _ = pool.buffer.popleft()
-                self._pending.append(_closed(line, RequestState.QUEUED))
+            for batch_id in list(pool.ready):
+                self._pending.extend(_closed(line, RequestState.QUEUED) for line in pool.take_batch(batch_id))
         flights = [flight.task for flight in self._in_flight.values()]
         if flights:
             _, still = await asyncio.wait(flights, timeout=self.settings.cancel_grace_s)

@@ -11,6 +11,13 @@ from backfill.domain.usage import Usage
 ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations"})
 
 
+class BatchApi(StrEnum):
+    """Which API a batch was created through: it decides how the batch and its results are shown."""
+
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+
+
 class BatchStatus(StrEnum):
     VALIDATING = "validating"
     FAILED = "failed"
@@ -60,6 +67,14 @@ class RequestState(StrEnum):
 OPEN_STATES = (RequestState.QUEUED, RequestState.LEASED)
 
 
+class ScheduleState(StrEnum):
+    """How the scheduler sees an in-progress batch."""
+
+    ON_TRACK = "on_track"  # expected to finish inside its window at its fair share
+    PROMOTED = "promoted"  # laxity ran low: its lines go ahead of other work
+    AT_RISK = "at_risk"  # expected to miss its window even when promoted
+
+
 @dataclass(frozen=True)
 class LineError:
     """One content problem of an input file, reported in `batch.errors` with its 1-based line."""
@@ -100,6 +115,10 @@ class Batch:
     completed: int = 0
     failed: int = 0
     usage: Usage = field(default_factory=Usage)
+    api: BatchApi = BatchApi.OPENAI
+    archived_at: int | None = None  # message batches only: when their results stopped being kept
+    eta_at: int | None = None  # the scheduler's estimated completion (unix seconds)
+    schedule_state: str | None = None  # see ScheduleState
 
     def to_openai(self) -> dict[str, Any]:
         """The batch object exactly as SPEC §3 lists it: every key, null where unset."""
@@ -126,4 +145,6 @@ class Batch:
             "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
             "usage": self.usage.to_openai(),
             "metadata": self.metadata,
+            # Ours, beside SPEC's keys (the SDKs keep unknown fields: `batch.model_extra["backfill"]`).
+            "backfill": {"estimated_completion_at": self.eta_at, "schedule": self.schedule_state},
         }

@@ -21,6 +21,8 @@ class LeasedLine:
     attempts: int
     lease_seq: int
     est_prompt_tokens: int
+    max_output_tokens: int | None = None
+    prefix_group: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,3 +58,14 @@ class DispatchBatch:
     endpoint: str
     expires_at: int
     input_blob_key: str
+    created_at: int = 0
+    seq: int = 0
+    weight: float = 1.0  # its tenant's fair-share weight
+    open_lines: int = 0  # lines not yet finished when it was read
+    est_prompt_tokens: int = 0  # over all its lines
+    est_output_tokens: int = 0
+    total: int = 0
+
+    @property
+    def window_s(self) -> float:
+        return float(self.expires_at - self.created_at)

@@ -7,12 +7,13 @@ offsets in the file, so the dispatcher reads each body straight from the blob) o
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
 from backfill.domain.batches import LineError
+from backfill.domain.estimates import max_output_tokens, prefix_key
 
 INVALID_JSON_MESSAGE = "This line is not parseable as valid JSON."
 
@@ -63,6 +64,9 @@ class ValidLine:
     offset: int
     length: int
     est_prompt_tokens: int
+    max_output_tokens: int | None = None
+    prefix_key: int = 0  # see domain/estimates.py
+    prefix_group: int = 0  # lease rank, see group_by_prefix
 
 
 @dataclass(frozen=True)
@@ -150,8 +154,17 @@ class FileValidator:
             return
         custom_id = self._check_line(obj, raw.number)
         if custom_id is not None:
+            body = obj["body"]
             self._lines.append(
-                ValidLine(raw.number, custom_id, raw.offset, raw.length, estimate_prompt_tokens(raw.length))
+                ValidLine(
+                    raw.number,
+                    custom_id,
+                    raw.offset,
+                    raw.length,
+                    estimate_prompt_tokens(raw.length),
+                    max_output_tokens(body),
+                    prefix_key(body),
+                )
             )
 
     def _check_line(self, obj: Any, number: int) -> str | None:  # noqa: C901 - one flat list of SPEC rules
@@ -248,5 +261,37 @@ class FileValidator:
         if self._requests == 0:
             self._error("empty_file", "The batch input file is empty: it has no request lines.", None)
         return ValidationResult(
-            self._lines if self._error_count == 0 else [], self._model, self._errors, self._error_count
+            group_by_prefix(self._lines) if self._error_count == 0 else [], self._model, self._errors, self._error_count
         )
+
+
+def group_by_prefix(lines: list[ValidLine]) -> list[ValidLine]:
+    """Set each line's lease rank (`prefix_group`): leasing in rank order runs lines that share a prompt prefix
+    together, one group after another in the order the prefixes first appear, each group's first line (its
+    *leader*) one group ahead of the rest. Lines that share no prefix keep their place in input order.
+
+    Why the leader goes ahead: lines admitted in the same engine iteration cannot reuse each other's prefix (a
+    block is cached once it is computed), so a group released all at once computes its prefix several times.
+    Why only one group ahead: a prefix computed long before its group runs is evicted by the blocks computed
+    meanwhile (the engine caches every full block, unique suffixes too) and is computed again.
+    """
+    groups: dict[int, list[ValidLine]] = {}  # first line of a group -> its lines, leader first
+    by_key: dict[int, list[ValidLine]] = {}
+    for line in lines:
+        if line.prefix_key and line.prefix_key in by_key:
+            by_key[line.prefix_key].append(line)
+            continue
+        members = [line]
+        groups[line.number] = members
+        if line.prefix_key:
+            by_key[line.prefix_key] = members
+    order: list[ValidLine] = []
+    queue = list(groups.values())
+    if queue:
+        order.append(queue[0][0])
+    for index, members in enumerate(queue):
+        if index + 1 < len(queue):
+            order.append(queue[index + 1][0])  # the next group's leader, ahead of this group's followers
+        order.extend(members[1:])
+    rank = {line.number: position for position, line in enumerate(order)}
+    return [replace(line, prefix_group=rank[line.number]) for line in lines]

@@ -13,7 +13,7 @@ from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
 from backfill.domain.results import StoredResult
 from backfill.domain.usage import Usage
-from backfill.store.tables import batches, files, requests
+from backfill.store.tables import batches, files, requests, tenants
 
 _FAILED_STATES = [RequestState.FAILED.value, RequestState.EXPIRED.value, RequestState.CANCELLED.value]
 _USAGE_COLUMNS = ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
@@ -28,6 +28,8 @@ _LEASED_COLUMNS = (
     requests.c.attempts,
     requests.c.lease_seq,
     requests.c.est_prompt_tokens,
+    requests.c.max_output_tokens,
+    requests.c.prefix_group,
 )
 
 # Fenced: only the holder of this exact lease (owner and lease_seq) may write the line.
@@ -107,8 +109,19 @@ class LineQueries:
                 batches.c.endpoint,
                 batches.c.expires_at,
                 files.c.blob_key,
+                batches.c.created_at,
+                batches.c.seq,
+                tenants.c.weight,
+                (batches.c.total - batches.c.completed - batches.c.failed).label("open_lines"),
+                batches.c.est_prompt_tokens,
+                batches.c.est_output_tokens,
+                batches.c.total,
             )
-            .select_from(batches.join(files, files.c.id == batches.c.input_file_id))
+            .select_from(
+                batches.join(files, files.c.id == batches.c.input_file_id).join(
+                    tenants, tenants.c.id == batches.c.tenant_id
+                )
+            )
             .where(
                 batches.c.status == BatchStatus.IN_PROGRESS.value,
                 batches.c.expires_at > now,
@@ -117,10 +130,19 @@ class LineQueries:
             .order_by(batches.c.expires_at, batches.c.seq)
         )
         async with self.engine.connect() as conn:
-            return [
-                DispatchBatch(row.id, row.tenant_id, row.model, row.endpoint, row.expires_at, row.blob_key)
-                for row in await conn.execute(query)
-            ]
+            return [DispatchBatch(*row) for row in await conn.execute(query)]
+
+    async def set_outlooks(self, outlooks: Sequence[tuple[str, int | None, str | None]]) -> None:
+        """Write the scheduler's (batch id, estimated completion, schedule state) onto in-progress batches."""
+        if not outlooks:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(batches)
+                .where(batches.c.id == bindparam("_id"), batches.c.status == BatchStatus.IN_PROGRESS.value)
+                .values(eta_at=bindparam("_eta"), schedule_state=bindparam("_state")),
+                [{"_id": batch_id, "_eta": eta, "_state": state} for batch_id, eta, state in outlooks],
+            )
 
     async def batch_statuses(self, batch_ids: Sequence[str]) -> dict[str, tuple[BatchStatus, int]]:
         """Status and expires_at of each batch."""
@@ -133,7 +155,8 @@ class LineQueries:
             return {row.id: (BatchStatus(row.status), row.expires_at) for row in rows}
 
     async def lease_lines(self, batch_id: str, owner: str, limit: int, now: float, ttl_s: float) -> list[LeasedLine]:
-        """Claim up to `limit` queued lines of a batch whose retry time has come, lowest line numbers first."""
+        """Claim up to `limit` queued lines of a batch whose retry time has come, in (prefix key, line number)
+        order, so lines that share a prompt prefix go out together."""
         pick = (
             select(requests.c.id)
             .where(
@@ -141,7 +164,7 @@ class LineQueries:
                 requests.c.state == RequestState.QUEUED.value,
                 requests.c.next_attempt_at <= now,
             )
-            .order_by(requests.c.line_no)
+            .order_by(requests.c.prefix_group, requests.c.line_no)
             .limit(limit)
         )
         if self.is_postgres:
@@ -160,7 +183,7 @@ class LineQueries:
         async with self.engine.begin() as conn:
             rows = (await conn.execute(stmt)).all()
         leased = [LeasedLine(*row) for row in rows]
-        leased.sort(key=lambda line: line.line_no)
+        leased.sort(key=lambda line: (line.prefix_group, line.line_no))
         return leased
 
     async def renew_leases(self, owner: str, now: float, ttl_s: float) -> None:

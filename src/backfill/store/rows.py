@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Row
 
-from backfill.domain.batches import Batch, BatchStatus, LineError
+from backfill.domain.batches import Batch, BatchApi, BatchStatus, LineError
 from backfill.domain.files import FileRecord
 from backfill.domain.usage import Usage
 
@@ -57,6 +57,10 @@ def batch_from_row(row: Row[Any]) -> Batch:
         completed=row.completed,
         failed=row.failed,
         usage=Usage(row.input_tokens, row.cached_tokens, row.output_tokens, row.reasoning_tokens),
+        api=BatchApi(row.api),
+        archived_at=row.archived_at,
+        eta_at=row.eta_at,
+        schedule_state=row.schedule_state,
     )
 
 
@@ -68,6 +72,7 @@ def batch_to_row(batch: Batch, est_prompt_tokens: int = 0) -> dict[str, Any]:
         "input_file_id": batch.input_file_id,
         "completion_window": batch.completion_window,
         "status": batch.status.value,
+        "api": batch.api.value,
         "model": batch.model,
         "metadata": orjson.dumps(batch.metadata).decode() if batch.metadata is not None else None,
         "errors": None,

@@ -16,15 +16,18 @@ from backfill.domain.batches import (
     OPEN_STATES,
     TERMINAL,
     Batch,
+    BatchApi,
     BatchStatus,
     LineError,
     sources_of,
 )
-from backfill.domain.files import FileRecord
+from backfill.domain.estimates import expected_output_tokens
+from backfill.domain.files import MESSAGE_BATCH_PURPOSE, FileRecord
 from backfill.domain.keys import NewKey
 from backfill.domain.lines import ValidLine
 from backfill.errors import Conflict, NotFound, TokenLimitExceeded
 from backfill.store.lines import LineQueries
+from backfill.store.message_batches import MessageBatchQueries
 from backfill.store.rows import batch_from_row, batch_to_row, file_from_row
 from backfill.store.tables import api_keys, batches, files, requests, tenants
 
@@ -32,7 +35,7 @@ _TERMINAL = [status.value for status in TERMINAL]
 _INSERT_CHUNK = 5_000
 
 
-class SqlStore(LineQueries):
+class SqlStore(LineQueries, MessageBatchQueries):
     """Every query backfill runs, by name. Construct with an engine from `store.engine.create_engine`."""
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -117,7 +120,7 @@ class SqlStore(LineQueries):
         self, tenant_id: str, *, purpose: str | None, limit: int, descending: bool, after: str | None
     ) -> tuple[list[FileRecord], bool] | None:
         """A page of files and whether more follow; None if the `after` cursor is not one of the tenant's."""
-        query = select(files).where(files.c.tenant_id == tenant_id)
+        query = select(files).where(files.c.tenant_id == tenant_id, files.c.purpose != MESSAGE_BATCH_PURPOSE)
         if purpose is not None:
             query = query.where(_equals(files.c.purpose, purpose))
         async with self.engine.connect() as conn:
@@ -162,21 +165,25 @@ class SqlStore(LineQueries):
         async with self.engine.begin() as conn:
             await conn.execute(insert(batches).values(**batch_to_row(batch)))
 
-    async def get_batch(self, tenant_id: str | None, batch_id: str) -> Batch | None:
+    async def get_batch(self, tenant_id: str | None, batch_id: str, api: BatchApi | None = None) -> Batch | None:
+        """The batch; with `api`, only if it was created through that API (each API shows only its own)."""
         query = select(batches).where(_equals(batches.c.id, batch_id))
         if tenant_id is not None:
             query = query.where(batches.c.tenant_id == tenant_id)
+        if api is not None:
+            query = query.where(batches.c.api == api.value)
         async with self.engine.connect() as conn:
             row = (await conn.execute(query)).first()
         return batch_from_row(row) if row else None
 
     async def list_batches(self, tenant_id: str, *, limit: int, after: str | None) -> tuple[list[Batch], bool] | None:
-        """Newest first; None if `after` is not one of the tenant's batches."""
-        query = select(batches).where(batches.c.tenant_id == tenant_id)
+        """Newest first, OpenAI batches only; None if `after` is not one of the tenant's batches."""
+        openai = batches.c.api == BatchApi.OPENAI.value
+        query = select(batches).where(batches.c.tenant_id == tenant_id, openai)
         async with self.engine.connect() as conn:
             if after is not None:
                 seq = await conn.scalar(
-                    select(batches.c.seq).where(_equals(batches.c.id, after), batches.c.tenant_id == tenant_id)
+                    select(batches.c.seq).where(_equals(batches.c.id, after), batches.c.tenant_id == tenant_id, openai)
                 )
                 if seq is None:
                     return None
@@ -184,15 +191,14 @@ class SqlStore(LineQueries):
             rows = (await conn.execute(query.order_by(batches.c.seq.desc()).limit(limit + 1))).all()
         return [batch_from_row(row) for row in rows[:limit]], len(rows) > limit
 
-    async def request_cancel(self, tenant_id: str, batch_id: str, now: int) -> Batch:
+    async def request_cancel(self, tenant_id: str, batch_id: str, now: int, api: BatchApi | None = None) -> Batch:
         async with self.engine.begin() as conn:
             # Locked: otherwise validation can move the batch on between this read and the update below, and the
             # cancel is silently lost (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises).
-            status = await conn.scalar(
-                select(batches.c.status)
-                .where(_equals(batches.c.id, batch_id), batches.c.tenant_id == tenant_id)
-                .with_for_update()
-            )
+            mine = [_equals(batches.c.id, batch_id), batches.c.tenant_id == tenant_id]
+            if api is not None:
+                mine.append(batches.c.api == api.value)
+            status = await conn.scalar(select(batches.c.status).where(*mine).with_for_update())
             if status is None:
                 raise NotFound(f"No such Batch object: {batch_id}", param="batch_id")
             if status not in CANCELLABLE and status != BatchStatus.CANCELLING:
@@ -264,6 +270,7 @@ class SqlStore(LineQueries):
         over it, raises TokenLimitExceeded and changes nothing.
         """
         est = sum(line.est_prompt_tokens for line in lines)
+        est_output = sum(expected_output_tokens(line.max_output_tokens) for line in lines)
         async with self.engine.begin() as conn:
             if token_limit is not None and model is not None:
                 tenant_id = await conn.scalar(
@@ -287,8 +294,9 @@ class SqlStore(LineQueries):
                     status=BatchStatus.IN_PROGRESS.value,
                     in_progress_at=now,
                     model=model,
-                    total=len(lines),
+                    total=batches.c.total + len(lines),  # a message batch already counts its refused requests
                     est_prompt_tokens=est,
+                    est_output_tokens=est_output,
                 )
             )
             if result.rowcount != 1:
@@ -416,6 +424,8 @@ async def _insert_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[Va
                     "body_offset": line.offset,
                     "body_length": line.length,
                     "est_prompt_tokens": line.est_prompt_tokens,
+                    "max_output_tokens": line.max_output_tokens,
+                    "prefix_group": line.prefix_group,
                     "state": "queued",
                     "attempts": 0,
                     "next_attempt_at": 0.0,

@@ -100,9 +100,17 @@ batches = Table(
     Column("output_tokens", BigInteger, nullable=False, default=0),
     Column("reasoning_tokens", BigInteger, nullable=False, default=0),
     Column("est_prompt_tokens", BigInteger, nullable=False, default=0),
+    Column("est_output_tokens", BigInteger, nullable=False, default=0, server_default="0"),
+    # The scheduler's outlook, written by the dispatcher: estimated completion and on_track/promoted/at_risk.
+    Column("eta_at", BigInteger, nullable=True),
+    Column("schedule_state", String(16), nullable=True),
     # Housekeeping (validate, expire, cancel, finalize) is claimed like lines are, so it happens once.
     Column("claimed_by", String(64), nullable=True),
     Column("claim_expires_at", Float, nullable=True),
+    # Message batches (SPEC §4) are batches too; `api` says which API shows them, and their results are dropped
+    # from view once `archived_at` is set.
+    Column("api", String(16), nullable=False, default="openai", server_default="openai"),
+    Column("archived_at", BigInteger, nullable=True),
     Index(None, "tenant_id", "seq"),
 )
 
@@ -116,6 +124,10 @@ requests = Table(
     Column("body_offset", BigInteger, nullable=False),
     Column("body_length", Integer, nullable=False),
     Column("est_prompt_tokens", Integer, nullable=False),
+    # What the scheduler prices a line at before it runs: the requested output cap (None: the model default).
+    Column("max_output_tokens", Integer, nullable=True),
+    # Lease rank from domain.lines.group_by_prefix: (rank, line) order keeps the engine's prefix cache hot.
+    Column("prefix_group", BigInteger, nullable=False, default=0, server_default="0"),
     Column("state", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
     Column("next_attempt_at", Float, nullable=False, default=0.0),
@@ -134,6 +146,7 @@ requests = Table(
     Column("reasoning_tokens", BigInteger, nullable=False, default=0),
     UniqueConstraint("batch_id", "line_no"),
     Index(None, "batch_id", "state", "line_no"),
+    Index(None, "batch_id", "state", "prefix_group", "line_no"),
     Index(None, "state", "lease_expires_at"),
     Index(None, "lease_owner"),
 )

@@ -1,0 +1,237 @@
+"""One pool per model: its endpoints with their limits, the lines leased for it, and its measured throughput.
+
+The pool asks the policy what to start (`FairScheduler`, `pick_endpoint`) and keeps the books the policy needs;
+it does no I/O, so the dispatcher stays a thin loop around it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from backfill.config import BackendSettings
+from backfill.domain.batches import ScheduleState
+from backfill.domain.estimates import expected_output_tokens
+from backfill.domain.leases import DispatchBatch, LeasedLine
+from backfill.domain.outcomes import Outcome, OutcomeKind
+from backfill.policy.estimate import WorkItem, estimate_completions, outlook
+from backfill.policy.fair import Candidate, FairScheduler, Scheduler, line_cost
+from backfill.policy.limits import EndpointLimits
+from backfill.policy.routing import next_start_at, pick_endpoint
+from backfill.ports import Backend
+
+_FAST_HALF_LIFE_S = 30.0
+_SLOW_HALF_LIFE_S = 3600.0
+
+
+@dataclass
+class Start:
+    line: LeasedLine
+    batch: DispatchBatch
+    backend: Backend
+    cost: float
+
+
+@dataclass
+class ThroughputMeter:
+    """Line cost served per second while the pool had work, smoothed on two time scales.
+
+    `rate` is the lower of a fast average (half-life 30 s: what the pool does now) and a slow one (half-life
+    1 h: what it has done lately). Completion estimates use it, so they are conservative in both directions
+    that matter: a sudden drop (interactive traffic arriving, an endpoint lost) shows within a minute, while a
+    quiet spell (the night) does not promise its rate for the whole of a long window.
+    """
+
+    fast: float = 0.0
+    slow: float = 0.0
+    _served: float = 0.0
+    _since: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return min(self.fast, self.slow) if self.slow > 0 else self.fast
+
+    def add(self, cost: float) -> None:
+        self._served += cost
+
+    def sample(self, now: float, busy: bool) -> None:
+        if self._since is None or not busy:
+            self._since, self._served = now, 0.0
+            return
+        elapsed = now - self._since
+        if elapsed <= 0:
+            return
+        instant = self._served / elapsed
+        self.fast = _smooth(self.fast, instant, elapsed, _FAST_HALF_LIFE_S)
+        self.slow = _smooth(self.slow, instant, elapsed, _SLOW_HALF_LIFE_S)
+        self._since, self._served = now, 0.0
+
+
+def _smooth(average: float, sample: float, elapsed_s: float, half_life_s: float) -> float:
+    if average == 0.0:
+        return sample
+    keep: float = 0.5 ** (elapsed_s / half_life_s)
+    return keep * average + (1 - keep) * sample
+
+
+@dataclass
+class Pool:
+    backends: dict[str, Backend]
+    limits: dict[str, EndpointLimits]
+    scheduler: Scheduler = field(default_factory=FairScheduler)
+    ready: dict[str, deque[LeasedLine]] = field(default_factory=dict)  # batch id -> leased, not yet sent
+    batches: dict[str, DispatchBatch] = field(default_factory=dict)
+    promoted: set[str] = field(default_factory=set)
+    meter: ThroughputMeter = field(default_factory=ThroughputMeter)
+    tenant_in_flight: dict[str, float] = field(default_factory=dict)  # line cost running, by tenant
+
+    @classmethod
+    def build(cls, backends: Iterable[Backend], configured: dict[str, BackendSettings]) -> Pool:
+        limits: dict[str, EndpointLimits] = {}
+        named: dict[str, Backend] = {}
+        for backend in backends:
+            named[backend.name] = backend
+            cfg = configured.get(backend.name)
+            if cfg is None:  # in-process engines know their exact capacity
+                limits[backend.name] = EndpointLimits(backend.max_concurrency, adaptive=False)
+            else:
+                limits[backend.name] = EndpointLimits(
+                    cfg.max_concurrency,
+                    rpm=cfg.rpm,
+                    tpm=cfg.tpm,
+                    adaptive=cfg.adaptive_concurrency,
+                    initial_concurrency=min(cfg.initial_concurrency, cfg.max_concurrency),
+                )
+        return cls(named, limits)
+
+    @property
+    def capacity(self) -> int:
+        """Lines the pool may have in flight now (adaptive limits included)."""
+        return sum(limits.limit for limits in self.limits.values())
+
+    @property
+    def in_flight(self) -> int:
+        return sum(limits.in_flight for limits in self.limits.values())
+
+    @property
+    def buffered(self) -> int:
+        return sum(len(lines) for lines in self.ready.values())
+
+    def lease_wanted(self, batch_id: str, active_batches: int) -> int:
+        """How many more lines of a batch to lease now (0: enough buffered).
+
+        About two rounds of the pool's current capacity stay leased, shared out among its active batches, so a
+        new batch finds lines of its own ready at the next free slot and no batch hoards the buffer; topped up
+        once half is used, so leases go out in chunks rather than one statement per line.
+        """
+        target = max(2, math.ceil(2 * self.capacity / max(active_batches, 1)))
+        have = len(self.ready.get(batch_id, ()))
+        return 0 if have > target // 2 else target - have
+
+    def add(self, batch: DispatchBatch, lines: list[LeasedLine]) -> None:
+        self.batches[batch.id] = batch
+        self.ready.setdefault(batch.id, deque()).extend(lines)
+
+    def prune(self) -> None:
+        """Forget batches with nothing buffered (finished, or dry until the next lease)."""
+        for batch_id in [b for b, lines in self.ready.items() if not lines]:
+            del self.ready[batch_id]
+            self.batches.pop(batch_id, None)
+
+    def take_batch(self, batch_id: str) -> list[LeasedLine]:
+        """Remove every buffered line of a batch (cancelled, expired, or shutting down)."""
+        return list(self.ready.pop(batch_id, ()))
+
+    def next_start(self, now: float) -> Start | float:
+        """The line to start now and where; or, when nothing may start, the time to look again (inf: when a
+        line finishes or more are leased)."""
+        candidates = [self._candidate(batch_id, lines[0]) for batch_id, lines in self.ready.items() if lines]
+        if not candidates:
+            return math.inf
+        # tokens/min buckets count tokens as providers do (prompt + output cap), not the scheduler's price
+        typical = min(_tokens(lines[0]) for lines in self.ready.values() if lines)
+        name = pick_endpoint(now, self.limits, typical)
+        if name is None:
+            return next_start_at(now, self.limits, typical)
+        chosen = self.scheduler.pick(candidates, self.tenant_in_flight)
+        assert chosen is not None
+        line = self.ready[chosen.batch_id].popleft()
+        self.limits[name].on_start(now, _tokens(line))
+        self.tenant_in_flight[chosen.tenant_id] = self.tenant_in_flight.get(chosen.tenant_id, 0.0) + chosen.cost
+        return Start(line, self.batches[chosen.batch_id], self.backends[name], chosen.cost)
+
+    def finish(self, start: Start, now: float, latency_s: float, outcome: Outcome) -> None:
+        """The endpoint answered (whatever it said)."""
+        usage = outcome.usage
+        self.limits[start.backend.name].on_finish(now, latency_s, outcome, usage.input_tokens + usage.output_tokens)
+        if outcome.kind is OutcomeKind.SUCCESS:
+            self.meter.add(line_cost(usage.input_tokens, usage.output_tokens))
+        self._leave(start)
+
+    def release(self, start: Start) -> None:
+        """The line never got an answer (aborted, or crashed before sending): its slot goes back."""
+        self.limits[start.backend.name].release()
+        self._leave(start)
+
+    def _leave(self, start: Start) -> None:
+        tenant = start.batch.tenant_id
+        left = self.tenant_in_flight.get(tenant, 0.0) - start.cost
+        if left > 1e-6:
+            self.tenant_in_flight[tenant] = left
+        else:
+            self.tenant_in_flight.pop(tenant, None)
+
+    def _candidate(self, batch_id: str, line: LeasedLine) -> Candidate:
+        batch = self.batches[batch_id]
+        return Candidate(
+            batch_id,
+            batch.tenant_id,
+            float(batch.expires_at),
+            line_cost(line.est_prompt_tokens, expected_output_tokens(line.max_output_tokens)),
+            batch.weight,
+            batch_id in self.promoted,
+            batch.seq,
+        )
+
+    def outlooks(self, now: float, batches: Iterable[DispatchBatch]) -> list[tuple[str, int | None, str | None]]:
+        """Re-estimate every batch of this pool; remember which are promoted; return what to show users."""
+        mine = list(batches)
+        self.meter.sample(now, busy=self.in_flight > 0)
+        rate = self.meter.rate
+        if rate <= 0 or not mine:
+            self.promoted.clear()
+            return [(batch.id, None, None) for batch in mine]
+        items = [
+            WorkItem(
+                batch.id, batch.tenant_id, float(batch.expires_at), _remaining_cost(batch), batch.weight, batch.seq
+            )
+            for batch in mine
+        ]
+        etas = estimate_completions(now, items, rate)
+        shown: list[tuple[str, int | None, str | None]] = []
+        self.promoted.clear()
+        for batch, item in zip(mine, items, strict=True):
+            view = outlook(etas[batch.id], float(batch.expires_at), batch.window_s, now + item.remaining_cost / rate)
+            state = ScheduleState.ON_TRACK
+            if view.at_risk:
+                state = ScheduleState.AT_RISK
+            elif view.promoted:
+                state = ScheduleState.PROMOTED
+            if view.promoted:
+                self.promoted.add(batch.id)
+            eta = etas[batch.id]
+            shown.append((batch.id, math.ceil(eta) if math.isfinite(eta) else None, state.value))
+        return shown
+
+
+def _tokens(line: LeasedLine) -> int:
+    return line.est_prompt_tokens + expected_output_tokens(line.max_output_tokens)
+
+
+def _remaining_cost(batch: DispatchBatch) -> float:
+    if batch.total <= 0:
+        return 0.0
+    per_line = line_cost(batch.est_prompt_tokens / batch.total, batch.est_output_tokens / batch.total)
+    return per_line * batch.open_lines

@@ -1,0 +1,138 @@
+"""A pool's books: what to lease, what to start where, what a finish gives back, and its outlooks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from backfill.config import BackendSettings
+from backfill.dispatch.pools import Pool, Start, ThroughputMeter
+from backfill.domain.leases import DispatchBatch, LeasedLine
+from backfill.domain.outcomes import Outcome, OutcomeKind
+from backfill.domain.usage import Usage
+from backfill.policy.limits import EndpointLimits
+
+
+class Endpoint:
+    def __init__(self, name: str, max_concurrency: int = 2) -> None:
+        self.name = name
+        self.models = frozenset({"m"})
+        self.max_concurrency = max_concurrency
+
+    async def send(self, endpoint: str, body: bytes, timeout_s: float) -> Outcome:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+def batch(batch_id: str, tenant: str, *, expires_at: int = 10_000, open_lines: int = 10, seq: int = 0) -> DispatchBatch:
+    return DispatchBatch(
+        batch_id, tenant, "m", "/v1/chat/completions", expires_at, "k", 0, seq, 1.0, open_lines, 1000, 500, 10
+    )
+
+
+def lines(batch_id: str, count: int, start: int = 1) -> list[LeasedLine]:
+    return [LeasedLine(start + i, batch_id, start + i, f"c{i}", 0, 1, 0, 1, 100, 50) for i in range(count)]
+
+
+def pool(*endpoints: Endpoint) -> Pool:
+    return Pool.build(endpoints, {})
+
+
+def test_in_process_engines_get_fixed_limits_and_configured_servers_adaptive_ones() -> None:
+    configured = {"srv": BackendSettings(name="srv", url="http://x", models=["m"], max_concurrency=100, rpm=60)}
+    built = Pool.build([Endpoint("engine", 8), Endpoint("srv")], configured)
+    assert (False, 8) == (built.limits["engine"].adaptive, built.limits["engine"].limit)
+    assert (True, 16) == (built.limits["srv"].adaptive, built.limits["srv"].limit)
+    assert built.limits["srv"].requests is not None
+
+
+def test_lease_targets_share_two_rounds_of_capacity_and_top_up_at_half() -> None:
+    p = pool(Endpoint("a", 4))
+    assert 8 == p.lease_wanted("b1", active_batches=1)
+    assert 4 == p.lease_wanted("b1", active_batches=2)
+    p.add(batch("b1", "t"), lines("b1", 5))
+    assert 0 == p.lease_wanted("b1", active_batches=1)  # 5 of 8 buffered: more than half
+    p.ready["b1"].popleft()
+    p.ready["b1"].popleft()
+    assert 5 == p.lease_wanted("b1", active_batches=1)
+
+
+def test_starts_go_to_the_least_loaded_endpoint_until_all_are_full() -> None:
+    p = pool(Endpoint("a", 1), Endpoint("b", 1))
+    p.add(batch("b1", "t"), lines("b1", 3))
+    first, second = p.next_start(0.0), p.next_start(0.0)
+    assert isinstance(first, Start)
+    assert isinstance(second, Start)
+    assert {"a", "b"} == {first.backend.name, second.backend.name}
+    assert math.inf == p.next_start(0.0)
+    p.finish(first, 1.0, 1.0, Outcome(OutcomeKind.SUCCESS, 200, usage=Usage(100, 0, 50)))
+    third = p.next_start(1.0)
+    assert isinstance(third, Start)
+    assert first.backend.name == third.backend.name
+
+
+def test_a_newcomer_gets_the_freed_slots_until_it_has_its_share() -> None:
+    p = pool(Endpoint("a", 4))
+    p.add(batch("big", "t1"), lines("big", 20))
+    starts = [p.next_start(0.0) for _ in range(4)]
+    assert all(isinstance(s, Start) and s.batch.id == "big" for s in starts)
+    p.add(batch("small", "t2", seq=1), lines("small", 5, start=100))
+    freed = []
+    for running in starts[:2]:
+        assert isinstance(running, Start)
+        p.finish(running, 1.0, 1.0, Outcome(OutcomeKind.SUCCESS, 200))
+        nxt = p.next_start(1.0)
+        assert isinstance(nxt, Start)
+        freed.append(nxt.batch.id)
+    assert ["small", "small"] == freed
+
+
+def test_release_gives_the_slot_back_without_teaching_the_limit() -> None:
+    p = pool(Endpoint("a", 1))
+    p.add(batch("b1", "t"), lines("b1", 2))
+    start = p.next_start(0.0)
+    assert isinstance(start, Start)
+    p.release(start)
+    assert ({}, 0) == (p.tenant_in_flight, p.limits["a"].in_flight)
+    assert isinstance(p.next_start(0.0), Start)
+
+
+def test_rate_limits_say_when_to_look_again() -> None:
+    p = Pool({"a": Endpoint("a", 10)}, {"a": EndpointLimits(10, rpm=6, adaptive=False)})  # burst of 1
+    p.add(batch("b1", "t"), lines("b1", 3))
+    assert isinstance(p.next_start(0.0), Start)
+    assert 10.0 == p.next_start(0.0)
+
+
+def test_the_meter_reports_the_lower_of_now_and_lately() -> None:
+    meter = ThroughputMeter()
+    meter.sample(0.0, busy=True)
+    meter.add(1000.0)
+    meter.sample(10.0, busy=True)
+    assert 100.0 == meter.rate
+    meter.add(10_000.0)
+    meter.sample(20.0, busy=True)  # a burst: the fast average jumps, the slow one barely moves
+    assert meter.fast > meter.slow == meter.rate
+    idle_since = ThroughputMeter()
+    idle_since.sample(0.0, busy=False)
+    assert 0.0 == idle_since.rate
+
+
+def test_outlooks_promote_a_batch_that_cannot_wait_its_turn() -> None:
+    p = pool(Endpoint("a", 4))
+    p.meter.fast = p.meter.slow = 100.0  # line cost per second
+    relaxed = batch("relaxed", "t1", expires_at=1_000_000, open_lines=10)
+    tight = batch("tight", "t2", expires_at=3600, open_lines=1400)  # 1,400 lines x 250: 3,500 s alone
+    shown = {batch_id: (eta, state) for batch_id, eta, state in p.outlooks(0.0, [relaxed, tight])}
+    assert "on_track" == shown["relaxed"][1]
+    assert "promoted" == shown["tight"][1]
+    assert {"tight"} == p.promoted
+    hopeless = batch("hopeless", "t3", expires_at=600, open_lines=400)  # 1,000 s alone
+    assert ("hopeless", pytest.approx(1000, abs=1), "at_risk") == p.outlooks(0.0, [hopeless])[0]
+
+
+def test_no_rate_no_outlook() -> None:
+    assert [("b1", None, None)] == pool(Endpoint("a")).outlooks(0.0, [batch("b1", "t")])
