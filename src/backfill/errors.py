@@ -12,7 +12,8 @@
      │    ├── AuthenticationFailed   401  missing or unknown API key
      │    ├── NotFound               404  unknown id, or one that belongs to another tenant
      │    ├── Conflict               409  legal request, wrong state (cancel a finished batch, …)
-     │    └── PayloadTooLarge        413  upload or body over its size limit
+     │    ├── PayloadTooLarge        413  upload or body over its size limit
+     │    └── QuotaExceeded          429  a message batch would take its tenant over the enqueued-token limit
      └── BackendError                a backend call went wrong without a usable HTTP answer
           ├── BackendTimeout         no answer within the per-request timeout
           └── BackendUnavailable     connection refused/reset, or an answer that is not a JSON object
@@ -109,6 +110,13 @@ class PayloadTooLarge(ApiError):
     """The request body is larger than allowed."""
 
     status_code = 413
+
+
+class QuotaExceeded(ApiError):
+    """The tenant's enqueued-token limit would be exceeded; retry once earlier batches have finished."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
 
 
 class BackendError(BackfillError):

@@ -16,6 +16,10 @@ def batch_id() -> str:
     return new_id("batch_")
 
 
+def message_batch_id() -> str:
+    return new_id("msgbatch_")
+
+
 def batch_request_id() -> str:
     return new_id("batch_req_")
 

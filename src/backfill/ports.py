@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from backfill.domain.features import Feature
 from backfill.domain.outcomes import Outcome
 
 
@@ -53,3 +54,11 @@ class Backend(Protocol):
     async def send(self, endpoint: str, body: bytes, timeout_s: float) -> Outcome: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class DeclaresFeatures(Protocol):
+    """A backend that says which optional request features it accepts. One that does not is taken to accept them
+    all: it refuses what it cannot do with an HTTP error, which fails that request."""
+
+    features: frozenset[Feature]

@@ -11,10 +11,18 @@ import httpx
 import orjson
 
 from backfill.config import BackendSettings
+from backfill.domain.features import ALL_FEATURES, Feature
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.domain.usage import Usage
 
 _MAX_ERROR_TEXT = 2000
+# What each server flavour accepts beyond OpenAI's chat API (images and tools are passed on: the model decides).
+_FEATURES = {
+    "openai": frozenset({Feature.IMAGES, Feature.TOOLS}),
+    "vllm": ALL_FEATURES,
+    "sglang": ALL_FEATURES,
+    "llamacpp": frozenset({Feature.IMAGES, Feature.TOOLS, Feature.TOP_K}),
+}
 _CONNECTIONS_PER_POOL = 8
 
 
@@ -48,6 +56,7 @@ class OpenAIHttpBackend:
         self.name = settings.name
         self.models = frozenset(settings.models)
         self.max_concurrency = settings.max_concurrency
+        self.features = _FEATURES[settings.flavour]
         self.request_timeout_s = settings.request_timeout_s
         base = settings.url.rstrip("/")
         self._base = base.removesuffix("/v1")

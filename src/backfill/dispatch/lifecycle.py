@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import structlog
 
 from backfill import ids
-from backfill.domain.batches import Batch, BatchStatus, LineError, RequestState
+from backfill.domain.batches import Batch, BatchApi, BatchStatus, LineError, RequestState
 from backfill.domain.files import OUTPUT_PURPOSE, FileRecord
 from backfill.domain.lines import FileValidator, ValidationLimits, ValidationResult, split_lines
 from backfill.domain.results import output_line
@@ -104,6 +104,14 @@ class Lifecycle:
 
     async def finalize(self, batch: Batch, terminal: BatchStatus, now: float) -> None:
         """Stream every line, in input order, into the output and error files; then the terminal status."""
+        # A message batch's results are read from its lines when asked for (GET …/results): no files to write.
+        records = await self._write_files(batch, now) if batch.api is BatchApi.OPENAI else [None, None]
+        done = await self.store.finish_batch(batch.id, self.owner, terminal, records, int(now))
+        if done and self.metrics is not None:
+            self.metrics.batches_finished.labels(terminal.value).inc()
+        log.info("batch.finished", batch_id=batch.id, status=terminal.value, registered=done)
+
+    async def _write_files(self, batch: Batch, now: float) -> list[FileRecord | None]:
         keys = (f"outputs/{batch.id}/output.jsonl", f"outputs/{batch.id}/error.jsonl")
         writers = (self.blobs.open_writer(keys[0]), self.blobs.open_writer(keys[1]))
         try:
@@ -133,7 +141,4 @@ class Lifecycle:
                     expires_at=expires_at,
                 )
             )
-        done = await self.store.finish_batch(batch.id, self.owner, terminal, records, int(now))
-        if done and self.metrics is not None:
-            self.metrics.batches_finished.labels(terminal.value).inc()
-        log.info("batch.finished", batch_id=batch.id, status=terminal.value, registered=done)
+        return records

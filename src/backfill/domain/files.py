@@ -7,6 +7,8 @@ from typing import Any
 
 PURPOSES = frozenset({"batch", "user_data", "evals"})
 OUTPUT_PURPOSE = "batch_output"
+# The input lines backfill writes for a message batch (SPEC §4): nobody uploaded it, so the Files API lists it not.
+MESSAGE_BATCH_PURPOSE = "message_batch"
 MIN_EXPIRES_AFTER_S = 3600
 MAX_EXPIRES_AFTER_S = 2_592_000
 

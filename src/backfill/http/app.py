@@ -12,7 +12,7 @@ from backfill import __version__
 from backfill.config import Settings
 from backfill.http.auth import Authenticator
 from backfill.http.errors import install_error_handlers
-from backfill.http.routes import batches, files, health
+from backfill.http.routes import batches, files, health, message_batches
 from backfill.ports import Backend
 from backfill.services import Services
 
@@ -41,5 +41,6 @@ def create_app(
     install_error_handlers(app)
     app.include_router(files.router)
     app.include_router(batches.router)
+    app.include_router(message_batches.router)
     app.include_router(health.router)
     return app

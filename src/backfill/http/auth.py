@@ -29,7 +29,7 @@ class Authenticator:
             return self._default_tenant
         if not presented:
             raise AuthenticationFailed(
-                "You didn't provide an API key. Pass it as 'Authorization: Bearer <key>'.",
+                "You didn't provide an API key. Pass it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
                 code="missing_api_key",
             )
         if (tenant := self._cache.get(presented)) is not None:
@@ -43,6 +43,11 @@ class Authenticator:
                     self._cache[presented] = tenant_id
                     return tenant_id
         raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
+
+
+def presented_key(authorization: str | None, x_api_key: str | None) -> str | None:
+    """The key from `Authorization: Bearer` (OpenAI's SDK) or `x-api-key` (Anthropic's), whichever is sent."""
+    return bearer_token(authorization) or (x_api_key.strip() if x_api_key and x_api_key.strip() else None)
 
 
 def bearer_token(authorization: str | None) -> str | None:

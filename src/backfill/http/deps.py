@@ -9,7 +9,7 @@ from fastapi import Depends, Header, Request
 from fastapi.responses import Response
 
 from backfill.errors import InvalidRequest, PayloadTooLarge
-from backfill.http.auth import Authenticator, bearer_token
+from backfill.http.auth import Authenticator, presented_key
 from backfill.services import Services
 
 MAX_JSON_BODY_BYTES = 1024 * 1024
@@ -20,22 +20,36 @@ def services_of(request: Request) -> Services:
     return services
 
 
-async def tenant_of(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+async def tenant_of(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> str:
     authenticator: Authenticator = request.app.state.authenticator
-    return await authenticator.tenant_for(bearer_token(authorization))
+    return await authenticator.tenant_for(presented_key(authorization, x_api_key))
 
 
 ServicesDep = Annotated[Services, Depends(services_of)]
 TenantDep = Annotated[str, Depends(tenant_of)]
 
 
-async def json_body(request: Request, max_bytes: int = MAX_JSON_BODY_BYTES) -> Any:
-    """Read and parse a JSON body ourselves: bounded size, and orjson rejects absurd nesting cleanly."""
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refused (413) as soon as it is known to pass `max_bytes`: no more of it is read."""
+    too_large = PayloadTooLarge(f"The request body is larger than {max_bytes} bytes.", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
     data = bytearray()
     async for chunk in request.stream():
         data += chunk
         if len(data) > max_bytes:
-            raise PayloadTooLarge(f"The request body is larger than {max_bytes} bytes.", code="request_too_large")
+            raise too_large
+    return bytes(data)
+
+
+async def json_body(request: Request, max_bytes: int = MAX_JSON_BODY_BYTES) -> Any:
+    """Read and parse a JSON body ourselves: bounded size, and orjson rejects absurd nesting cleanly."""
+    data = await read_body(request, max_bytes)
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:

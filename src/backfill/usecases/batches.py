@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from backfill import ids
-from backfill.domain.batches import ENDPOINTS, Batch, BatchStatus
+from backfill.domain.batches import ENDPOINTS, Batch, BatchApi, BatchStatus
 from backfill.domain.files import MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S
 from backfill.errors import InvalidRequest, NotFound
 from backfill.services import Services
@@ -103,14 +103,14 @@ async def create_batch(services: Services, tenant_id: str, request: CreateBatch)
 
 
 async def get_batch(services: Services, tenant_id: str, batch_id: str) -> Batch:
-    batch = await services.store.get_batch(tenant_id, batch_id)
+    batch = await services.store.get_batch(tenant_id, batch_id, BatchApi.OPENAI)
     if batch is None:
         raise NotFound(f"No such Batch object: {batch_id}", param="batch_id")
     return batch
 
 
 async def cancel_batch(services: Services, tenant_id: str, batch_id: str) -> Batch:
-    return await services.store.request_cancel(tenant_id, batch_id, services.now())
+    return await services.store.request_cancel(tenant_id, batch_id, services.now(), BatchApi.OPENAI)
 
 
 async def list_batches(

@@ -21,6 +21,7 @@ from backfill.backends.embedded.shapes import (
     response_object,
     text_completion,
 )
+from backfill.domain.features import Feature
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.domain.usage import Usage
 
@@ -79,6 +80,7 @@ class EmbeddedChatBackend:
 
         self.name = "embedded-chat"
         self.models = frozenset({CHAT_MODEL})
+        self.features = frozenset({Feature.TOP_K})  # text only, no tools, no prefill (the template opens a turn)
         self.max_concurrency = slots
         self.engine = LlamaEngine(smollm2_gguf(), slots=slots, context_per_slot=context_per_slot, threads=threads)
 

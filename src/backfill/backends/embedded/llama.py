@@ -227,6 +227,8 @@ class LlamaEngine:
         if sampling.temperature <= 0.0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
             return chain
+        if sampling.top_k > 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
         if sampling.top_p < 1.0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
@@ -294,10 +296,11 @@ class LlamaEngine:
         if not job.sampling.stop:
             return None
         text = job.text_out.decode("utf-8", "ignore")
-        cut = min((i for i in (text.find(s) for s in job.sampling.stop) if i >= 0), default=-1)
-        if cut < 0:
+        hits = [(at, stop) for stop in job.sampling.stop if (at := text.find(stop)) >= 0]
+        if not hits:
             return None
-        return Generation(text[:cut], "stop", job.prompt_tokens, len(job.generated))
+        cut, matched = min(hits)
+        return Generation(text[:cut], "stop", job.prompt_tokens, len(job.generated), matched)
 
     def _result(self, job: _Job, reason: str) -> Generation:
         return Generation(job.text_out.decode("utf-8", "replace"), reason, job.prompt_tokens, len(job.generated))

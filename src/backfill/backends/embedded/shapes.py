@@ -29,6 +29,7 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_k: int = 0  # 0: off
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Generation:
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
+    stop_reason: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ def parse_sampling(body: dict[str, Any], max_tokens_key: str = "max_tokens") -> 
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise BadRequest("'seed' must be an integer.", "seed")
+    top_k = body.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1):
+        raise BadRequest("'top_k' must be an integer; 0 or -1 turns it off.", "top_k")
     n = body.get("n", 1)
     if n != 1:
         raise BadRequest("Only n=1 is supported by the embedded engine.", "n")
@@ -89,6 +94,7 @@ def parse_sampling(body: dict[str, Any], max_tokens_key: str = "max_tokens") -> 
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
         stop=stops,
         seed=seed,
+        top_k=max(0, top_k or 0),
     )
 
 
@@ -183,6 +189,7 @@ def chat_completion(model: str, gen: Generation) -> dict[str, Any]:
                 "message": {"role": "assistant", "content": gen.text, "refusal": None},
                 "logprobs": None,
                 "finish_reason": gen.finish_reason,
+                "stop_reason": gen.stop_reason,  # as vLLM does: tells a stop string from the end of the turn
             }
         ],
         "usage": _usage(gen),

@@ -1,0 +1,74 @@
+"""Anthropic Message Batches API (SPEC §4). Errors under /v1/messages use Anthropic's envelope (http.errors)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response, StreamingResponse
+
+from backfill.domain.message_batches import message_batch_object
+from backfill.http.deps import ServicesDep, TenantDep, json_response, read_body
+from backfill.http.server_url import server_url
+from backfill.services import Services
+from backfill.usecases import message_batches as uc
+
+router = APIRouter(prefix="/v1/messages/batches", tags=["message batches"])
+
+
+def _shown(request: Request, services: Services, shown: uc.Shown) -> dict[str, object]:
+    return message_batch_object(shown.batch, shown.unrun, server_url(request, services.settings.public_url))
+
+
+@router.post("")
+async def create_message_batch(request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
+    body = await read_body(request, services.settings.message_batch_max_bytes)
+    shown = await uc.create_message_batch(services, tenant, body)
+    services.dispatcher.wake()
+    return json_response(_shown(request, services, shown))
+
+
+@router.get("")
+async def list_message_batches(
+    request: Request,
+    services: ServicesDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    before_id: str | None = None,
+    after_id: str | None = None,
+) -> Response:
+    page, has_more = await uc.list_message_batches(
+        services, tenant, limit=limit, before_id=before_id, after_id=after_id
+    )
+    return json_response(
+        {
+            "data": [_shown(request, services, shown) for shown in page],
+            "has_more": has_more,
+            "first_id": page[0].batch.id if page else None,
+            "last_id": page[-1].batch.id if page else None,
+        }
+    )
+
+
+@router.get("/{batch_id}")
+async def retrieve_message_batch(batch_id: str, request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
+    return json_response(_shown(request, services, await uc.get_message_batch(services, tenant, batch_id)))
+
+
+@router.post("/{batch_id}/cancel")
+async def cancel_message_batch(batch_id: str, request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
+    shown = await uc.cancel_message_batch(services, tenant, batch_id)
+    services.dispatcher.wake()
+    return json_response(_shown(request, services, shown))
+
+
+@router.delete("/{batch_id}")
+async def delete_message_batch(batch_id: str, services: ServicesDep, tenant: TenantDep) -> Response:
+    deleted = await uc.delete_message_batch(services, tenant, batch_id)
+    return json_response({"id": deleted, "type": "message_batch_deleted"})
+
+
+@router.get("/{batch_id}/results")
+async def message_batch_results(batch_id: str, services: ServicesDep, tenant: TenantDep) -> Response:
+    lines = await uc.message_batch_results(services, tenant, batch_id)
+    return StreamingResponse(lines, media_type="application/x-jsonl")
