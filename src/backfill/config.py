@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     commit_max_results: int = Field(default=512, ge=1)
     poll_interval_s: float = Field(default=0.5, gt=0)
     outlook_interval_s: float = Field(default=5.0, gt=0)  # how often completion estimates are refreshed
+    # Hand back young lines of a tenant over its fair share when one short of it has lines waiting and every
+    # slot is taken (docs/scheduling.md).
+    fair_share_preemption: bool = True
+    # How often the queue of backends of flavour vllm/sglang/llamacpp is read from their /metrics.
+    engine_metrics_interval_s: float = Field(default=1.0, gt=0)
 
     @field_validator("public_url")
     @classmethod

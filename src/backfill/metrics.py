@@ -46,6 +46,12 @@ class Metrics:
         self.line_retries = Counter(
             "backfill_line_retries", "Attempts that will be retried later.", ["backend"], registry=self.registry
         )
+        self.lines_preempted = Counter(
+            "backfill_lines_preempted",
+            "Lines handed back uncharged so that a tenant short of its fair share got the slot.",
+            ["backend"],
+            registry=self.registry,
+        )
         self.commit_seconds = Histogram(
             "backfill_commit_seconds",
             "Duration of one group-commit transaction of line results.",

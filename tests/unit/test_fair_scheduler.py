@@ -120,7 +120,7 @@ def test_no_tenant_with_work_is_starved_and_no_line_is_handed_out_twice(specs: l
     # before its turn comes (a round each per quantum it needs), plus whatever promoted lines take.
     max_cost = max(spec[2] for spec in specs)
     q_eff = max(quantum, max_cost)
-    rounds = int(max_cost / (q_eff * min(weights.values()))) + 2
+    rounds = int(max_cost / (q_eff * min(weights.values()))) + 3  # + the round in progress and carried deficits
     bound = rounds * len(weights) * (q_eff * max(weights.values()) + max_cost)
     bound += sum(c.cost for q in queues.values() for c in q if c.urgent)
     others_served: Counter[str] = Counter()  # tokens served to others since each tenant was last served

@@ -14,10 +14,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import httpx
 import orjson
 import structlog
 
 from backfill import ids
+from backfill.backends.engine_metrics import EngineMetrics
 from backfill.config import Settings
 from backfill.dispatch.lifecycle import Lifecycle
 from backfill.dispatch.pools import Pool, Start
@@ -27,6 +29,7 @@ from backfill.domain.lines import ValidationLimits
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.errors import Conflict, NotFound
 from backfill.metrics import Metrics, outcome_label
+from backfill.policy.limits import EndpointLimits
 from backfill.policy.retry import RetryPolicy, Verdict
 from backfill.ports import Backend, BlobStore
 from backfill.store.sql import SqlStore
@@ -71,7 +74,11 @@ class Dispatcher:
         for backend in self.backends:
             for model in backend.models:
                 by_model.setdefault(model, []).append(backend)
-        self.pools = {model: Pool.build(served, configured) for model, served in by_model.items()}
+        self.limits: dict[str, EndpointLimits] = {}
+        self.pools = {
+            model: Pool.build(served, configured, preemption=settings.fair_share_preemption, shared=self.limits)
+            for model, served in by_model.items()
+        }
         self.lifecycle = Lifecycle(
             store,
             blobs,
@@ -117,6 +124,7 @@ class Dispatcher:
         """Run until `stop` is set, then hand back what is not done (uncharged) and flush."""
         recorder = asyncio.create_task(self._recorder())
         housekeeper = asyncio.create_task(self._housekeeper())
+        watcher = asyncio.create_task(self._watch_engines())
         try:
             while not stop.is_set():
                 await self._fill()
@@ -126,6 +134,9 @@ class Dispatcher:
         finally:
             self._stopping = True
             housekeeper.cancel()
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             await self._shutdown()
             recorder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -181,9 +192,21 @@ class Dispatcher:
             if not isinstance(start, Start):
                 if math.isfinite(start):
                     self._wake_at(start)
+                else:
+                    self._preempt(pool, now)
                 return
             task = asyncio.create_task(self._run_line(start, pool))
             self._in_flight[start.line.id] = _InFlight(start.line, start.batch, start.backend, task)
+
+    def _preempt(self, pool: Pool, now: float) -> None:
+        """Hand back young lines of a tenant over its fair share (uncharged) so a short tenant gets slots now;
+        cancelling the request closes its connection, and the server drops it."""
+        for start in pool.preempt(now):
+            flight = self._in_flight.get(start.line.id)
+            if flight is not None:
+                self._aborts[start.line.id] = RequestState.QUEUED
+                flight.task.cancel()
+                self.metrics.lines_preempted.labels(start.backend.name).inc()
 
     def _wake_at(self, when: float) -> None:
         """A rate limit or Retry-After holds lines back until `when`: look again then, not at the next poll."""
@@ -263,6 +286,22 @@ class Dispatcher:
             error_message=None if has_response else f"{outcome.message} ({decision.reason}).",
             usage=outcome.usage,
         )
+
+    async def _watch_engines(self) -> None:
+        """About once a second, each engine's own queue (vLLM/SGLang/llama.cpp metrics) for its limit."""
+        watched = [cfg for cfg in self.settings.backends if cfg.name in self.limits and EngineMetrics.supports(cfg)]
+        if not watched:
+            return
+        async with httpx.AsyncClient() as client:
+            probes = [EngineMetrics(cfg, client) for cfg in watched]
+            while True:
+                waiting = await asyncio.gather(*(probe.waiting() for probe in probes))
+                now = self.clock()
+                for probe, count in zip(probes, waiting, strict=True):
+                    if count is not None:
+                        self.limits[probe.name].on_engine_load(now, count)
+                self._wake.set()
+                await asyncio.sleep(self.settings.engine_metrics_interval_s)
 
     # --- group commit ------------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from backfill.domain.estimates import expected_output_tokens
 from backfill.domain.leases import DispatchBatch, LeasedLine
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.policy.estimate import WorkItem, estimate_completions, outlook
-from backfill.policy.fair import Candidate, FairScheduler, Scheduler, line_cost
+from backfill.policy.fair import Candidate, FairScheduler, Scheduler, line_cost, share_gap
 from backfill.policy.limits import EndpointLimits
 from backfill.policy.routing import next_start_at, pick_endpoint
 from backfill.ports import Backend
@@ -86,25 +86,30 @@ class Pool:
     promoted: set[str] = field(default_factory=set)
     meter: ThroughputMeter = field(default_factory=ThroughputMeter)
     tenant_in_flight: dict[str, float] = field(default_factory=dict)  # line cost running, by tenant
+    preemption: bool = True  # take young lines back from a tenant over its share for one short of it
+    running: dict[int, tuple[Start, float]] = field(default_factory=dict)  # line id -> (start, when)
+    preempting: set[int] = field(default_factory=set)  # line ids handed back, their slots not yet free
 
     @classmethod
-    def build(cls, backends: Iterable[Backend], configured: dict[str, BackendSettings]) -> Pool:
-        limits: dict[str, EndpointLimits] = {}
-        named: dict[str, Backend] = {}
+    def build(
+        cls,
+        backends: Iterable[Backend],
+        configured: dict[str, BackendSettings],
+        *,
+        preemption: bool = True,
+        shared: dict[str, EndpointLimits] | None = None,
+    ) -> Pool:
+        """A pool over `backends`; `shared` holds every backend's limits across pools (a backend that serves
+        several models is one endpoint with one set of limits)."""
+        shared = {} if shared is None else shared
         for backend in backends:
-            named[backend.name] = backend
-            cfg = configured.get(backend.name)
-            if cfg is None:  # in-process engines know their exact capacity
-                limits[backend.name] = EndpointLimits(backend.max_concurrency, adaptive=False)
-            else:
-                limits[backend.name] = EndpointLimits(
-                    cfg.max_concurrency,
-                    rpm=cfg.rpm,
-                    tpm=cfg.tpm,
-                    adaptive=cfg.adaptive_concurrency,
-                    initial_concurrency=min(cfg.initial_concurrency, cfg.max_concurrency),
-                )
-        return cls(named, limits)
+            if backend.name not in shared:
+                shared[backend.name] = limits_for(backend, configured.get(backend.name))
+        return cls(
+            {backend.name: backend for backend in backends},
+            {backend.name: shared[backend.name] for backend in backends},
+            preemption=preemption,
+        )
 
     @property
     def capacity(self) -> int:
@@ -160,7 +165,52 @@ class Pool:
         line = self.ready[chosen.batch_id].popleft()
         self.limits[name].on_start(now, _tokens(line))
         self.tenant_in_flight[chosen.tenant_id] = self.tenant_in_flight.get(chosen.tenant_id, 0.0) + chosen.cost
-        return Start(line, self.batches[chosen.batch_id], self.backends[name], chosen.cost)
+        start = Start(line, self.batches[chosen.batch_id], self.backends[name], chosen.cost)
+        self.running[line.id] = (start, now)
+        return start
+
+    def preempt(self, now: float) -> list[Start]:
+        """Lines to hand back (uncharged) so that a tenant short of its fair share gets slots now, when every
+        slot is taken: the youngest lines of the tenant furthest above its share, only those younger than a
+        quarter of their endpoint's typical latency (little work is lost), no more than the gap.
+
+        Without it a tenant that arrives while another holds every slot waits for slots to free one by one;
+        with long lines that is most of its completion time.
+        """
+        if not self.preemption:
+            return []
+        held = dict(self.tenant_in_flight)
+        for line_id in self.preempting:
+            start = self.running[line_id][0]
+            held[start.batch.tenant_id] = held.get(start.batch.tenant_id, 0.0) - start.cost
+        candidates = [self._candidate(batch_id, lines[0]) for batch_id, lines in self.ready.items() if lines]
+        gap = share_gap(candidates, held)
+        if gap is None:
+            return []
+        waiting = sum(
+            len(lines)
+            for batch_id, lines in self.ready.items()
+            if self.batches[batch_id].tenant_id == gap.owed.tenant_id
+        )
+        young = sorted(
+            (
+                (started, start)
+                for line_id, (start, started) in self.running.items()
+                if line_id not in self.preempting
+                and start.batch.tenant_id == gap.over_tenant
+                and now - started < 0.25 * self.limits[start.backend.name].typical_latency_s
+            ),
+            key=lambda item: -item[0],
+        )
+        victims: list[Start] = []
+        freed = 0.0
+        for _, start in young:
+            if freed + gap.owed.cost > gap.short or len(victims) >= waiting:
+                break
+            victims.append(start)
+            freed += start.cost
+            self.preempting.add(start.line.id)
+        return victims
 
     def finish(self, start: Start, now: float, latency_s: float, outcome: Outcome) -> None:
         """The endpoint answered (whatever it said)."""
@@ -176,6 +226,8 @@ class Pool:
         self._leave(start)
 
     def _leave(self, start: Start) -> None:
+        self.running.pop(start.line.id, None)
+        self.preempting.discard(start.line.id)
         tenant = start.batch.tenant_id
         left = self.tenant_in_flight.get(tenant, 0.0) - start.cost
         if left > 1e-6:
@@ -224,6 +276,18 @@ class Pool:
             eta = etas[batch.id]
             shown.append((batch.id, math.ceil(eta) if math.isfinite(eta) else None, state.value))
         return shown
+
+
+def limits_for(backend: Backend, configured: BackendSettings | None) -> EndpointLimits:
+    if configured is None:  # in-process engines know their exact capacity
+        return EndpointLimits(backend.max_concurrency, adaptive=False)
+    return EndpointLimits(
+        configured.max_concurrency,
+        rpm=configured.rpm,
+        tpm=configured.tpm,
+        adaptive=configured.adaptive_concurrency,
+        initial_concurrency=min(configured.initial_concurrency, configured.max_concurrency),
+    )
 
 
 def _tokens(line: LeasedLine) -> int:

@@ -151,5 +151,41 @@ def _most_owed(best: Mapping[str, Candidate], in_flight: Mapping[str, float]) ->
     return chosen
 
 
+@dataclass(frozen=True, slots=True)
+class ShareGap:
+    """A tenant with lines ready is short of its share of the work in flight, and who holds too much."""
+
+    owed: Candidate  # the short tenant's next line
+    short: float  # line cost it is short by
+    over_tenant: str  # the tenant furthest above its share
+
+
+def share_gap(candidates: Sequence[Candidate], in_flight: Mapping[str, float]) -> ShareGap | None:
+    """When every slot is taken, the gap that only taking a slot back can close: None if no tenant with lines
+    ready is short of its weighted share by a line or more, or if nobody else holds more than theirs.
+
+    Tenants with work in flight but none ready count too: they hold slots they may have to give back.
+    """
+    best: dict[str, Candidate] = {}
+    for candidate in candidates:
+        held = best.get(candidate.tenant_id)
+        if held is None or _edf(candidate) < _edf(held):
+            best[candidate.tenant_id] = candidate
+    weights = {tenant: max(c.weight, 1e-3) for tenant, c in best.items()}
+    for tenant in in_flight:
+        weights.setdefault(tenant, 1.0)
+    running = sum(in_flight.values())
+    total_weight = sum(weights.values())
+    share = {tenant: running * weight / total_weight for tenant, weight in weights.items()}
+    owed = max(best.values(), key=lambda c: share[c.tenant_id] - in_flight.get(c.tenant_id, 0.0), default=None)
+    if owed is None:
+        return None
+    short = share[owed.tenant_id] - in_flight.get(owed.tenant_id, 0.0)
+    over = max(in_flight, key=lambda tenant: in_flight[tenant] - share[tenant], default=None)
+    if short < owed.cost or over is None or over == owed.tenant_id or in_flight[over] <= share[over]:
+        return None
+    return ShareGap(owed, short, over)
+
+
 def _edf(candidate: Candidate) -> tuple[float, int]:
     return (candidate.deadline, candidate.seq)

@@ -8,8 +8,11 @@ continuous-batching engine latency rises with concurrency long before throughput
 carries more sequences), so "cut when latency rises" would keep the engine half empty.
 
 - **Slow start**: one more slot per success while the limit is what holds work back (doubling per round trip,
-  as TCP), until the time per output token reaches `slow_start_exit` x its floor (measured at low load): a
-  queue is forming in the engine. Batching alone raises it about 2-3x from 16 to 256 sequences.
+  as TCP), until a round of growth buys less than 10% more throughput (the engine is about full), or the time
+  per output token reaches 5x its floor (measured at low load).
+- **Engine metrics**, where the backend's flavour exposes them (vLLM, SGLang, llama.cpp): requests waiting in
+  the engine say directly that it is full. Once they are seen, the limit follows them (`on_engine_load`):
+  shrink to what the engine runs of ours when more than a few wait, grow 5% a second while none do.
 - Then once per window (at least two request latencies long, the first after a change discarded because it
   still measures the old limit):
   - overload (429, 5xx, timeouts) -> cut multiplicatively (x `backoff`) at once, like TCP;
@@ -86,7 +89,8 @@ class AdaptiveConcurrency:
     backoff: float = 0.7
     min_gain: float = 0.05
     latency_tolerance: float = 1.0
-    slow_start_exit: float = 3.0  # leave slow start when time per token reaches this many times its floor
+    slow_start_gain: float = 0.1  # leave slow start when a round of growth bought less throughput than this
+    slow_start_exit: float = 5.0  # ... or when time per token reaches this many times its floor
     hold_windows: int = 3
     limit: float = 0.0
     _window: _Window | None = None
@@ -99,6 +103,10 @@ class AdaptiveConcurrency:
     _latency_s: float = 0.0  # smoothed latency per request
     _samples: int = 0
     _binding: bool = False  # the limit, not demand, held back the last start
+    _engine_reports: bool = False  # the engine's queue is known from its metrics (on_engine_load)
+    _round: _Window | None = None  # slow start's current measuring round
+    _round_limit: float = 0.0  # the limit when that round began
+    _last_round: _Point | None = None
     history: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=1000))  # (when, limit)
 
     def __post_init__(self) -> None:
@@ -108,12 +116,34 @@ class AdaptiveConcurrency:
     def current(self) -> int:
         return max(self.min_limit, int(self.limit))
 
+    @property
+    def latency_s(self) -> float:
+        """Smoothed request latency (0 before any finish)."""
+        return self._latency_s
+
     def on_start(self, now: float, in_flight_after: int) -> None:
         window = self._open(now)
         window.starts += 1
         self._binding = in_flight_after >= self.current
         if self._binding:
             window.saturated_starts += 1
+
+    def on_engine_load(self, now: float, waiting: int, in_flight: int) -> None:
+        """The engine's own queue, read from its metrics (vLLM, SGLang, llama.cpp), about once a second.
+
+        Better than any inference from latency: a continuous-batching engine is full exactly when requests wait
+        for a slot in it. So, once it has reported: more than a few waiting -> the limit drops to what it is
+        running of ours plus that few; none waiting while the limit holds work back -> grow 5% (slow start
+        keeps doubling). Throughput windows are then not needed.
+        """
+        self._engine_reports = True
+        tolerance = max(2, round(0.02 * self.limit))
+        if waiting > tolerance:
+            self._slow_start = False
+            self._knee_found = True
+            self._set(now, min(self.limit, max(in_flight - waiting + tolerance, self.min_limit)))
+        elif not self._slow_start and in_flight >= self.current - tolerance:
+            self._set(now, self.limit + max(1.0, 0.05 * self.limit))
 
     def on_finish(self, now: float, latency_s: float, tokens: int, overloaded: bool, output_tokens: int = 1) -> None:
         if overloaded:
@@ -122,9 +152,13 @@ class AdaptiveConcurrency:
             self._last, self._hold = None, self.hold_windows
             self._window = None  # cut at once: waiting out the window would pile up more errors
             return
-        self._observe(latency_s, output_tokens)
+        self.observe(latency_s, output_tokens)
+        if self._engine_reports:
+            if self._slow_start and self._binding:
+                self._set(now, self.limit + 1)
+            return
         if self._slow_start:
-            self._grow_slow_start(now)
+            self._grow_slow_start(now, tokens)
             return
         window = self._open(now)
         window.finished += 1
@@ -134,7 +168,8 @@ class AdaptiveConcurrency:
         if long_enough and window.finished >= self.min_window_finishes:
             self._close(now)
 
-    def _observe(self, latency_s: float, output_tokens: int) -> None:
+    def observe(self, latency_s: float, output_tokens: int) -> None:
+        """Fold one request's latency into the smoothed figures."""
         per_token = latency_s / max(output_tokens, 1)
         self._samples += 1
         alpha = 0.1
@@ -146,17 +181,39 @@ class AdaptiveConcurrency:
         if self._samples >= 10:
             self._per_token_floor_s = min(self._per_token_floor_s, self._per_token_s)
 
-    def _grow_slow_start(self, now: float) -> None:
-        """One more slot per success while the limit binds (doubling per round trip, as TCP's slow start),
-        until time per token shows a queue forming in the engine."""
+    def _grow_slow_start(self, now: float, tokens: int) -> None:
+        """One more slot per success while the limit binds (doubling per round trip, as TCP's slow start).
+
+        Every round (a request latency at least) compares throughput with the round before: finishes lag
+        starts by a latency, so a round measures the limit the previous round began with. When the last step
+        up bought less than `slow_start_gain`, the engine is about full: go back to the limit that round began
+        with (past the knee, extra requests only queue in the engine, where they wait behind each other and a
+        newcomer's lines wait behind them). A time per token past `slow_start_exit` x its floor also ends it.
+        """
         if self._per_token_s > self.slow_start_exit * self._per_token_floor_s:
-            self._slow_start = False
-            self._knee_found = True
-            self._hold = self.hold_windows
-            self._window = None
+            self._end_slow_start(now, self.limit)
             return
+        if self._round is None:
+            self._round, self._round_limit = _Window(now, settling=False), self.limit
+        self._round.finished += 1
+        self._round.tokens += max(tokens, 1)
+        elapsed = now - self._round.started
+        if elapsed >= max(self._latency_s, 0.5) and self._round.finished >= self.min_window_finishes:
+            point = _Point(self._round_limit, self._round.tokens / elapsed, 0.0)
+            last, self._last_round = self._last_round, point
+            self._round = None
+            if last is not None and point.throughput < last.throughput * (1 + self.slow_start_gain):
+                self._end_slow_start(now, point.limit)
+                return
         if self._binding:
             self._set(now, self.limit + 1)
+
+    def _end_slow_start(self, now: float, limit: float) -> None:
+        self._slow_start = False
+        self._knee_found = True
+        self._hold = self.hold_windows
+        self._set(now, limit)
+        self._window = None
 
     def _open(self, now: float) -> _Window:
         if self._window is None:
@@ -236,6 +293,10 @@ class EndpointLimits:
     def limit(self) -> int:
         return self.concurrency.current if self.adaptive else self.max_concurrency
 
+    @property
+    def typical_latency_s(self) -> float:
+        return self.concurrency.latency_s
+
     def start_at(self, now: float, tokens: float) -> float:
         """When a request of about `tokens` may start: `now`, a later time, or inf (wait for a finish)."""
         if self.in_flight >= self.limit:
@@ -261,6 +322,12 @@ class EndpointLimits:
             self.paused_until = max(self.paused_until, now + min(outcome.retry_after_s, 60.0))
         if self.adaptive:
             self.concurrency.on_finish(now, latency_s, tokens, is_overload(outcome), outcome.usage.output_tokens)
+        else:
+            self.concurrency.observe(latency_s, outcome.usage.output_tokens)
+
+    def on_engine_load(self, now: float, waiting: int) -> None:
+        if self.adaptive:
+            self.concurrency.on_engine_load(now, waiting, self.in_flight)
 
     def release(self) -> None:
         """A request that never reached the endpoint (aborted, crashed before sending) gives its slot back."""

@@ -39,15 +39,17 @@ def dispatcher(
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if policy == "fifo":
-        return VirtualDispatcher(loop, engines, limits, FifoScheduler(), group_prefixes=False, promote=False)
+        return VirtualDispatcher(
+            loop, engines, limits, FifoScheduler(), group_prefixes=False, promote=False, preempt=False
+        )
     if policy == "edf":
-        return VirtualDispatcher(loop, engines, limits, EdfScheduler(), promote=False)
+        return VirtualDispatcher(loop, engines, limits, EdfScheduler(), promote=False, preempt=False)
     return VirtualDispatcher(loop, engines, limits, FairScheduler())
 
 
-def chat_lines(rng: random.Random, count: int) -> list[LineSpec]:
-    """Chat lines without shared prefixes: prompts of 200-800 tokens, answers of 50-350 tokens."""
-    return [LineSpec(rng.randint(200, 800), rng.randint(50, 350)) for _ in range(count)]
+def chat_lines(rng: random.Random, count: int, prompt_tokens: tuple[int, int] = (200, 800)) -> list[LineSpec]:
+    """Chat lines without shared prefixes: prompts in the given range, answers of 50-350 tokens."""
+    return [LineSpec(rng.randint(*prompt_tokens), rng.randint(50, 350)) for _ in range(count)]
 
 
 # --- fair share ---------------------------------------------------------------------------------------------
@@ -67,14 +69,15 @@ def fair_share(
     big_lines: int = 50_000,
     small_lines: int = 100,
     small_arrives_s: float = 60.0,
+    prompt_tokens: tuple[int, int] = (50, 200),
     seed: int = 7,
     profile: EngineProfile | None = None,
 ) -> FairShareResult:
     """Tenant A submits `big_lines`; tenant B `small_lines` a minute later; equal weights; one engine.
     Runs until B's batch is done."""
     rng = random.Random(seed)
-    big = BatchSpec("batch_a", "tenant_a", 0.0, 86_400, chat_lines(rng, big_lines))
-    small = BatchSpec("batch_b", "tenant_b", small_arrives_s, 86_400, chat_lines(rng, small_lines))
+    big = BatchSpec("batch_a", "tenant_a", 0.0, 86_400, chat_lines(rng, big_lines, prompt_tokens))
+    small = BatchSpec("batch_b", "tenant_b", small_arrives_s, 86_400, chat_lines(rng, small_lines, prompt_tokens))
     loop = EventLoop()
     engine = IterationEngine(loop, profile or EngineProfile())
     limits = {"engine": EndpointLimits(max_concurrency=1024, initial_concurrency=16)}

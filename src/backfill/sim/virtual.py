@@ -32,6 +32,7 @@ from backfill.sim.engine import EngineModel, SimRequest, StepResult
 from backfill.sim.profile import EngineProfile
 
 OUTLOOK_EVERY_S = 5.0
+PROBE_EVERY_S = 1.0
 
 
 class EventLoop:
@@ -59,6 +60,10 @@ class VirtualEngine(Protocol):
         """Start a request now; `done` is called at its modelled finish."""
         ...
 
+    def abort(self, line_id: str) -> None:
+        """Drop a request (its client went away): `done` is never called."""
+        ...
+
 
 class IterationEngine:
     def __init__(self, loop: EventLoop, profile: EngineProfile) -> None:
@@ -73,6 +78,14 @@ class IterationEngine:
         if not self._busy:
             self._busy = True
             self.loop.at(self.loop.now, self._step)
+
+    def abort(self, line_id: str) -> None:
+        self.model.abort(line_id)
+        self._done.pop(line_id, None)
+
+    def waiting(self) -> int:
+        """What a vLLM server reports as `vllm:num_requests_waiting`."""
+        return self.model.num_waiting
 
     def _step(self) -> None:
         result = self.model.step()
@@ -102,6 +115,7 @@ class FluidEngine:
         self._rate = capacity(0.0)
         self._heap: list[tuple[float, int, str]] = []  # (served at which it finishes, tiebreak, line id)
         self._lines: dict[str, tuple[Done, Usage]] = {}
+        self._aborted: set[str] = set()  # still in the heap, skipped when they come up
         self._seq = itertools.count()
         self._generation = 0
         self.busy_work = 0.0  # work units served, in total
@@ -114,10 +128,19 @@ class FluidEngine:
         self._lines[line_id] = (done, Usage(input_tokens=prompt_tokens, output_tokens=output_tokens))
         self._reschedule()
 
+    def abort(self, line_id: str) -> None:
+        self._advance()
+        if self._lines.pop(line_id, None) is not None:
+            self._aborted.add(line_id)
+        self._reschedule()
+
+    def _sharing(self) -> int:
+        return len(self._heap) - len(self._aborted)
+
     def _advance(self) -> None:
         now = self.loop.now
-        if self._heap and now > self._updated:
-            share = self._rate / len(self._heap)
+        if self._sharing() > 0 and now > self._updated:
+            share = self._rate / self._sharing()
             self.served += (now - self._updated) * share
             self.busy_work += (now - self._updated) * self._rate
         self._updated = now
@@ -130,11 +153,13 @@ class FluidEngine:
 
     def _reschedule(self) -> None:
         self._generation += 1
+        while self._heap and self._heap[0][2] in self._aborted:
+            self._aborted.discard(heapq.heappop(self._heap)[2])
         if not self._heap or self._rate <= 0:
             return
         generation = self._generation
         left = max(0.0, self._heap[0][0] - self.served)
-        self.loop.at(self.loop.now + left * len(self._heap) / self._rate, lambda: self._finish(generation))
+        self.loop.at(self.loop.now + left * self._sharing() / self._rate, lambda: self._finish(generation))
 
     def _finish(self, generation: int) -> None:
         if generation != self._generation:
@@ -142,6 +167,9 @@ class FluidEngine:
         self._advance()
         while self._heap and self._heap[0][0] <= self.served + 1e-6:
             _, _, line_id = heapq.heappop(self._heap)
+            if line_id in self._aborted:
+                self._aborted.discard(line_id)
+                continue
             done, usage = self._lines.pop(line_id)
             done(self.loop.now, usage)
         self._reschedule()
@@ -207,21 +235,26 @@ class VirtualDispatcher:
     scheduler: Scheduler = field(default_factory=FairScheduler)
     group_prefixes: bool = True
     promote: bool = True
+    preempt: bool = True
+    engine_metrics: bool = True  # read the engine's queue (IterationEngine only), as for a vLLM backend
     runs: dict[str, BatchRun] = field(default_factory=dict)
     lines_done: int = 0
     output_tokens: int = 0
     last_done_s: float = 0.0
+    preempted: int = 0
     on_batch_done: Callable[[BatchRun], None] | None = None
 
     def __post_init__(self) -> None:
         backends = {name: _VirtualBackend(name) for name in self.engines}
-        self.pool = Pool(dict(backends), self.limits, self.scheduler)
+        self.pool = Pool(dict(backends), self.limits, self.scheduler, preemption=self.preempt)
         self._line_ids = itertools.count(1)
-        self._specs: dict[int, LineSpec] = {}
+        self._specs: dict[int, LineSpec] = {}  # leased, not started
+        self._running_specs: dict[int, LineSpec] = {}
         self._started: dict[int, float] = {}
         self._pumping = False
         self._wake_at = math.inf
         self._outlooks_armed = False
+        self._probing = False
 
     def submit_at(self, spec: BatchSpec) -> None:
         self.loop.at(spec.arrival_s, lambda: self._arrive(spec))
@@ -243,6 +276,9 @@ class VirtualDispatcher:
         if self.promote and not self._outlooks_armed:
             self._outlooks_armed = True
             self.loop.at(self.loop.now + OUTLOOK_EVERY_S, self._outlooks)
+        if self.engine_metrics and not self._probing:
+            self._probing = True
+            self.loop.at(self.loop.now + PROBE_EVERY_S, self._probe)
         self._pump()
 
     def _view(self, run: BatchRun) -> DispatchBatch:
@@ -276,12 +312,19 @@ class VirtualDispatcher:
                     self.pool.add(self._view(run), lines)
             while True:
                 start = self.pool.next_start(self.loop.now)
-                if not isinstance(start, Start):
-                    if math.isfinite(start) and start < self._wake_at:
+                if isinstance(start, Start):
+                    self._run(start)
+                    continue
+                if math.isfinite(start):
+                    if start < self._wake_at:
                         self._wake_at = start
                         self.loop.at(start, self._woken)
                     break
-                self._run(start)
+                victims = self.pool.preempt(self.loop.now)
+                if not victims:
+                    break
+                for victim in victims:
+                    self._hand_back(victim)
         finally:
             self._pumping = False
 
@@ -295,12 +338,22 @@ class VirtualDispatcher:
         self._specs[line_id] = line
         return LeasedLine(line_id, run.spec.id, number, "", 0, 0, 0, 1, line.prompt_tokens, line.output_tokens)
 
+    def _hand_back(self, start: Start) -> None:
+        """Abort a running line and put it back at the head of its batch's queue, uncharged."""
+        self.engines[start.backend.name].abort(f"l{start.line.id}")
+        self.pool.release(start)
+        line = self._running_specs.pop(start.line.id)
+        self.runs[start.batch.id].queue.appendleft((start.line.line_no, line))
+        self.preempted += 1
+
     def _run(self, start: Start) -> None:
         line = self._specs.pop(start.line.id)
+        self._running_specs[start.line.id] = line
         name = start.backend.name
         started = self.loop.now
 
         def done(now: float, usage: Usage) -> None:
+            self._running_specs.pop(start.line.id, None)
             self.pool.finish(start, now, now - started, Outcome(OutcomeKind.SUCCESS, 200, usage=usage))
             self.lines_done += 1
             self.last_done_s = now
@@ -314,6 +367,17 @@ class VirtualDispatcher:
             self._pump()
 
         self.engines[name].submit(f"l{start.line.id}", line.prompt_tokens, line.output_tokens, line.prefix_blocks, done)
+
+    def _probe(self) -> None:
+        """Read each engine's queue about once a second, as the dispatcher scrapes vLLM's /metrics."""
+        if not any(run.open_lines for run in self.runs.values()):
+            self._probing = False
+            return
+        for name, engine in self.engines.items():
+            if isinstance(engine, IterationEngine):
+                self.pool.limits[name].on_engine_load(self.loop.now, engine.waiting())
+        self._pump()
+        self.loop.at(self.loop.now + PROBE_EVERY_S, self._probe)
 
     def _outlooks(self) -> None:
         """Every 5 s while there is work, as the dispatcher does; stops when idle so a run can end."""
