@@ -21,7 +21,7 @@ from harness import REPO, machine_line, table
 
 from backfill.sim.scenarios import deadline_workload, deadlines
 
-TRACE = REPO.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
+TRACE = REPO / "bench" / "data" / "azure_llm_2023_conv.csv"  # CC-BY 4.0, see bench/data/README.md
 
 
 def main() -> None:

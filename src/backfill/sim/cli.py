@@ -58,7 +58,7 @@ def serve(host: str, port: int, profile_path: Path | None, model: str | None, ti
 
 @sim.command()
 @click.argument("scenario", type=click.Choice(["fair-share", "deadlines", "prefix"]))
-@click.option("--policy", type=click.Choice(["backfill", "fifo"]), default="backfill", show_default=True)
+@click.option("--policy", type=click.Choice(["backfill", "fifo", "edf"]), default="backfill", show_default=True)
 @click.option("--days", type=float, default=7.0, show_default=True, help="deadlines: how long a run.")
 @click.option(
     "--trace",
@@ -72,6 +72,7 @@ def replay(scenario: str, policy: str, days: float, trace: Path | None, seed: in
     fair-share: tenant A's 50,000 lines, tenant B's 100 a minute later; prints B's completion time.
     deadlines: days of interactive load plus 1 h and 24 h batches; prints deadline misses.
     prefix: 200 shared prompts x 100 lines, shuffled; "fifo" means arrival order.
+    edf: earliest deadline first across everything (fair share ignored), a reference for deadlines.
     """
     from backfill.sim import scenarios
 
