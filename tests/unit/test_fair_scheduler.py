@@ -116,13 +116,21 @@ def test_no_tenant_with_work_is_starved_and_no_line_is_handed_out_twice(specs: l
     handed: list[tuple[str, int]] = []
     remaining = {batch: len(queue) for batch, queue in queues.items()}
     scheduler = FairScheduler(quantum_tokens=quantum)
-    # DRR's guarantee is in tokens: while a tenant has work, the others are served at most a bounded amount
-    # before its turn comes (a round each per quantum it needs), plus whatever promoted lines take.
+    # DRR's guarantee is in tokens: while a tenant has work, the others are served a bounded amount before its
+    # turn comes: a round each (at most quantum x weight + a line) per quantum x its weight it needs, where it
+    # needs a line's cost plus whatever its own promoted lines ran ahead (they are charged to it), plus what
+    # promoted lines of anyone take.
     max_cost = max(spec[2] for spec in specs)
-    q_eff = max(quantum, max_cost)
-    rounds = int(max_cost / (q_eff * min(weights.values()))) + 3  # + the round in progress and carried deficits
-    bound = rounds * len(weights) * (q_eff * max(weights.values()) + max_cost)
-    bound += sum(c.cost for q in queues.values() for c in q if c.urgent)
+    per_round = len(weights) * (max(quantum, max_cost) * max(weights.values()) + max_cost)
+    urgent_total = sum(c.cost for q in queues.values() for c in q if c.urgent)
+    debt = Counter({tenant: 0.0 for tenant in weights})
+    for queue in queues.values():
+        for c in queue:
+            debt[c.tenant_id] += c.cost if c.urgent else 0.0
+    bound = {
+        tenant: (int((max_cost + debt[tenant]) / (quantum * weight)) + 3) * per_round + urgent_total
+        for tenant, weight in weights.items()
+    }
     others_served: Counter[str] = Counter()  # tokens served to others since each tenant was last served
     while any(queues.values()):
         heads = [queue[0] for queue in queues.values() if queue]
@@ -134,5 +142,5 @@ def test_no_tenant_with_work_is_starved_and_no_line_is_handed_out_twice(specs: l
         handed.append((chosen.batch_id, remaining[chosen.batch_id]))
         for tenant in {c.tenant_id for c in heads}:
             others_served[tenant] = 0 if tenant == chosen.tenant_id else others_served[tenant] + chosen.cost
-            assert others_served[tenant] <= bound
+            assert others_served[tenant] <= bound[tenant]
     assert len(handed) == len(set(handed)) == sum(spec[1] for spec in specs)
