@@ -31,15 +31,25 @@ def test_absent_or_garbled_metrics_give_nothing() -> None:
     assert parse_waiting("this is { not prometheus", WAITING_METRIC["vllm"]) is None
 
 
-def test_a_queue_in_the_engine_brings_the_limit_down_to_what_it_runs() -> None:
+def test_a_lasting_queue_in_the_engine_brings_the_limit_down_to_what_it_runs() -> None:
     limit = AdaptiveConcurrency(max_limit=1024, initial=300)
-    limit.on_engine_load(0.0, waiting=44, in_flight=300)
+    limit.on_engine_load(0.0, waiting=50, in_flight=300)
+    assert 300 == limit.current  # one reading: maybe just a burst of arrivals before the next iteration
+    limit.on_engine_load(1.0, waiting=44, in_flight=300)
     assert 300 - 44 + 6 == limit.current  # tolerance: 2% of the limit, at least 2
+
+
+def test_a_passing_burst_does_not_cut() -> None:
+    limit = AdaptiveConcurrency(max_limit=1024, initial=128)
+    limit.on_engine_load(0.0, waiting=99, in_flight=128)
+    limit.on_engine_load(1.0, waiting=0, in_flight=128)
+    assert 128 == limit.current
 
 
 def test_no_queue_while_the_limit_binds_grows_it() -> None:
     limit = AdaptiveConcurrency(max_limit=1024, initial=100)
-    limit.on_engine_load(0.0, waiting=50, in_flight=100)  # ends slow start
+    limit.on_engine_load(0.0, waiting=50, in_flight=100)
+    limit.on_engine_load(0.5, waiting=50, in_flight=100)  # a lasting queue: ends slow start
     before = limit.current
     limit.on_engine_load(1.0, waiting=0, in_flight=before)
     grown = limit.current

@@ -12,7 +12,8 @@ carries more sequences), so "cut when latency rises" would keep the engine half 
   per output token reaches 5x its floor (measured at low load).
 - **Engine metrics**, where the backend's flavour exposes them (vLLM, SGLang, llama.cpp): requests waiting in
   the engine say directly that it is full. Once they are seen, the limit follows them (`on_engine_load`):
-  shrink to what the engine runs of ours when more than a few wait, grow 5% a second while none do.
+  shrink to what the engine runs of ours when more than a few wait in two readings in a row, grow 10% a second
+  while none do.
 - Then once per window (at least two request latencies long, the first after a change discarded because it
   still measures the old limit):
   - overload (429, 5xx, timeouts) -> cut multiplicatively (x `backoff`) at once, like TCP;
@@ -104,6 +105,7 @@ class AdaptiveConcurrency:
     _samples: int = 0
     _binding: bool = False  # the limit, not demand, held back the last start
     _engine_reports: bool = False  # the engine's queue is known from its metrics (on_engine_load)
+    _last_waiting: int = 0
     _round: _Window | None = None  # slow start's current measuring round
     _round_limit: float = 0.0  # the limit when that round began
     _last_round: _Point | None = None
@@ -132,18 +134,22 @@ class AdaptiveConcurrency:
         """The engine's own queue, read from its metrics (vLLM, SGLang, llama.cpp), about once a second.
 
         Better than any inference from latency: a continuous-batching engine is full exactly when requests wait
-        for a slot in it. So, once it has reported: more than a few waiting -> the limit drops to what it is
-        running of ours plus that few; none waiting while the limit holds work back -> grow 5% (slow start
-        keeps doubling). Throughput windows are then not needed.
+        for a slot in it. A request counts as waiting from its arrival to the next iteration even with slots
+        free, so one reading just after a burst of starts shows a queue that is gone an iteration later: only a
+        queue seen in two readings in a row counts. Then, once the engine has reported: more than a few waiting
+        -> the limit drops to what it is running of ours plus that few; none waiting while the limit holds work
+        back -> grow 10% (slow start keeps doubling). Throughput windows are not needed.
         """
         self._engine_reports = True
+        lasting = min(waiting, self._last_waiting)
+        self._last_waiting = waiting
         tolerance = max(2, round(0.02 * self.limit))
-        if waiting > tolerance:
+        if lasting > tolerance:
             self._slow_start = False
             self._knee_found = True
-            self._set(now, min(self.limit, max(in_flight - waiting + tolerance, self.min_limit)))
-        elif not self._slow_start and in_flight >= self.current - tolerance:
-            self._set(now, self.limit + max(1.0, 0.05 * self.limit))
+            self._set(now, min(self.limit, max(in_flight - lasting + tolerance, self.min_limit)))
+        elif not self._slow_start and lasting <= tolerance and in_flight >= self.current - tolerance:
+            self._set(now, self.limit + max(1.0, 0.1 * self.limit))
 
     def on_finish(self, now: float, latency_s: float, tokens: int, overloaded: bool, output_tokens: int = 1) -> None:
         if overloaded:
