@@ -122,11 +122,20 @@ class Server:
     def start(
         cls, children: Children, workdir: Path, backend: dict[str, Any], settings: dict[str, Any] | None = None
     ) -> Server:
+        return cls.start_with(children, workdir, [{"name": "bench", "models": [MODEL], **backend}], settings)
+
+    @classmethod
+    def start_with(
+        cls,
+        children: Children,
+        workdir: Path,
+        backends: list[dict[str, Any]],
+        settings: dict[str, Any] | None = None,
+    ) -> Server:
+        """`backfill serve` with these `[[backends]]` entries, as given."""
         workdir.mkdir(parents=True, exist_ok=True)
         port = free_port()
-        config = write_config(
-            workdir / "backfill.toml", settings or {}, [{"name": "bench", "models": [MODEL], **backend}]
-        )
+        config = write_config(workdir / "backfill.toml", settings or {}, backends)
         log_path = workdir / "serve.log"
         argv = [
             sys.executable, "-m", "backfill", "serve", "--port", str(port),

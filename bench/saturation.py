@@ -63,7 +63,7 @@ from throughput import POLL_S, TERMINAL, check_results
 from backfill.sim.engine import EngineModel, SimRequest
 from backfill.sim.profile import EngineProfile, load_profile
 from backfill.sim.tokens import count_text_tokens, render_chat, text_prefix_hashes
-from backfill.testing.processes import free_port, wait_http, write_config
+from backfill.testing.processes import free_port, wait_http
 
 COOKBOOK = Path(__file__).resolve().parent / "cookbook_client.py"
 CONNECTIONS_PER_CLIENT = 8
@@ -357,23 +357,6 @@ def run_cookbook(children: Children, spec: SimSpec, workload: Workload, workdir:
     return Side("cookbook", seconds, len(workload.ids), tokens, cpu, sim_cpu, steady, ramp_s)
 
 
-def start_backfill(
-    children: Children, workdir: Path, backends: list[dict[str, Any]], settings: dict[str, Any]
-) -> Server:
-    """`backfill serve` (SQLite in its own data dir) with these `[[backends]]` (harness.Server.start knows one)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    config = write_config(workdir / "backfill.toml", settings, backends)
-    log_path = workdir / "serve.log"
-    argv = [
-        sys.executable, "-m", "backfill", "serve", "--port", str(port),
-        "--config", str(config), "--data-dir", str(workdir / "data"),
-    ]  # fmt: skip
-    process = children.start(argv, log_path)
-    wait_http(f"http://127.0.0.1:{port}/healthz", process)
-    return Server(process, port, log_path, httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=600))
-
-
 def backend_in_flight(client: httpx.Client, backend: str) -> Callable[[], float]:
     """backfill's `backfill_backend_in_flight` gauge of one backend, read from GET /metrics through `client`."""
     key = f'backfill_backend_in_flight{{backend="{backend}"}}'
@@ -397,7 +380,7 @@ def run_backfill(
             {"name": name, "url": sim.url, "models": [MODEL], "flavour": "vllm", **backend}
             for name, sim in sims.items()
         ]
-        server = start_backfill(children, workdir, backends, {"max_lines": max(50_000, len(workload.ids))})
+        server = Server.start_with(children, workdir, backends, {"max_lines": max(50_000, len(workload.ids))})
         try:
             file_id = server.upload(workload.path)["id"]
             sim_cpu_before = sum(cpu_s(sim.process.pid) for sim in sims.values())
