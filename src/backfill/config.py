@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     embedded_chat_slots: int = Field(default=8, ge=1, le=64)
     embedded_context_per_slot: int = Field(default=2048, ge=256, le=8192)
     embedded_threads: int | None = Field(default=None, ge=1)
+    # The chat model's weights: the shipped Q4_1 GGUF converted once into `embedded_cache_dir` (default
+    # $XDG_CACHE_HOME/backfill, else ~/.cache/backfill). q8_0 batches much faster with the same answers; q4_0 is
+    # faster still but re-rounds the weights (lower quality); "shipped" loads the file as it comes; "auto": shipped
+    # with one slot (a single sequence is faster on the smaller file), q8_0 with several.
+    embedded_chat_weights: Literal["auto", "q8_0", "q4_0", "f16", "shipped"] = "auto"
+    embedded_cache_dir: Path | None = None
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     retry_base_s: float = Field(default=1.0, ge=0)

@@ -38,6 +38,8 @@ def build_backends(settings: Settings) -> list[Backend]:
             slots=settings.embedded_chat_slots,
             context_per_slot=settings.embedded_context_per_slot,
             threads=settings.embedded_threads,
+            weights=settings.embedded_chat_weights,
+            cache_dir=settings.embedded_cache_dir,
         ),
         EmbeddedEmbeddingBackend(threads=settings.embedded_threads),
     ]

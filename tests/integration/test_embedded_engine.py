@@ -156,3 +156,44 @@ async def test_dimensions_other_than_384_are_rejected(embeddings: Any) -> None:
 
     assert 400 == outcome.status_code
     assert "dimensions" == orjson.loads(outcome.body)["error"]["param"]
+
+
+async def test_weights_are_converted_once_into_the_cache(tmp_path: Any) -> None:
+    from backfill.backends.embedded.backend import smollm2_gguf
+    from backfill.backends.embedded.weights import prepared_gguf
+
+    source = smollm2_gguf()
+    first = prepared_gguf(source, "q8_0", tmp_path, threads=2)
+    written = first.stat().st_mtime_ns
+    again = prepared_gguf(source, "q8_0", tmp_path, threads=2)
+
+    assert first == again != source
+    assert tmp_path == first.parent
+    assert first.name.endswith(".Q8_0.gguf")
+    assert written == again.stat().st_mtime_ns  # found, not converted again
+    assert [first] == list(tmp_path.iterdir())  # no temporary file left behind
+    assert source == prepared_gguf(source, "shipped", tmp_path)
+
+
+async def test_auto_weights_convert_only_when_there_is_batching_to_gain() -> None:
+    from backfill.backends.embedded.weights import resolve
+
+    assert ("shipped", "q8_0", "q4_0") == (resolve("auto", 1), resolve("auto", 8), resolve("q4_0", 1))
+
+
+async def test_a_cache_that_cannot_be_written_falls_back_to_the_shipped_file(tmp_path: Any) -> None:
+    from backfill.backends.embedded.backend import smollm2_gguf
+    from backfill.backends.embedded.weights import prepared_gguf
+
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+
+    assert smollm2_gguf() == prepared_gguf(smollm2_gguf(), "q8_0", blocked)
+
+
+async def test_an_empty_prompt_is_a_400_and_the_engine_keeps_serving(chat: Any) -> None:
+    empty = await chat.send("/v1/completions", orjson.dumps({"model": "smollm2-135m-instruct", "prompt": ""}), 60)
+    after = await chat.send("/v1/chat/completions", chat_body("Name a color.", max_tokens=4, temperature=0), 60)
+
+    assert (400, "prompt") == (empty.status_code, orjson.loads(empty.body)["error"]["param"])
+    assert 200 == after.status_code

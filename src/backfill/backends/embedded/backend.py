@@ -7,7 +7,7 @@ import base64
 import importlib.util
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -24,6 +24,9 @@ from backfill.backends.embedded.shapes import (
 from backfill.domain.features import Feature
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.domain.usage import Usage
+
+if TYPE_CHECKING:
+    from backfill.backends.embedded.weights import WeightType
 
 CHAT_MODEL = "smollm2-135m-instruct"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -75,14 +78,29 @@ async def _within(timeout_s: float, what: str, coro: Any) -> Any:
 class EmbeddedChatBackend:
     """SmolLM2-135M-Instruct on llama.cpp, `max_concurrency` sequences decoded together."""
 
-    def __init__(self, *, slots: int = 8, context_per_slot: int = 2048, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        slots: int = 8,
+        context_per_slot: int = 2048,
+        threads: int | None = None,
+        weights: WeightType = "auto",
+        cache_dir: Path | None = None,
+    ) -> None:
         from backfill.backends.embedded.llama import LlamaEngine
 
         self.name = "embedded-chat"
         self.models = frozenset({CHAT_MODEL})
         self.features = frozenset({Feature.TOP_K})  # text only, no tools, no prefill (the template opens a turn)
         self.max_concurrency = slots
-        self.engine = LlamaEngine(smollm2_gguf(), slots=slots, context_per_slot=context_per_slot, threads=threads)
+        self.engine = LlamaEngine(
+            smollm2_gguf(),
+            slots=slots,
+            context_per_slot=context_per_slot,
+            threads=threads,
+            weights=weights,
+            cache_dir=cache_dir,
+        )
 
     async def send(self, endpoint: str, body: bytes, timeout_s: float) -> Outcome:
         request_body = orjson.loads(body)

@@ -3,9 +3,14 @@
 One worker thread owns the llama.cpp context. Each request gets a sequence id (a slot); every step builds one
 `llama_batch` holding the prompt tokens of newly admitted sequences and the last sampled token of every running
 one, runs one `llama_decode`, and samples each sequence from its own logits row with its own sampler chain
-(temperature, top-p, seed). A finished or abandoned sequence frees its slot and its KV cells at once, so a new
-request joins the next step: throughput grows with the number of requests in flight, up to `slots`.
-ctypes releases the GIL around every llama.cpp call, so the event loop keeps running while the thread decodes.
+(temperature, top-p, seed). A finished or abandoned sequence frees its slot at once, so a new request joins the
+next step: throughput grows with the number of requests in flight, up to `slots`. The slot keeps the KV of the
+prompt it served; a new prompt takes the free slot whose kept prompt shares the longest start with it and decodes
+only the rest (a batch's lines mostly share a system prompt and instructions).
+
+With several slots the weights come from a one-time conversion of the shipped GGUF to Q8_0 (`weights.py`): Q4_1,
+as shipped, has no batched matrix-multiply kernel on x86, so batching it gains little. ctypes releases the GIL
+around every llama.cpp call, so the event loop keeps running while the thread decodes.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import llama_cpp
 
 from backfill.backends.embedded.shapes import BadRequest, Generation, Sampling
+from backfill.backends.embedded.weights import WeightType, prepared_gguf, resolve
 
 _MAX_PIECE = 256
 
@@ -63,11 +69,34 @@ class _Job:
         self.loop.call_soon_threadsafe(settle)
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class LlamaEngine:
     """Chat and text generation with a GGUF model, `slots` sequences at a time."""
 
-    def __init__(self, model_path: Path, *, slots: int = 8, context_per_slot: int = 2048, threads: int | None = None):
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        slots: int = 8,
+        context_per_slot: int = 2048,
+        threads: int | None = None,
+        weights: WeightType = "auto",
+        cache_dir: Path | None = None,
+    ):
         self.model_path = model_path
+        self.weights: WeightType = weights
+        self.cache_dir = cache_dir
+        self.loaded_path: Path | None = None  # the GGUF actually loaded: model_path or its cached conversion
+        self.reuse_prefix = True  # a slot keeps its last prompt's KV; a new prompt decodes only what differs
+        self._held: list[list[int]] = [[] for _ in range(slots)]  # per slot: the tokens whose KV it still holds
         self.slots = slots
         self.context_per_slot = context_per_slot
         self.threads = threads or os.cpu_count() or 1
@@ -132,15 +161,25 @@ class LlamaEngine:
         llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
-        self.model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), model_params)
+        path = prepared_gguf(self.model_path, resolve(self.weights, self.slots), self.cache_dir, self.threads)
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self.model and path != self.model_path:  # a damaged cached conversion: drop it, use the shipped file
+            path.unlink(missing_ok=True)
+            path = self.model_path
+            self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {self.model_path}")
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        self.loaded_path = path
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.slots * self.context_per_slot
         params.n_batch = max(512, self.context_per_slot)
         params.n_ubatch = 512
         params.n_seq_max = self.slots
+        # One KV stream per slot, so attention never scans the other sequences' cells. llama.cpp then splits a
+        # batch into one forward pass per run of consecutive sequence ids in ascending order: `_fill_batch` sorts
+        # by slot and `_take_slot` prefers low slots, or a step of 8 sequences costs ~2.5x what it should.
+        params.kv_unified = False
         params.n_threads = self.threads
         params.n_threads_batch = self.threads
         params.no_perf = True
@@ -184,7 +223,7 @@ class LlamaEngine:
                 self._finish(dropped, free, running, None)
             if running:
                 self._step(free, running)
-        for job in running:
+        for job in list(running):
             self._finish(job, free, running, RuntimeError("the engine is shutting down"))
         llama_cpp.llama_batch_free(self.batch)
         llama_cpp.llama_free(self.ctx)
@@ -209,6 +248,9 @@ class LlamaEngine:
             return
         job.tokens = self._tokenize(job.text)
         job.prompt_tokens = len(job.tokens)
+        if not job.tokens:  # nothing to decode, so no logits to sample the first token from
+            job.resolve(BadRequest("The prompt is empty.", "prompt"))
+            return
         if job.prompt_tokens + job.sampling.max_tokens > self.context_per_slot:
             job.resolve(
                 BadRequest(
@@ -218,9 +260,29 @@ class LlamaEngine:
                 )
             )
             return
-        job.seq = free.pop()
+        job.seq, job.fed = self._take_slot(job.tokens, free)
+        job.pos = job.fed
         job.sampler = self._sampler(job.sampling)
         running.append(job)
+
+    def _take_slot(self, tokens: list[int], free: list[int]) -> tuple[int, int]:
+        """The free slot whose held KV shares the longest prefix with `tokens`, and how many tokens it spares.
+
+        A batch's lines mostly share their start (system prompt, instructions), as the requests to a sequential
+        llama-cpp-python `Llama` do, which keeps its last prompt's KV the same way. The last prompt token is always
+        decoded again: its logits give the first output token.
+        """
+        seq, shared = min(free), 0
+        if self.reuse_prefix:
+            for candidate in sorted(free):
+                n = _common_prefix(self._held[candidate], tokens)
+                if n > shared:
+                    seq, shared = candidate, n
+            shared = min(shared, len(tokens) - 1)
+        free.remove(seq)
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, shared, -1)
+        self._held[seq] = tokens[:shared]
+        return seq, shared
 
     def _sampler(self, sampling: Sampling) -> Any:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
@@ -240,7 +302,7 @@ class LlamaEngine:
         self.batch.n_tokens = self._fill_batch(running)
         if llama_cpp.llama_decode(self.ctx, self.batch) != 0:
             for job in list(running):
-                self._finish(job, free, running, RuntimeError("llama_decode failed"))
+                self._finish(job, free, running, RuntimeError("llama_decode failed"), keep=False)
             return
         for job in list(running):
             if job.logits_index >= 0:
@@ -249,6 +311,7 @@ class LlamaEngine:
     def _fill_batch(self, running: list[_Job]) -> int:
         """Decoding sequences first (one token each), then prompt chunks up to the batch size."""
         batch, n = self.batch, 0
+        running = sorted(running, key=lambda job: job.seq)  # ascending slots: one forward pass (see `_load`)
         for job in running:
             job.logits_index = -1
             if job.fed == job.prompt_tokens and n < self.n_batch:
@@ -306,10 +369,19 @@ class LlamaEngine:
         return Generation(job.text_out.decode("utf-8", "replace"), reason, job.prompt_tokens, len(job.generated))
 
     def _finish(
-        self, job: _Job, free: list[int], running: list[_Job], result: Generation | BaseException | None
+        self,
+        job: _Job,
+        free: list[int],
+        running: list[_Job],
+        result: Generation | BaseException | None,
+        *,
+        keep: bool = True,
     ) -> None:
+        """Free the job's slot, keeping the KV of its prompt (every token fed so far was decoded) for the next."""
         running.remove(job)
-        llama_cpp.llama_memory_seq_rm(self.memory, job.seq, -1, -1)
+        kept = job.fed if keep and self.reuse_prefix else 0
+        llama_cpp.llama_memory_seq_rm(self.memory, job.seq, kept, -1)
+        self._held[job.seq] = job.tokens[:kept]
         with contextlib.suppress(Exception):
             llama_cpp.llama_sampler_free(job.sampler)
         free.append(job.seq)
