@@ -218,6 +218,9 @@ _SCHEDULES = {
     "on_track": "on track",
     "promoted": "promoted: running ahead of other work to make its window",
     "at_risk": "at risk: expected to miss its window",
+    "harvesting": "harvesting: running in the capacity interactive traffic leaves",
+    "throttled": "throttled: interactive traffic needs the servers now",
+    "off_peak": "held to its off-peak share at this hour",
 }
 
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from datetime import time
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from backfill.errors import ConfigError
+from backfill.policy.harvest import OffPeak, Window
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -46,6 +49,22 @@ class BackendSettings(BaseModel):
     initial_concurrency: int = Field(default=16, ge=1)
     rpm: float | None = Field(default=None, gt=0)  # requests per minute
     tpm: float | None = Field(default=None, gt=0)  # tokens (prompt + max output) per minute
+    # Engine priority for batch lines, flavours vllm and sglang only (the engine must run vLLM's
+    # `--scheduling-policy priority` or SGLang's `--enable-priority-scheduling`). "auto": sent until the server
+    # refuses it as not enabled (vLLM answers 400), then never; "on": always; "off": never.
+    priority: Literal["auto", "on", "off"] = "auto"
+    # In vLLM's convention, lower runs first (interactive requests have 0), so batch gets a larger number. SGLang
+    # runs higher values first: it is sent negated there. An SGLang started with
+    # `--schedule-low-priority-values-first` wants a negative setting here.
+    batch_priority: int = 10
+    # The endpoint also serves interactive traffic (through backfill's proxy or not): batch lines take only the
+    # capacity it leaves, under a harvest controller (policy/harvest.py) that reads the proxy's interactive TTFT
+    # and the engine's /metrics once a second. `harvest_target`: the share of the engine's token throughput
+    # interactive and batch work may use together; `capacity_tokens_per_s`: the engine's throughput when full
+    # (prompt + output tokens/s), learned while the engine queues when not given.
+    harvest: bool = False
+    harvest_target: float = Field(default=0.8, gt=0, le=1)
+    capacity_tokens_per_s: float | None = Field(default=None, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -58,6 +77,50 @@ class BackendSettings(BaseModel):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+_CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+
+
+class OffPeakWindow(BaseModel):
+    """From `start` to `end` ("HH:MM", local time; wraps past midnight when end <= start) batch may use `share`."""
+
+    start: str
+    end: str
+    share: float = Field(ge=0, le=1)
+
+    @field_validator("start", "end")
+    @classmethod
+    def _clock(cls, value: str) -> str:
+        if not _CLOCK.match(value):
+            raise ValueError(f"not a time of day: {value!r} (expected HH:MM, e.g. '22:00')")
+        return value
+
+    def to_policy(self) -> Window:
+        start, end = (time(int(t[:2]), int(t[3:])) for t in (self.start, self.end))
+        return Window(start, end, self.share)
+
+
+class OffPeakSettings(BaseModel):
+    """One `[[off_peak]]` entry: how much of a pool's (a model's) harvested endpoints batch work may use by time
+    of day. A batch promoted for its deadline is not held to it."""
+
+    model: str
+    timezone: str = "UTC"
+    default_share: float = Field(default=1.0, ge=0, le=1)
+    windows: list[OffPeakWindow] = []
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (expected an IANA name, e.g. 'Europe/Berlin')") from None
+        return value
+
+    def to_policy(self) -> OffPeak:
+        return OffPeak(tuple(window.to_policy() for window in self.windows), self.default_share, self.timezone)
+
+
 class Settings(BaseSettings):
     """Everything configurable, with its default."""
 
@@ -67,6 +130,16 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     data_dir: Path = Path("./backfill-data")
     database_url: str | None = None
+    # Where file bytes live: "local", files under data_dir/blobs; "s3", objects under s3_bucket/s3_prefix on AWS S3
+    # or any S3-compatible server (s3_endpoint_url: MinIO, SeaweedFS, Ceph, ...), which needs backfill[s3].
+    # Credentials come from the standard AWS chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE and
+    # ~/.aws, or the instance's role; never from this file. Uploads larger than s3_part_bytes go up in parts.
+    blob_store: Literal["local", "s3"] = "local"
+    s3_bucket: str | None = Field(default=None, min_length=1, validate_default=True)
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_part_bytes: int = Field(default=8 * MiB, ge=5 * MiB, le=5 * 1024 * MiB)  # S3's bounds for a part
     log_level: str = "info"
 
     # Files and validation (SPEC §2, §3)
@@ -89,6 +162,7 @@ class Settings(BaseSettings):
 
     # Dispatcher
     backends: list[BackendSettings] = []
+    off_peak: list[OffPeakSettings] = []  # per pool (model): batch shares by time of day on harvested endpoints
     # The embedded CPU engine, used when no backend is configured and backfill[local] is installed.
     embedded_chat_slots: int = Field(default=8, ge=1, le=64)
     embedded_context_per_slot: int = Field(default=2048, ge=256, le=8192)
@@ -130,6 +204,13 @@ class Settings(BaseSettings):
         if "24h" not in windows:
             raise ValueError("completion_windows must include '24h' (the SDKs' default)")
         return windows
+
+    @field_validator("s3_bucket")
+    @classmethod
+    def _check_bucket(cls, bucket: str | None, info: ValidationInfo) -> str | None:
+        if bucket is None and info.data.get("blob_store") == "s3":
+            raise ValueError("blob_store = 's3' needs s3_bucket")
+        return bucket
 
     @property
     def effective_database_url(self) -> str:

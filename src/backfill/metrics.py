@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from backfill.domain.outcomes import Outcome, OutcomeKind
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
 
 
 def outcome_label(outcome: Outcome) -> str:
@@ -52,6 +53,18 @@ class Metrics:
             ["backend"],
             registry=self.registry,
         )
+        self.lines_shed = Counter(
+            "backfill_lines_shed",
+            "Lines aborted and handed back uncharged because interactive traffic needed the endpoint (harvest).",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.harvest_limit = Gauge(
+            "backfill_harvest_limit",
+            "Batch lines the harvest controller allows on an endpoint shared with interactive traffic.",
+            ["backend"],
+            registry=self.registry,
+        )
         self.commit_seconds = Histogram(
             "backfill_commit_seconds",
             "Duration of one group-commit transaction of line results.",
@@ -63,4 +76,31 @@ class Metrics:
         )
         self.batches_finished = Counter(
             "backfill_batches_finished", "Batches that reached a terminal status.", ["status"], registry=self.registry
+        )
+        # Interactive traffic through the proxy (backfill.interactive): what the harvest controller protects.
+        self.interactive_ttft_seconds = Histogram(
+            "backfill_interactive_ttft_seconds",
+            "Time to first token of interactive requests through the proxy (a whole answer when not streamed).",
+            ["backend"],
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.interactive_request_seconds = Histogram(
+            "backfill_interactive_request_seconds",
+            "Time from an interactive request's arrival to the end of its answer.",
+            ["backend"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.interactive_requests = Counter(
+            "backfill_interactive_requests",
+            "Interactive requests through the proxy, by outcome (2xx, 4xx, 429, 5xx, timeout, unavailable, cancelled).",
+            ["backend", "outcome"],
+            registry=self.registry,
+        )
+        self.interactive_in_flight = Gauge(
+            "backfill_interactive_in_flight",
+            "Interactive requests in flight to each backend through the proxy.",
+            ["backend"],
+            registry=self.registry,
         )

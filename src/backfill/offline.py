@@ -121,6 +121,7 @@ def _offline_settings(settings: Settings, state: Path, window: str) -> Settings:
         update={
             "data_dir": state.resolve(),
             "database_url": None,
+            "blob_store": "local",
             "completion_windows": windows if window in windows else [*windows, window],
         }
     )

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 import structlog
 
 from backfill.backends.openai_http import OpenAIHttpBackend
-from backfill.blobs.local import LocalBlobStore
+from backfill.blobs import OwnedBlobStore, open_blob_store
 from backfill.config import Settings
 from backfill.dispatch.dispatcher import Dispatcher
+from backfill.interactive import InteractiveMeter
 from backfill.metrics import Metrics
 from backfill.ports import Backend
 from backfill.store.engine import create_engine, migrate
@@ -49,13 +50,19 @@ def build_backends(settings: Settings) -> list[Backend]:
 class Services:
     settings: Settings
     store: SqlStore
-    blobs: LocalBlobStore
+    blobs: OwnedBlobStore
     backends: Sequence[Backend]
     dispatcher: Dispatcher
     metrics: Metrics
     clock: Callable[[], float] = time.time
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _run: asyncio.Task[None] | None = None
+    # Interactive requests through the proxy, by backend: what the harvest controller reads.
+    interactive: InteractiveMeter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.interactive = InteractiveMeter(self.metrics)
+        self.dispatcher.interactive = self.interactive
 
     @classmethod
     async def open(
@@ -70,8 +77,8 @@ class Services:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         if run_migrations:
             await asyncio.to_thread(migrate, url)
+        blobs = await open_blob_store(settings)  # first: a bucket that cannot be reached leaves nothing open
         store = SqlStore(create_engine(url))
-        blobs = LocalBlobStore(settings.blob_dir)
         chosen = list(backends) if backends is not None else build_backends(settings)
         metrics = Metrics()
         dispatcher = Dispatcher(store, blobs, chosen, settings, clock=clock, metrics=metrics)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ from anthropic.types.messages.batch_create_params import Request
 
 from backfill.backends.embedded.backend import CHAT_MODEL, is_available
 from tests.acceptance.conftest import StartServer
-from tests.support.processes import Server, child_env, free_port, wait_http
+from tests.support.processes import Server, sim_serve
 
 SIM_MODEL = "sim-model"
 
@@ -88,16 +86,8 @@ def simulator(tmp_path: Path) -> Iterator[str]:
     """`backfill sim serve` on a free port: a vLLM-like engine that answers at once (time scale 0)."""
     profile = tmp_path / "profile.toml"
     profile.write_text("max_num_seqs = 8\noutput_len_dist = 'fixed'\noutput_len_mean = 5\n")
-    port = free_port()
-    command = [sys.executable, "-m", "backfill", "sim", "serve", "--port", str(port), "--profile", str(profile),
-               "--model", SIM_MODEL, "--time-scale", "0"]  # fmt: skip
-    process = subprocess.Popen(command, env=child_env())
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
+    with sim_serve(profile, "--model", SIM_MODEL, "--time-scale", "0") as url:
+        yield url
 
 
 def test_a_message_batch_runs_on_the_engine_simulator(start_server: StartServer, simulator: str) -> None:

@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,3 +125,17 @@ __all__ = [
     "wait_http",
     "write_config",
 ]
+
+
+@contextmanager
+def sim_serve(profile: Path, *options: str) -> Iterator[str]:
+    """`backfill sim serve --profile PROFILE [options]` on a free port until the block ends; yields its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "backfill", "sim", "serve", "--port", str(port), "--profile", str(profile)]
+    process = subprocess.Popen([*command, *options], env=child_env())
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)

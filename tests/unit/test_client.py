@@ -197,3 +197,24 @@ def test_client_settings_refuse_a_base_url_without_scheme() -> None:
 )
 def test_default_errors_path(output: str, errors: str) -> None:
     assert Path(errors) == default_errors_path(Path(output))
+
+
+@pytest.mark.parametrize(
+    ("schedule", "shown"),
+    [
+        ("harvesting", "harvesting: running in the capacity interactive traffic leaves"),
+        ("throttled", "throttled: interactive traffic needs the servers now"),
+        ("promoted", "promoted: running ahead of other work to make its window"),
+    ],
+)
+def test_status_says_how_the_scheduler_sees_a_running_batch(schedule: str, shown: str) -> None:
+    from rich.console import Console
+
+    from backfill.cli_client import _summary
+    from backfill.client import RemoteBatch
+
+    extra = {"backfill": {"estimated_completion_at": 1_600, "schedule": schedule}}
+    batch = RemoteBatch.from_json(batch_json(**extra))
+    console = Console(width=200, record=True)
+    console.print(_summary(batch, 1_000.0))
+    assert shown in console.export_text()

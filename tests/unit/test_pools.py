@@ -136,3 +136,51 @@ def test_outlooks_promote_a_batch_that_cannot_wait_its_turn() -> None:
 
 def test_no_rate_no_outlook() -> None:
     assert [("b1", None, None)] == pool(Endpoint("a")).outlooks(0.0, [batch("b1", "t")])
+
+
+def test_a_ceiling_cut_sheds_the_newest_lines_that_have_done_little_work() -> None:
+    p = pool(Endpoint("a", 6))
+    p.add(batch("b1", "t"), lines("b1", 6))
+    starts = [p.next_start(float(t)) for t in range(6)]  # started at 0, 1, ..., 5
+    assert all(isinstance(s, Start) for s in starts)
+    assert [] == p.shed(5.0)  # no ceiling: nothing to shed
+    p.limits["a"].ceiling = 2
+    shed = p.shed(5.0, max_age_s=2.5)
+    assert [6, 5, 4] == [s.line.id for s in shed]  # newest first; lines 1-3 are older than 2.5 s and stay
+    assert [] == p.shed(5.0, max_age_s=2.5)  # already handed back: not shed twice
+    for victim in shed:
+        p.release(victim)
+    assert (3, math.inf) == (p.limits["a"].in_flight, p.next_start(5.0))  # 3 in flight over a ceiling of 2
+
+
+def test_a_zero_ceiling_stops_every_start() -> None:
+    p = pool(Endpoint("a", 4))
+    p.add(batch("b1", "t"), lines("b1", 2))
+    p.limits["a"].ceiling = 0
+    assert math.inf == p.next_start(0.0)
+    p.limits["a"].ceiling = None
+    assert isinstance(p.next_start(0.0), Start)
+
+
+def test_outlooks_say_throttled_or_harvesting_when_every_endpoint_is_shared() -> None:
+    from backfill.policy.harvest import HarvestState
+
+    p = pool(Endpoint("a", 4), Endpoint("b", 4))
+    p.meter.fast = p.meter.slow = 100.0
+    relaxed = batch("relaxed", "t1", expires_at=1_000_000)
+    p.harvest["a"] = HarvestState.THROTTLED
+    assert "on_track" == p.outlooks(0.0, [relaxed])[0][2]  # b is dedicated to batch work
+    p.harvest["b"] = HarvestState.THROTTLED
+    assert "throttled" == p.outlooks(0.0, [relaxed])[0][2]
+    p.harvest["b"] = HarvestState.OFF_PEAK_CAP
+    assert "off_peak" == p.outlooks(0.0, [relaxed])[0][2]
+    p.harvest["a"] = HarvestState.HARVESTING
+    assert "harvesting" == p.outlooks(0.0, [relaxed])[0][2]
+
+
+def test_a_throttled_batch_says_so_before_any_estimate() -> None:
+    from backfill.policy.harvest import HarvestState
+
+    p = pool(Endpoint("a", 4))
+    p.harvest["a"] = HarvestState.THROTTLED
+    assert [("b1", None, "throttled")] == p.outlooks(0.0, [batch("b1", "t")])

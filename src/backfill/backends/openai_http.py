@@ -5,15 +5,18 @@ from __future__ import annotations
 import email.utils
 import math
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 import httpx
 import orjson
+import structlog
 
 from backfill.config import BackendSettings
 from backfill.domain.features import ALL_FEATURES, Feature
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.domain.usage import Usage
+from backfill.errors import BackendTimeout, BackendUnavailable
 
 _MAX_ERROR_TEXT = 2000
 # What each server flavour accepts beyond OpenAI's chat API (images and tools are passed on: the model decides).
@@ -24,6 +27,16 @@ _FEATURES = {
     "llamacpp": frozenset({Feature.IMAGES, Feature.TOOLS, Feature.TOP_K}),
 }
 _CONNECTIONS_PER_POOL = 8
+# Batch lines carry a low engine priority where the engine honours one (DESIGN.md section 5). The top-level
+# `priority` field is read on these endpoints by both vLLM and SGLang; vLLM runs lower values first, SGLang (by
+# default) higher ones, hence the sign. vLLM refuses a non-zero priority when its scheduling policy is not
+# "priority", with a 400 saying "Got priority 10 but Priority scheduling is not enabled."; SGLang ignores it.
+_PRIORITY_SIGN = {"vllm": 1, "sglang": -1}
+_PRIORITY_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
+_PRIORITY_REFUSED = b"priority scheduling is not enabled"
+
+log = structlog.get_logger(__name__)
+_INTERACTIVE_KEEPALIVE = 32
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -43,12 +56,55 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+def with_priority(body: bytes, priority: int) -> bytes:
+    """`body`, a JSON object, with `"priority": priority` at its top level. The dispatcher's compact bodies get the
+    field spliced in before the closing brace; anything else (the key already there, an empty object, whitespace
+    at an edge) is parsed and re-serialised."""
+    if body[:1] == b"{" and body[-1:] == b"}" and body[1:2] not in b" \t\r\n}" and b'"priority"' not in body:
+        return b'%b,"priority":%d}' % (body[:-1], priority)
+    parsed = _json_object(body)
+    if parsed is None:
+        return body  # not an object: the server refuses it as it would have anyway
+    parsed["priority"] = priority
+    return orjson.dumps(parsed)
+
+
 def _json_object(data: bytes) -> dict[str, Any] | None:
     try:
         parsed = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
     return parsed if isinstance(parsed, dict) else None
+
+
+class UpstreamAnswer:
+    """A backend's answer to an interactive request: status and headers now, the body as it arrives."""
+
+    def __init__(self, backend: str, response: httpx.Response) -> None:
+        self.backend = backend
+        self.status_code = response.status_code
+        self.headers: dict[str, str] = dict(response.headers)
+        self._response = response
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body's bytes exactly as sent (no decoding); raises BackendTimeout or BackendUnavailable."""
+        if self._response.is_stream_consumed:  # read before it came here (an injected transport's canned answer)
+            yield self._response.content
+            return
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.TimeoutException:
+            raise BackendTimeout(f"The backend {self.backend} stopped sending its answer.") from None
+        except httpx.RequestError as exc:
+            raise BackendUnavailable(f"The backend {self.backend} broke off: {type(exc).__name__}.") from None
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    async def aclose(self) -> None:
+        """Close the connection if the body was not read to its end: the server sees the client leave."""
+        await self._response.aclose()
 
 
 class OpenAIHttpBackend:
@@ -58,6 +114,13 @@ class OpenAIHttpBackend:
         self.max_concurrency = settings.max_concurrency
         self.features = _FEATURES[settings.flavour]
         self.request_timeout_s = settings.request_timeout_s
+        sign = _PRIORITY_SIGN.get(settings.flavour, 0)
+        self._priority = sign * settings.batch_priority
+        self._priority_mode: Literal["auto", "on", "off"] = settings.priority if self._priority else "off"
+        # Only vLLM refuses a priority it would not honour, so only there does an accepted line prove support.
+        self._accepted_proves_priority = settings.flavour == "vllm"
+        # Whether batch lines reach this server with an engine priority it honours; None: not known yet.
+        self.priority_enabled: bool | None = {"on": True, "off": False, "auto": None}[self._priority_mode]
         base = settings.url.rstrip("/")
         self._base = base.removesuffix("/v1")
         headers = {"content-type": "application/json"}
@@ -81,6 +144,16 @@ class OpenAIHttpBackend:
                 for _ in range(shards)
             ]
         self._busy = [0] * len(self._clients)
+        # Interactive requests get a client of their own: they never wait for a connection held by a batch line.
+        self._interactive = (
+            client
+            if client is not None
+            else httpx.AsyncClient(
+                headers=headers,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=_INTERACTIVE_KEEPALIVE),
+                timeout=httpx.Timeout(600.0, connect=10.0),
+            )
+        )
 
     async def _post(self, url: str, body: bytes, timeout_s: float) -> httpx.Response:
         shard = min(range(len(self._clients)), key=self._busy.__getitem__)
@@ -91,6 +164,36 @@ class OpenAIHttpBackend:
             self._busy[shard] -= 1
 
     async def send(self, endpoint: str, body: bytes, timeout_s: float) -> Outcome:
+        """Run one batch line, with the engine priority batch work gets where it has one."""
+        if endpoint not in _PRIORITY_ENDPOINTS or self._priority_mode == "off" or self.priority_enabled is False:
+            return await self._send(endpoint, body, timeout_s)
+        outcome = await self._send(endpoint, with_priority(body, self._priority), timeout_s)
+        if self._priority_mode != "auto":
+            return outcome
+        if outcome.kind is OutcomeKind.SUCCESS and self._accepted_proves_priority:
+            self.priority_enabled = True
+        elif self._is_priority_refused(outcome):
+            self._stop_sending_priority()
+            # The same line again at once, as it came: the refusal was ours, not the line's.
+            return await self._send(endpoint, body, timeout_s)
+        return outcome
+
+    @staticmethod
+    def _is_priority_refused(outcome: Outcome) -> bool:
+        return (
+            outcome.kind is OutcomeKind.HTTP_ERROR
+            and outcome.status_code == 400
+            and outcome.body is not None
+            and _PRIORITY_REFUSED in outcome.body.lower()
+        )
+
+    def _stop_sending_priority(self) -> None:
+        """Lines refused together come back one by one: only the first is logged."""
+        if self.priority_enabled is not False:
+            self.priority_enabled = False
+            log.info("backend.priority_not_enabled", backend=self.name, detail="batch lines go without a priority")
+
+    async def _send(self, endpoint: str, body: bytes, timeout_s: float) -> Outcome:
         timeout = self.request_timeout_s or timeout_s
         try:
             response = await self._post(self._base + endpoint, body, timeout)
@@ -136,6 +239,30 @@ class OpenAIHttpBackend:
             message=f"The backend {self.name} answered {response.status_code}.",
         )
 
+    async def open_stream(self, endpoint: str, body: bytes, timeout_s: float) -> UpstreamAnswer:
+        """POST an interactive request's body unchanged and return once the answer's headers are in.
+
+        `timeout_s` (or the backend's own request timeout) bounds the wait for each piece of the answer, not the
+        whole of a stream. The caller must `aclose()` the answer. Raises BackendTimeout or BackendUnavailable.
+        """
+        timeout = self.request_timeout_s or timeout_s
+        request = self._interactive.build_request(
+            "POST",
+            self._base + endpoint,
+            content=body,
+            headers={"accept-encoding": "identity"},  # passed on to the client as it comes
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        )
+        try:
+            response = await self._interactive.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise BackendTimeout(f"The backend {self.name} did not answer within {timeout:g}s.") from None
+        except httpx.RequestError as exc:
+            raise BackendUnavailable(f"The backend {self.name} could not be reached: {type(exc).__name__}.") from None
+        return UpstreamAnswer(self.name, response)
+
     async def close(self) -> None:
         for client in self._clients:
             await client.aclose()
+        if self._interactive not in self._clients:
+            await self._interactive.aclose()

@@ -19,15 +19,16 @@ import orjson
 import structlog
 
 from backfill import ids
-from backfill.backends.engine_metrics import EngineMetrics
 from backfill.config import Settings
 from backfill.dispatch.lifecycle import Lifecycle
 from backfill.dispatch.pools import Pool, Start
+from backfill.dispatch.watcher import EngineWatcher
 from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
 from backfill.domain.lines import ValidationLimits
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.errors import Conflict, NotFound
+from backfill.interactive import InteractiveMeter
 from backfill.metrics import Metrics, outcome_label
 from backfill.policy.limits import EndpointLimits
 from backfill.policy.retry import RetryPolicy, Verdict
@@ -108,6 +109,7 @@ class Dispatcher:
         self._dry: set[str] = set()  # batches with nothing leasable at the last look
         self._timer: asyncio.TimerHandle | None = None
         self._outlooks_at = 0.0
+        self.interactive: InteractiveMeter | None = None  # the proxy's measurements, for harvested endpoints
 
     # --- public ---------------------------------------------------------------------------------------------
 
@@ -202,11 +204,17 @@ class Dispatcher:
         """Hand back young lines of a tenant over its fair share (uncharged) so a short tenant gets slots now;
         cancelling the request closes its connection, and the server drops it."""
         for start in pool.preempt(now):
-            flight = self._in_flight.get(start.line.id)
-            if flight is not None:
-                self._aborts[start.line.id] = RequestState.QUEUED
-                flight.task.cancel()
+            if self._hand_back(start):
                 self.metrics.lines_preempted.labels(start.backend.name).inc()
+
+    def _hand_back(self, start: Start) -> bool:
+        """Abort a line in flight and return it to the queue uncharged (its task records that when cancelled)."""
+        flight = self._in_flight.get(start.line.id)
+        if flight is None:
+            return False
+        self._aborts[start.line.id] = RequestState.QUEUED
+        flight.task.cancel()
+        return True
 
     def _wake_at(self, when: float) -> None:
         """A rate limit or Retry-After holds lines back until `when`: look again then, not at the next poll."""
@@ -288,18 +296,17 @@ class Dispatcher:
         )
 
     async def _watch_engines(self) -> None:
-        """About once a second, each engine's own queue (vLLM/SGLang/llama.cpp metrics) for its limit."""
-        watched = [cfg for cfg in self.settings.backends if cfg.name in self.limits and EngineMetrics.supports(cfg)]
-        if not watched:
+        """About once a second: engine metrics for the adaptive limits, harvest controllers for shared endpoints
+        (dispatch/watcher.py); lines a harvest cut leaves above its ceiling are aborted and handed back."""
+        watcher = EngineWatcher(self.settings, self.limits, self.pools, self.clock, self.metrics, self.interactive)
+        if not watcher.active:
             return
         async with httpx.AsyncClient() as client:
-            probes = [EngineMetrics(cfg, client) for cfg in watched]
+            watcher.connect(client)
             while True:
-                waiting = await asyncio.gather(*(probe.waiting() for probe in probes))
-                now = self.clock()
-                for probe, count in zip(probes, waiting, strict=True):
-                    if count is not None:
-                        self.limits[probe.name].on_engine_load(now, count)
+                for _, start in await watcher.tick():
+                    if self._hand_back(start):
+                        self.metrics.lines_shed.labels(start.backend.name).inc()
                 self._wake.set()
                 await asyncio.sleep(self.settings.engine_metrics_interval_s)
 

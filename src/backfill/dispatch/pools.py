@@ -18,6 +18,7 @@ from backfill.domain.leases import DispatchBatch, LeasedLine
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.policy.estimate import WorkItem, estimate_completions, outlook
 from backfill.policy.fair import Candidate, FairScheduler, Scheduler, line_cost, share_gap
+from backfill.policy.harvest import HarvestState
 from backfill.policy.limits import EndpointLimits
 from backfill.policy.routing import next_start_at, pick_endpoint
 from backfill.ports import Backend
@@ -89,6 +90,7 @@ class Pool:
     preemption: bool = True  # take young lines back from a tenant over its share for one short of it
     running: dict[int, tuple[Start, float]] = field(default_factory=dict)  # line id -> (start, when)
     preempting: set[int] = field(default_factory=set)  # line ids handed back, their slots not yet free
+    harvest: dict[str, HarvestState] = field(default_factory=dict)  # harvested endpoints' states, for users
 
     @classmethod
     def build(
@@ -212,6 +214,31 @@ class Pool:
             self.preempting.add(start.line.id)
         return victims
 
+    def shed(self, now: float, max_age_s: float = math.inf) -> list[Start]:
+        """Lines to hand back (uncharged) because an endpoint's harvest ceiling fell below what it has in flight
+        (the harvest controller cut it): the newest on that endpoint first, the ones that have done least work, and
+        none older than `max_age_s` — those have had their prompt processed, the bulk of a line's cost, and
+        finishing them costs the engine less than doing that again later."""
+        victims: list[Start] = []
+        for name, limits in self.limits.items():
+            mine = [
+                (started, start)
+                for line_id, (start, started) in self.running.items()
+                if start.backend.name == name and line_id not in self.preempting
+            ]
+            if limits.ceiling is None:
+                continue
+            excess = len(mine) - limits.ceiling
+            if excess <= 0:
+                continue
+            mine.sort(key=lambda item: -item[0])
+            for started, start in mine[:excess]:
+                if now - started > max_age_s:
+                    break
+                self.preempting.add(start.line.id)
+                victims.append(start)
+        return victims
+
     def finish(self, start: Start, now: float, latency_s: float, outcome: Outcome) -> None:
         """The endpoint answered (whatever it said)."""
         usage = outcome.usage
@@ -254,7 +281,10 @@ class Pool:
         rate = self.meter.rate
         if rate <= 0 or not mine:
             self.promoted.clear()
-            return [(batch.id, None, None) for batch in mine]
+            # No estimate without a measured rate; but a batch held back by interactive traffic says so.
+            held = self._capacity_state()
+            say = None if held is ScheduleState.ON_TRACK else held.value
+            return [(batch.id, None, say) for batch in mine]
         items = [
             WorkItem(
                 batch.id, batch.tenant_id, float(batch.expires_at), _remaining_cost(batch), batch.weight, batch.seq
@@ -266,7 +296,7 @@ class Pool:
         self.promoted.clear()
         for batch, item in zip(mine, items, strict=True):
             view = outlook(etas[batch.id], float(batch.expires_at), batch.window_s, now + item.remaining_cost / rate)
-            state = ScheduleState.ON_TRACK
+            state = self._capacity_state()
             if view.at_risk:
                 state = ScheduleState.AT_RISK
             elif view.promoted:
@@ -276,6 +306,17 @@ class Pool:
             eta = etas[batch.id]
             shown.append((batch.id, math.ceil(eta) if math.isfinite(eta) else None, state.value))
         return shown
+
+    def _capacity_state(self) -> ScheduleState:
+        """On track, or, when every endpoint of the pool is shared with interactive traffic, how that goes."""
+        if not self.harvest or len(self.harvest) < len(self.limits):
+            return ScheduleState.ON_TRACK
+        states = set(self.harvest.values())
+        if HarvestState.HARVESTING in states:
+            return ScheduleState.HARVESTING
+        if HarvestState.OFF_PEAK_CAP in states:
+            return ScheduleState.OFF_PEAK
+        return ScheduleState.THROTTLED
 
 
 def limits_for(backend: Backend, configured: BackendSettings | None) -> EndpointLimits:

@@ -73,6 +73,10 @@ class ScheduleState(StrEnum):
     ON_TRACK = "on_track"  # expected to finish inside its window at its fair share
     PROMOTED = "promoted"  # laxity ran low: its lines go ahead of other work
     AT_RISK = "at_risk"  # expected to miss its window even when promoted
+    # On endpoints shared with interactive traffic (`harvest = true`):
+    HARVESTING = "harvesting"  # running in the capacity interactive traffic leaves
+    THROTTLED = "throttled"  # held back: interactive traffic needs the endpoints now
+    OFF_PEAK = "off_peak"  # held to the share its pool's off-peak windows allow at this hour
 
 
 @dataclass(frozen=True)

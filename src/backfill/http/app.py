@@ -12,7 +12,7 @@ from backfill import __version__
 from backfill.config import Settings
 from backfill.http.auth import Authenticator
 from backfill.http.errors import install_error_handlers
-from backfill.http.routes import batches, files, health, message_batches
+from backfill.http.routes import batches, files, health, message_batches, proxy
 from backfill.ports import Backend
 from backfill.services import Services
 
@@ -43,4 +43,5 @@ def create_app(
     app.include_router(batches.router)
     app.include_router(message_batches.router)
     app.include_router(health.router)
+    app.include_router(proxy.router)
     return app

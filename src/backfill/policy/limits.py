@@ -12,8 +12,8 @@ carries more sequences), so "cut when latency rises" would keep the engine half 
   per output token reaches 5x its floor (measured at low load).
 - **Engine metrics**, where the backend's flavour exposes them (vLLM, SGLang, llama.cpp): requests waiting in
   the engine say directly that it is full. Once they are seen, the limit follows them (`on_engine_load`):
-  shrink to what the engine runs of ours when more than a few wait in two readings in a row, grow 10% a second
-  while none do.
+  shrink to what the engine runs of ours when more than a few wait in two readings in a row; while none do,
+  double at each quiet reading in slow start (which the first such queue ends), grow 10% a second after it.
 - Then once per window (at least two request latencies long, the first after a change discarded because it
   still measures the old limit):
   - overload (429, 5xx, timeouts) -> cut multiplicatively (x `backoff`) at once, like TCP;
@@ -148,6 +148,10 @@ class AdaptiveConcurrency:
             self._slow_start = False
             self._knee_found = True
             self._set(now, min(self.limit, max(in_flight - lasting + tolerance, self.min_limit)))
+        elif self._slow_start and waiting <= tolerance and in_flight >= self.current - tolerance:
+            # Slow start doubles per quiet reading: the engine's queue, not a lost round of throughput, says when
+            # to stop, within two readings of an overshoot (the limit then drops to what the engine runs of ours).
+            self._set(now, self.limit * 2)
         elif not self._slow_start and lasting <= tolerance and in_flight >= self.current - tolerance:
             self._set(now, self.limit + max(1.0, 0.1 * self.limit))
 
@@ -284,6 +288,8 @@ class EndpointLimits:
     initial_concurrency: int = 8
     in_flight: int = 0
     paused_until: float = 0.0
+    ceiling: int | None = None  # set by the harvest controller (policy/harvest.py): may be 0
+    served_tokens: int = 0  # prompt + output tokens of the lines that finished here, since the start
     concurrency: AdaptiveConcurrency = field(init=False)
     requests: TokenBucket | None = field(init=False)
     tokens: TokenBucket | None = field(init=False)
@@ -297,7 +303,8 @@ class EndpointLimits:
 
     @property
     def limit(self) -> int:
-        return self.concurrency.current if self.adaptive else self.max_concurrency
+        own = self.concurrency.current if self.adaptive else self.max_concurrency
+        return own if self.ceiling is None else min(own, self.ceiling)
 
     @property
     def typical_latency_s(self) -> float:
@@ -324,6 +331,7 @@ class EndpointLimits:
 
     def on_finish(self, now: float, latency_s: float, outcome: Outcome, tokens: int) -> None:
         self.in_flight -= 1
+        self.served_tokens += tokens
         if outcome.status_code == 429 and outcome.retry_after_s:
             self.paused_until = max(self.paused_until, now + min(outcome.retry_after_s, 60.0))
         if self.adaptive:

@@ -27,6 +27,7 @@ from backfill.domain.lines import ValidLine, group_by_prefix
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.domain.usage import Usage
 from backfill.policy.fair import FairScheduler, Scheduler, line_cost
+from backfill.policy.harvest import HarvestController, Signals
 from backfill.policy.limits import EndpointLimits
 from backfill.sim.engine import EngineModel, SimRequest, StepResult
 from backfill.sim.profile import EngineProfile
@@ -56,8 +57,19 @@ Done = Callable[[float, Usage], None]  # (finish time, usage)
 
 
 class VirtualEngine(Protocol):
-    def submit(self, line_id: str, prompt_tokens: int, output_tokens: int, prefix: tuple[int, ...], done: Done) -> None:
-        """Start a request now; `done` is called at its modelled finish."""
+    def submit(
+        self,
+        line_id: str,
+        prompt_tokens: int,
+        output_tokens: int,
+        prefix: tuple[int, ...],
+        done: Done,
+        *,
+        priority: int = 0,
+        first_token: Callable[[float], None] | None = None,
+    ) -> None:
+        """Start a request now; `done` is called at its modelled finish, `first_token` (where the model knows
+        it) when its first output token comes out; `priority` orders admission under a "priority" profile."""
         ...
 
     def abort(self, line_id: str) -> None:
@@ -70,11 +82,28 @@ class IterationEngine:
         self.loop = loop
         self.model = EngineModel(profile)
         self._done: dict[str, tuple[Done, int, int]] = {}
+        self._first: dict[str, Callable[[float], None]] = {}
+        self._submitted: dict[str, float] = {}
         self._busy = False
+        self.on_first_token: Callable[[float], None] | None = None  # every request's TTFT, as vLLM's histogram
 
-    def submit(self, line_id: str, prompt_tokens: int, output_tokens: int, prefix: tuple[int, ...], done: Done) -> None:
-        self.model.submit(SimRequest(line_id, prompt_tokens, prefix, output_tokens, arrival_s=self.loop.now))
+    def submit(
+        self,
+        line_id: str,
+        prompt_tokens: int,
+        output_tokens: int,
+        prefix: tuple[int, ...],
+        done: Done,
+        *,
+        priority: int = 0,
+        first_token: Callable[[float], None] | None = None,
+    ) -> None:
+        request = SimRequest(line_id, prompt_tokens, prefix, output_tokens, priority=priority, arrival_s=self.loop.now)
+        self.model.submit(request)
         self._done[line_id] = (done, prompt_tokens, output_tokens)
+        self._submitted[line_id] = self.loop.now
+        if first_token is not None:
+            self._first[line_id] = first_token
         if not self._busy:
             self._busy = True
             self.loop.at(self.loop.now, self._step)
@@ -82,6 +111,8 @@ class IterationEngine:
     def abort(self, line_id: str) -> None:
         self.model.abort(line_id)
         self._done.pop(line_id, None)
+        self._first.pop(line_id, None)
+        self._submitted.pop(line_id, None)
 
     def waiting(self) -> int:
         """What a vLLM server reports as `vllm:num_requests_waiting`."""
@@ -96,6 +127,15 @@ class IterationEngine:
 
     def _finish(self, result: StepResult) -> None:
         for event in result.events:
+            if event.request_id not in self._done:
+                continue  # aborted while this iteration ran
+            if event.is_first_token:
+                first = self._first.pop(event.request_id, None)
+                if first is not None:
+                    first(self.loop.now)
+                submitted = self._submitted.pop(event.request_id)
+                if self.on_first_token is not None:
+                    self.on_first_token(self.loop.now - submitted)
             if event.finished:
                 done, prompt, output = self._done.pop(event.request_id)
                 done(self.loop.now, Usage(input_tokens=prompt, cached_tokens=event.cached_tokens, output_tokens=output))
@@ -121,7 +161,17 @@ class FluidEngine:
         self.busy_work = 0.0  # work units served, in total
         loop.at(change_every_s, self._capacity_changes)
 
-    def submit(self, line_id: str, prompt_tokens: int, output_tokens: int, prefix: tuple[int, ...], done: Done) -> None:
+    def submit(
+        self,
+        line_id: str,
+        prompt_tokens: int,
+        output_tokens: int,
+        prefix: tuple[int, ...],
+        done: Done,
+        *,
+        priority: int = 0,
+        first_token: Callable[[float], None] | None = None,
+    ) -> None:
         self._advance()
         cost = line_cost(prompt_tokens, output_tokens)
         heapq.heappush(self._heap, (self.served + cost, next(self._seq), line_id))
@@ -243,6 +293,12 @@ class VirtualDispatcher:
     last_done_s: float = 0.0
     preempted: int = 0
     on_batch_done: Callable[[BatchRun], None] | None = None
+    batch_priority: int = 0  # sent with every line (a "priority" engine admits lower values first)
+    # Harvesting (policy/harvest.py): a controller per endpoint, fed `signals(endpoint)` every probe.
+    harvest: dict[str, HarvestController] = field(default_factory=dict)
+    signals: Callable[[str], Signals] | None = None
+    batch_tokens: int = 0  # prompt + output tokens of finished lines
+    shed: int = 0  # lines handed back because a harvest limit fell below what was in flight
 
     def __post_init__(self) -> None:
         backends = {name: _VirtualBackend(name) for name in self.engines}
@@ -276,7 +332,7 @@ class VirtualDispatcher:
         if self.promote and not self._outlooks_armed:
             self._outlooks_armed = True
             self.loop.at(self.loop.now + OUTLOOK_EVERY_S, self._outlooks)
-        if self.engine_metrics and not self._probing:
+        if (self.engine_metrics or self.harvest) and not self._probing:
             self._probing = True
             self.loop.at(self.loop.now + PROBE_EVERY_S, self._probe)
         self._pump()
@@ -358,6 +414,7 @@ class VirtualDispatcher:
             self.lines_done += 1
             self.last_done_s = now
             self.output_tokens += usage.output_tokens
+            self.batch_tokens += usage.input_tokens + usage.output_tokens
             run = self.runs[start.batch.id]
             run.open_lines -= 1
             if run.open_lines == 0:
@@ -366,7 +423,10 @@ class VirtualDispatcher:
                     self.on_batch_done(run)
             self._pump()
 
-        self.engines[name].submit(f"l{start.line.id}", line.prompt_tokens, line.output_tokens, line.prefix_blocks, done)
+        self.engines[name].submit(
+            f"l{start.line.id}", line.prompt_tokens, line.output_tokens, line.prefix_blocks, done,
+            priority=self.batch_priority,
+        )  # fmt: skip
 
     def _probe(self) -> None:
         """Read each engine's queue about once a second, as the dispatcher scrapes vLLM's /metrics."""
@@ -374,10 +434,26 @@ class VirtualDispatcher:
             self._probing = False
             return
         for name, engine in self.engines.items():
-            if isinstance(engine, IterationEngine):
+            if self.engine_metrics and isinstance(engine, IterationEngine):
                 self.pool.limits[name].on_engine_load(self.loop.now, engine.waiting())
+        if self.harvest:
+            self._harvest()
         self._pump()
         self.loop.at(self.loop.now + PROBE_EVERY_S, self._probe)
+
+    def _harvest(self) -> None:
+        """Each endpoint's harvest controller sets its limit; lines above a cut limit go back, newest first."""
+        assert self.signals is not None
+        shedding, age = False, math.inf
+        for name, controller in self.harvest.items():
+            limits = self.pool.limits[name]
+            signals = self.signals(name)
+            age = min(age, controller.shed_age_s)  # computed before the tick clears a cut's samples
+            limits.ceiling = controller.tick(self.loop.now, signals)
+            shedding = shedding or controller.shed
+        for victim in self.pool.shed(self.loop.now, age) if shedding else ():
+            self._hand_back(victim)
+            self.shed += 1
 
     def _outlooks(self) -> None:
         """Every 5 s while there is work, as the dispatcher does; stops when idle so a run can end."""

@@ -1,0 +1,116 @@
+"""Once a second, what each engine says about its load, turned into limits.
+
+- A backend whose flavour exposes metrics (vLLM, SGLang, llama.cpp): its queue feeds its adaptive concurrency
+  limit (policy/limits.py, `on_engine_load`).
+- A backend marked `harvest = true` (shared with interactive traffic): its harvest controller (policy/harvest.py)
+  sets a ceiling on its batch lines from the proxy's interactive TTFT (`InteractiveMeter`), the engine's queue and
+  token counters, and the off-peak share of each pool it serves; when the controller cuts for interactive traffic
+  in trouble, the lines above the ceiling that have done little work are returned for the dispatcher to abort.
+  A pool with a batch promoted for its deadline is not held back (its guaranteed share comes first).
+
+No scheduling happens here: the watcher reads, asks the policy, and sets numbers on the pools' limits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from backfill.backends.engine_metrics import EngineLoad, EngineMetrics
+from backfill.config import Settings
+from backfill.dispatch.pools import Pool, Start
+from backfill.interactive import InteractiveMeter
+from backfill.metrics import Metrics
+from backfill.policy.harvest import HarvestController, OffPeak, Signals
+from backfill.policy.limits import EndpointLimits
+
+
+@dataclass
+class _Harvested:
+    controller: HarvestController
+    engine_tokens: int | None = None  # the engine's counter at the last reading
+    served_tokens: int = 0  # our lines' tokens at the last reading
+
+
+class EngineWatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        limits: dict[str, EndpointLimits],
+        pools: dict[str, Pool],
+        clock: Callable[[], float],
+        metrics: Metrics,
+        interactive: InteractiveMeter | None = None,
+    ) -> None:
+        self.limits = limits
+        self.pools = pools
+        self.clock = clock
+        self.metrics = metrics
+        self.interactive = interactive
+        configured = [cfg for cfg in settings.backends if cfg.name in limits]
+        self._watched = [cfg for cfg in configured if EngineMetrics.supports(cfg)]
+        self.probes: list[EngineMetrics] = []
+        self.harvested = {
+            cfg.name: _Harvested(
+                HarvestController(
+                    cfg.max_concurrency, target=cfg.harvest_target, capacity_tokens_per_s=cfg.capacity_tokens_per_s
+                )
+            )
+            for cfg in configured
+            if cfg.harvest
+        }
+        self.off_peak: dict[str, OffPeak] = {entry.model: entry.to_policy() for entry in settings.off_peak}
+
+    @property
+    def active(self) -> bool:
+        return bool(self._watched or self.harvested)
+
+    def connect(self, client: httpx.AsyncClient) -> None:
+        self.probes = [EngineMetrics(cfg, client) for cfg in self._watched]
+
+    async def tick(self) -> list[tuple[Pool, Start]]:
+        """Read every engine once; set the limits; return the lines to abort and hand back."""
+        loads: dict[str, EngineLoad | None] = {}
+        for probe in self.probes:
+            loads[probe.name] = await probe.load()
+        now = self.clock()
+        for name, load in loads.items():
+            if load is not None and load.waiting is not None:
+                self.limits[name].on_engine_load(now, load.waiting)
+        victims: list[tuple[Pool, Start]] = []
+        for name, harvested in self.harvested.items():
+            victims += self._harvest(now, name, harvested, loads.get(name))
+        return victims
+
+    def _harvest(
+        self, now: float, name: str, harvested: _Harvested, load: EngineLoad | None
+    ) -> list[tuple[Pool, Start]]:
+        limits, controller = self.limits[name], harvested.controller
+        engine_tokens = None
+        if load is not None and load.tokens is not None:
+            if harvested.engine_tokens is not None and load.tokens >= harvested.engine_tokens:
+                engine_tokens = load.tokens - harvested.engine_tokens  # None after a restart (counter reset)
+            harvested.engine_tokens = load.tokens
+        signals = Signals(
+            engine_tokens=engine_tokens,
+            batch_tokens=limits.served_tokens - harvested.served_tokens,
+            interactive_ttft_s=self.interactive.drain_ttft(name) if self.interactive is not None else (),
+            engine_waiting=load.waiting if load is not None else None,
+            batch_in_flight=limits.in_flight,
+        )
+        harvested.served_tokens = limits.served_tokens
+        serving = {model: pool for model, pool in self.pools.items() if name in pool.limits}
+        shares = [self.off_peak[model].share(now) for model in serving if model in self.off_peak]
+        cap = min(shares) * controller.max_limit if shares else None
+        age = controller.shed_age_s  # before the tick: a cut forgets the samples it was judged on
+        ceiling = controller.tick(now, signals, cap)
+        self.metrics.harvest_limit.labels(name).set(ceiling)
+        promoted = any(pool.promoted for pool in serving.values())
+        limits.ceiling = None if promoted else ceiling
+        for pool in serving.values():
+            pool.harvest[name] = controller.state
+        if not controller.shed or promoted:
+            return []
+        return [(pool, start) for pool in serving.values() for start in pool.shed(now, age)]

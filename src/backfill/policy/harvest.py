@@ -1,0 +1,243 @@
+"""How many batch lines an endpoint shared with interactive traffic may run now: a congestion controller.
+
+Batch work must be invisible to the endpoint's interactive users, so batch concurrency is set the way a
+scavenger transport (LEDBAT) sets its window: it backs off as soon as the foreground traffic's latency rises
+above what it is without us, and grows slowly while it does not. Once a second (`tick`):
+
+- **congested** when interactive requests queue in the engine (seen in two readings in a row: one reading
+  catches requests between their arrival and the next iteration) or when interactive time to first token, over
+  the last few seconds, exceeds its baseline by more than `tolerance` -> the limit is cut multiplicatively
+  (x `backoff`), down to 0;
+- otherwise -> it grows additively, `step` lines a second, up to `max_limit` (the endpoint's ceiling).
+
+The baseline is what interactive latency is when batch work is not in the way. It is learned from the
+interactive requests themselves, so it follows the mix of prompt lengths: the lowest of the recent
+`base_window_s` of per-tick medians while batch ran (LEDBAT's base delay, which cannot ratchet upwards the way
+an average does when batch keeps latency a little high), and the median of ticks when no batch line ran at all,
+which measure it directly. A tick without interactive samples says nothing about latency; only the engine's
+queue is read then.
+
+When the limit falls below the batch lines in flight, the caller aborts the newest (their engine slots free at
+once) and puts them back in the queue without charging an attempt (`dispatch.pools.Pool.shed`).
+
+Off-peak windows cap the limit at a share of `max_limit` by time of day (`OffPeak`); a batch promoted for its
+deadline is owed its guaranteed share whatever the controller says (`floor`). Pure: time is an argument.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time
+from enum import StrEnum
+from zoneinfo import ZoneInfo
+
+
+class HarvestState(StrEnum):
+    """What holds an endpoint's batch work, as shown to users."""
+
+    HARVESTING = "harvesting"  # growing or at the ceiling: batch takes what interactive traffic leaves
+    THROTTLED = "throttled"  # cut or held low because interactive traffic needs the capacity
+    OFF_PEAK_CAP = "off_peak_cap"  # held at the share the time of day allows
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    """What one tick knows about the endpoint.
+
+    `engine_tokens`: tokens (prompt + output) the engine processed since the last tick, ours included, from its
+    token counters (None: not reported). `batch_tokens`: prompt + output tokens of our lines that finished there
+    since the last tick. `interactive_ttft_s`: times to first token of interactive requests through the proxy
+    since the last tick. `engine_waiting`: requests waiting in the engine, ours included (None: no metrics).
+    """
+
+    engine_tokens: int | None = None
+    batch_tokens: int = 0
+    interactive_ttft_s: Sequence[float] = ()
+    engine_waiting: int | None = None
+    batch_in_flight: int = 0
+    batch_deprioritized: bool = False  # our lines carry a low engine priority: interactive ones never wait behind them
+
+
+@dataclass
+class _Rate:
+    """Tokens per second over a sliding window of ticks."""
+
+    window_s: float
+    samples: deque[tuple[float, float]] = field(default_factory=deque)  # (when, tokens since the tick before)
+    since: float | None = None
+
+    def add(self, now: float, tokens: float) -> None:
+        if self.since is None:
+            self.since = now
+        self.samples.append((now, tokens))
+        while self.samples and self.samples[0][0] <= now - self.window_s:
+            self.samples.popleft()
+            self.since = self.samples[0][0] if self.samples else now
+
+    def per_s(self, now: float) -> float | None:
+        assert self.since is not None
+        elapsed = now - self.since
+        if elapsed < self.window_s / 2:
+            return None
+        return sum(tokens for when, tokens in self.samples if when > self.since) / elapsed
+
+
+@dataclass
+class HarvestController:
+    """One endpoint's batch concurrency limit; `tick` about once a second."""
+
+    max_limit: int  # the concurrency that fills the engine with batch work alone (the endpoint's ceiling)
+    target: float = 0.8  # share of the engine's token capacity interactive + batch work may use together
+    capacity_tokens_per_s: float | None = None  # None: learned from the throughput seen while the engine queued
+    tolerance: float = 0.10  # interactive TTFT may exceed its baseline by this much
+    backoff: float = 0.5  # the cut when interactive requests queue or slow down
+    step: float = 0.0  # lines per tick when growing; 0: max(1, max_limit / 32)
+    rate_window_s: float = 30.0
+    recent_s: float = 10.0
+    watch_quantile: float = 0.9  # recent TTFT at this quantile ...
+    base_quantile: float = 0.99  # ... against this quantile of TTFT measured while no batch line ran
+    min_samples: int = 10
+    min_clean: int = 50
+    limit: float = 0.0
+    state: HarvestState = HarvestState.HARVESTING
+    cuts: int = 0
+    shed: bool = False  # the last tick cut for interactive traffic in trouble: lines above the limit go back now
+    share: float | None = None  # the share of `max_limit` the interactive load leaves (None: unknown)
+    _aimd: float = 0.0
+    _engine: _Rate = field(init=False)
+    _batch: _Rate = field(init=False)
+    _recent: deque[tuple[float, float]] = field(default_factory=deque)
+    _clean: deque[float] = field(default_factory=lambda: deque(maxlen=5000))
+    _last_queue: int = 0
+    _learned: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.step <= 0:
+            self.step = max(1.0, self.max_limit / 32)
+        self._engine = _Rate(self.rate_window_s)
+        self._batch = _Rate(self.rate_window_s)
+
+    @property
+    def current(self) -> int:
+        return int(self.limit)
+
+    @property
+    def capacity(self) -> float | None:
+        return self.capacity_tokens_per_s or self._learned or None
+
+    @property
+    def shed_age_s(self) -> float:
+        """Lines in flight longer than this are not shed: they have had their prompt processed (the bulk of a
+        line's cost) and finishing them costs the engine less than doing it again later. Twice the recent
+        median interactive TTFT (a prompt's time to be processed here), 0.5 s when unknown."""
+        if len(self._recent) < self.min_samples:
+            return 0.5
+        return 2 * _quantile(sorted(t for _, t in self._recent), 0.5)
+
+    @property
+    def baseline_s(self) -> float | None:
+        """Interactive TTFT without batch work in the way (None until `min_clean` samples are in)."""
+        if len(self._clean) < self.min_clean:
+            return None
+        return _quantile(sorted(self._clean), self.base_quantile)
+
+    def tick(self, now: float, signals: Signals, cap: float | None = None) -> int:
+        """Fold in one tick of signals; return the new limit (0 to `max_limit`, and at most `cap`)."""
+        queued = self._queued(signals)
+        slow = self._slow(now, signals)
+        self.share = self._share(now, signals, queued)
+        self.shed = queued or slow
+        if self.shed:
+            self._aimd = math.floor(min(self._aimd, self.limit) * self.backoff)
+            self.cuts += 1
+        else:
+            self._aimd = min(float(self.max_limit), self._aimd + self.step)
+        ceiling = self.max_limit if self.share is None else self.max_limit * self.share
+        self.limit = min(self._aimd, ceiling)
+        held = self.shed or self.limit < self._aimd
+        self.state = HarvestState.THROTTLED if held else HarvestState.HARVESTING
+        if cap is not None and self.limit > cap:
+            self.limit = float(max(0, math.floor(cap)))
+            if self.state is HarvestState.HARVESTING:
+                self.state = HarvestState.OFF_PEAK_CAP
+        return self.current
+
+    def _share(self, now: float, signals: Signals, queued: bool) -> float | None:
+        """(target - interactive load) / target, the interactive load being its tokens/s over the capacity."""
+        if signals.engine_tokens is None:
+            return None
+        self._engine.add(now, signals.engine_tokens)
+        self._batch.add(now, signals.batch_tokens)
+        total, batch = self._engine.per_s(now), self._batch.per_s(now)
+        if total is None or batch is None:
+            return None
+        if queued:  # the engine is full: what it serves now is its capacity (averaged, as it varies with the mix)
+            self._learned = total if not self._learned else self._learned + 0.05 * (total - self._learned)
+        capacity = self.capacity
+        if capacity is None:
+            return None
+        interactive = max(0.0, total - batch) / capacity
+        return max(0.0, self.target - interactive) / self.target
+
+    def _queued(self, signals: Signals) -> bool:
+        """Requests waiting in the engine in two readings in a row (one reading catches requests between their
+        arrival and the next iteration): the engine is full, and the next interactive burst would wait."""
+        if signals.engine_waiting is None:
+            return False
+        lasting = min(signals.engine_waiting, self._last_queue)
+        self._last_queue = signals.engine_waiting
+        return lasting > 0
+
+    def _slow(self, now: float, signals: Signals) -> bool:
+        """Recent interactive TTFT past its baseline by more than the tolerance."""
+        for ttft in signals.interactive_ttft_s:
+            self._recent.append((now, ttft))
+        if signals.batch_in_flight == 0:
+            self._clean.extend(signals.interactive_ttft_s)
+        while self._recent and self._recent[0][0] <= now - self.recent_s:
+            self._recent.popleft()
+        baseline = self.baseline_s
+        if len(self._recent) < self.min_samples or baseline is None:
+            return False
+        if _quantile(sorted(t for _, t in self._recent), self.watch_quantile) <= baseline * (1 + self.tolerance):
+            return False
+        self._recent.clear()  # judge the cut on latency measured after it, as TCP cuts once per round trip
+        return True
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """From `start` to `end` local time (wrapping past midnight when end <= start), batch may use `share`."""
+
+    start: time
+    end: time
+    share: float
+
+    def contains(self, moment: time) -> bool:
+        if self.start < self.end:
+            return self.start <= moment < self.end
+        return moment >= self.start or moment < self.end
+
+
+@dataclass(frozen=True, slots=True)
+class OffPeak:
+    """Shares of an endpoint's capacity batch work may use by time of day, in a named time zone; `default`
+    outside every window. The first window that contains the moment wins."""
+
+    windows: tuple[Window, ...] = ()
+    default: float = 1.0
+    timezone: str = "UTC"
+
+    def share(self, now: float) -> float:
+        local = datetime.fromtimestamp(now, UTC).astimezone(ZoneInfo(self.timezone)).time()
+        for window in self.windows:
+            if window.contains(local):
+                return window.share
+        return self.default

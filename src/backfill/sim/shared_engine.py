@@ -1,0 +1,274 @@
+"""One engine shared by interactive traffic and a batch backlog, in virtual time: what harvesting costs the
+interactive users and what it gets done.
+
+The Azure conversation trace is replayed as interactive requests straight into an `IterationEngine` (the
+iteration-level vLLM model), compressed in time by `scale` so its busiest minute needs about 90% of the engine;
+each interactive request's time to first token is recorded. Meanwhile a `VirtualDispatcher` works through a
+backlog of batch lines drawn from the same trace's (prompt, output) pairs, so batch and interactive tokens are
+the same mix and "capacity" means the same thing for both. Strategies:
+
+- `interactive`: no batch work (the reference latency);
+- `fifo`: batch lines with no limit, the engine's own FCFS queue decides;
+- `cap:N`: at most N batch lines in flight, fixed;
+- `priority`: no limit, the engine in priority mode and batch lines at low priority (vLLM's
+  `--scheduling-policy priority`);
+- `backfill`: the harvest controller (policy/harvest.py) sets the limit every second from the proxy's
+  interactive TTFT and the engine's queue, lines above a cut are aborted and re-queued, and batch lines carry
+  a low priority on a priority engine;
+- `backfill-metrics`: the same, for traffic that bypasses the proxy: only what the engine's /metrics says
+  (requests waiting, token counters);
+- `clairvoyant`: a bound — the limit set from the interactive demand of the current 30 s, known in advance.
+
+backfill's endpoint ceiling (`max_concurrency`) is 128 here: what the operator of a shared 8B engine with 256
+sequence slots would allow batch work at most.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import random
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from backfill.domain.usage import Usage
+from backfill.policy.fair import FifoScheduler
+from backfill.policy.harvest import HarvestController, Signals
+from backfill.policy.limits import EndpointLimits
+from backfill.sim.engine import EngineModel, SimRequest
+from backfill.sim.profile import EngineProfile
+from backfill.sim.virtual import BatchSpec, EventLoop, IterationEngine, LineSpec, VirtualDispatcher
+
+BATCH_PRIORITY = 10
+ENDPOINT = "engine"
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    at_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+def load_trace(path: Path) -> list[TraceRequest]:
+    """The trace's requests, times in seconds from its first (prompt and output lengths as recorded)."""
+    with path.open(newline="") as handle:
+        rows = [
+            (datetime.fromisoformat(row["TIMESTAMP"][:26]), int(row["ContextTokens"]), int(row["GeneratedTokens"]))
+            for row in csv.DictReader(handle)
+        ]
+    start = min(row[0] for row in rows)
+    requests = [
+        TraceRequest((when - start).total_seconds(), max(1, prompt), max(1, output)) for when, prompt, output in rows
+    ]
+    return sorted(requests, key=lambda request: request.at_s)
+
+
+def engine_seconds(profile: EngineProfile, prompt: int, output: int, decode_batch: int = 64) -> float:
+    """Engine time one request needs on a busy engine: its prefill, and each output token's share of a decode
+    step among `decode_batch` sequences (the step's fixed cost shared) plus its own attention reads."""
+    per_token = profile.decode_seq_s + profile.iteration_base_s / decode_batch
+    attention = profile.kv_token_s * output * (prompt + output / 2)
+    return profile.prefill_token_s * prompt + per_token * output + attention
+
+
+def scale_for_peak(trace: list[TraceRequest], profile: EngineProfile, peak_share: float = 0.9) -> float:
+    """The time compression that makes the trace's busiest minute need `peak_share` of the engine."""
+    minutes: dict[int, float] = {}
+    for request in trace:
+        minute = int(request.at_s // 60)
+        minutes[minute] = minutes.get(minute, 0.0) + engine_seconds(
+            profile, request.prompt_tokens, request.output_tokens
+        )
+    return peak_share * 60.0 / max(minutes.values())
+
+
+@dataclass
+class SharedResult:
+    strategy: str
+    duration_s: float
+    interactive_ttft_s: list[float]
+    interactive_tokens: int  # prompt + output of interactive requests finished
+    batch_tokens: int  # prompt + output of batch lines finished
+    batch_output_tokens: int
+    batch_lines: int
+    shed: int = 0
+    limits: list[tuple[float, int]] = field(default_factory=list)  # (when, batch limit), backfill only
+
+    def ttft_quantile(self, q: float) -> float:
+        ordered = sorted(self.interactive_ttft_s)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+    @property
+    def batch_output_per_s(self) -> float:
+        return self.batch_output_tokens / self.duration_s
+
+
+class InteractiveReplay:
+    """Sends the trace to the engine at its (compressed) times and records each request's TTFT."""
+
+    def __init__(self, loop: EventLoop, engine: IterationEngine, trace: list[TraceRequest], scale: float) -> None:
+        self.loop = loop
+        self.engine = engine
+        self.ttft_s: list[float] = []
+        self.fresh: list[float] = []  # TTFTs since the proxy's meter was last read
+        self.tokens = 0
+        self.in_flight = 0
+        for n, request in enumerate(trace):
+            loop.at(request.at_s / scale, functools.partial(self._send, n, request))
+
+    def _send(self, n: int, request: TraceRequest) -> None:
+        sent = self.loop.now
+        self.in_flight += 1
+
+        def first(now: float) -> None:
+            self.ttft_s.append(now - sent)
+            self.fresh.append(now - sent)
+
+        def done(now: float, usage: Usage) -> None:
+            self.in_flight -= 1
+            self.tokens += usage.input_tokens + usage.output_tokens
+
+        self.engine.submit(f"i{n}", request.prompt_tokens, request.output_tokens, (), done, first_token=first)
+
+    def drain(self) -> list[float]:
+        fresh, self.fresh = self.fresh, []
+        return fresh
+
+
+class Clairvoyant(HarvestController):
+    """A bound, not a controller: it knows the interactive demand of the current `window_s` (engine seconds per
+    second, from the trace itself, future included) and gives batch `max_limit x (target - demand) / target`.
+    What any controller that reads the present could at best approach."""
+
+    def __init__(self, max_limit: int, demand: dict[int, float], window_s: float, target: float) -> None:
+        super().__init__(max_limit, target=target)
+        self.demand, self.window_s = demand, window_s
+
+    def tick(self, now: float, signals: Signals, cap: float | None = None) -> int:
+        load = self.demand.get(int(now // self.window_s), 0.0)
+        self.limit = self.max_limit * max(0.0, self.target - load) / self.target
+        self.shed = False
+        return self.current
+
+
+def clairvoyant(
+    trace: list[TraceRequest], profile: EngineProfile, scale: float, window_s: float = 30.0, target: float = 0.8
+) -> Callable[[int], HarvestController]:
+    demand: dict[int, float] = {}
+    for request in trace:
+        key = int(request.at_s / scale // window_s)
+        cost = engine_seconds(profile, request.prompt_tokens, request.output_tokens)
+        demand[key] = demand.get(key, 0.0) + cost / window_s
+    return lambda max_limit: Clairvoyant(max_limit, demand, window_s, target)
+
+
+def batch_backlog(trace: list[TraceRequest], count: int, seed: int) -> BatchSpec:
+    rng = random.Random(seed)
+    lines = [
+        LineSpec(request.prompt_tokens, request.output_tokens) for request in (rng.choice(trace) for _ in range(count))
+    ]
+    return BatchSpec("backlog", "tenant", 0.0, 7 * 86400.0, lines)
+
+
+def capacity_tokens_per_s(
+    profile: EngineProfile, trace: list[TraceRequest], seed: int, seconds: float = 300.0
+) -> float:
+    """Prompt + output tokens per second the engine serves when saturated with the trace's request mix (the
+    requests kept at max_num_seqs and a queue, as many as fit): the capacity harvest efficiency divides by."""
+    model = EngineModel(profile)
+    rng = random.Random(seed)
+    now, served, n = 0.0, 0, 0
+    while now < seconds:
+        while model.num_running + model.num_waiting < profile.max_num_seqs + 16:
+            request = rng.choice(trace)
+            model.submit(SimRequest(f"c{n}", request.prompt_tokens, (), request.output_tokens, arrival_s=now))
+            n += 1
+        step = model.step()
+        assert step is not None
+        now += step.duration_s
+        for event in step.events:
+            served += event.num_tokens
+        served += step.prefill_tokens
+    return served / now
+
+
+def run(
+    strategy: str,
+    trace: list[TraceRequest],
+    profile: EngineProfile,
+    *,
+    scale: float,
+    duration_s: float,
+    backlog: int = 60_000,
+    seed: int = 11,
+    controller: Callable[[int], HarvestController] | None = None,
+    max_concurrency: int = 128,
+) -> SharedResult:
+    """Replay `duration_s` seconds (virtual) of the compressed trace under one strategy."""
+    priority = strategy in ("priority", "backfill", "backfill-metrics", "clairvoyant")
+    engine_profile = dataclasses.replace(profile, scheduling_policy="priority" if priority else "fcfs")
+    loop = EventLoop()
+    engine = IterationEngine(loop, engine_profile)
+    interactive = InteractiveReplay(loop, engine, [r for r in trace if r.at_s / scale < duration_s], scale)
+    result = SharedResult(strategy, duration_s, interactive.ttft_s, 0, 0, 0, 0)
+    if strategy != "interactive":
+        unlimited = 4 * profile.max_num_seqs
+        cap = int(strategy.split(":", 1)[1]) if strategy.startswith("cap:") else unlimited
+        limits = {ENDPOINT: EndpointLimits(cap, adaptive=False)}
+        dispatcher = VirtualDispatcher(
+            loop, {ENDPOINT: engine}, limits, FifoScheduler(), group_prefixes=False, promote=False, preempt=False,
+            engine_metrics=False, batch_priority=BATCH_PRIORITY if priority else 0,
+        )  # fmt: skip
+        if strategy.startswith("backfill") or strategy == "clairvoyant":
+            if strategy == "clairvoyant":
+                controller = clairvoyant(trace, profile, scale)
+            make = controller or (lambda ceiling: HarvestController(ceiling))
+            harvester = make(max_concurrency)
+            dispatcher.harvest = {ENDPOINT: harvester}
+            proxy = strategy == "backfill"
+            in_flight = dispatcher.pool.limits[ENDPOINT]
+
+            seen = {"engine": 0, "batch": 0}
+
+            def signals(name: str) -> Signals:
+                result.limits.append((loop.now, harvester.current))
+                ttft = interactive.drain() if proxy else []  # the proxy's measurements, or none
+                totals = engine.model.totals
+                engine_tokens = totals.prompt_tokens + totals.generation_tokens
+                batch_tokens = dispatcher.batch_tokens
+                delta = Signals(
+                    engine_tokens=engine_tokens - seen["engine"],
+                    batch_tokens=batch_tokens - seen["batch"],
+                    interactive_ttft_s=ttft,
+                    engine_waiting=engine.waiting(),
+                    batch_in_flight=in_flight.in_flight,
+                    batch_deprioritized=True,
+                )
+                seen["engine"], seen["batch"] = engine_tokens, batch_tokens
+                return delta
+
+            dispatcher.signals = signals
+        dispatcher.submit_at(batch_backlog(trace, backlog, seed))
+    loop.run(until=duration_s)
+    result.interactive_tokens = interactive.tokens
+    if strategy != "interactive":
+        result.batch_lines = dispatcher.lines_done
+        result.batch_output_tokens = dispatcher.output_tokens
+        result.batch_tokens = dispatcher.batch_tokens
+        result.shed = dispatcher.shed
+    return result
+
+
+def harvest_efficiency(result: SharedResult, capacity: float) -> float:
+    """Batch tokens served over the tokens the engine could have served beyond the interactive ones."""
+    idle = capacity * result.duration_s - result.interactive_tokens
+    return result.batch_tokens / idle if idle > 0 else float("nan")
+
+
+def median_or_nan(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")

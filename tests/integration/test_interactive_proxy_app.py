@@ -1,0 +1,245 @@
+"""The interactive proxy inside the real app (SQLite, no dispatcher), its backends scripted: a mock HTTP transport
+for OpenAIHttpBackend, an in-process fake for the embedded kind."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from fastapi import FastAPI
+
+from backfill.backends.openai_http import OpenAIHttpBackend
+from backfill.config import BackendSettings, Settings
+from backfill.domain.outcomes import Outcome, OutcomeKind
+from backfill.domain.usage import Usage
+from backfill.http.app import create_app
+from backfill.ports import Backend
+from backfill.services import Services
+
+CHAT = "/v1/chat/completions"
+REPLY = {"id": "chatcmpl-1", "object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 1}}
+SSE = (
+    b'data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n'
+    b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+    b"data: [DONE]\n\n"
+)
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class InProcessBackend:
+    """Like the embedded engine: no URL, answers through `send`."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        self.name = "local"
+        self.models = frozenset({"local-model"})
+        self.max_concurrency = 4
+        self.outcome = outcome
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def send(self, endpoint: str, body: bytes, timeout_s: float) -> Outcome:
+        self.sent.append((endpoint, body))
+        return self.outcome
+
+    async def close(self) -> None:
+        pass
+
+
+def http_backend(name: str, handler: Handler, model: str = "m") -> OpenAIHttpBackend:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return OpenAIHttpBackend(BackendSettings(name=name, url=f"http://{name}:8000", models=[model]), client=client)
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, *backends: Backend) -> AsyncIterator[tuple[httpx.AsyncClient, Services]]:
+    settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'backfill.db'}")
+    app: FastAPI = create_app(settings, backends=list(backends), run_dispatcher=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://backfill") as client:
+            yield client, app.state.services
+
+
+def chat(model: str = "m", **extra: Any) -> bytes:
+    return orjson.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], **extra})
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    error: dict[str, Any] = response.json()["error"]
+    return error
+
+
+async def test_an_http_backend_gets_the_body_as_sent_and_its_answer_comes_back(tmp_path: Path) -> None:
+    seen: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.content)
+        return httpx.Response(200, json=REPLY, headers={"x-request-id": "req-1"})
+
+    body = b'{"model": "m",  "messages": [{"role": "user", "content": "hi"}], "temperature": 0}'
+    async with running(tmp_path, http_backend("up", handler)) as (client, services):
+        answer = await client.post(CHAT, content=body)
+
+        assert (200, REPLY, "req-1") == (answer.status_code, answer.json(), answer.headers["x-request-id"])
+        assert [body] == seen  # unchanged: no batch priority, not even re-serialised
+        assert 1 == len(services.interactive.drain_ttft("up"))
+        assert 0 == services.interactive.in_flight("up")
+
+
+async def test_an_sse_stream_is_relayed_byte_for_byte(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=SSE, headers={"content-type": "text/event-stream"})
+
+    async with running(tmp_path, http_backend("up", handler)) as (client, services):
+        answer = await client.post(CHAT, content=chat(stream=True))
+
+        assert (200, SSE) == (answer.status_code, answer.content)
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        assert 1 == len(services.interactive.drain_ttft("up"))
+
+
+async def test_an_upstream_error_passes_through_without_a_ttft_sample(tmp_path: Path) -> None:
+    error = {"error": {"message": "slow down", "type": "rate_limit_error", "param": None, "code": None}}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, json=error, headers={"retry-after": "3"})
+
+    async with running(tmp_path, http_backend("up", handler)) as (client, services):
+        answer = await client.post(CHAT, content=chat())
+
+        assert (429, error, "3") == (answer.status_code, answer.json(), answer.headers["retry-after"])
+        assert [] == services.interactive.drain_ttft("up")
+        registry = services.metrics.registry
+        assert 1.0 == registry.get_sample_value(
+            "backfill_interactive_requests_total", {"backend": "up", "outcome": "429"}
+        )
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [(httpx.ConnectError("refused"), 502, "backend_unavailable"), (httpx.ReadTimeout("slow"), 504, "timeout")],
+)
+async def test_an_unreachable_or_silent_backend_is_a_502_or_504(
+    tmp_path: Path, failure: Exception, status: int, code: str
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise failure
+
+    async with running(tmp_path, http_backend("up", handler)) as (client, services):
+        answer = await client.post(CHAT, content=chat())
+
+        assert (status, code, "server_error") == (
+            answer.status_code,
+            error_of(answer)["code"],
+            error_of(answer)["type"],
+        )
+        assert 0 == services.interactive.in_flight("up")
+
+
+async def test_the_least_loaded_backend_gets_the_request(tmp_path: Path) -> None:
+    hits: list[str] = []
+
+    def handler_for(name: str) -> Handler:
+        def handler(request: httpx.Request) -> httpx.Response:
+            hits.append(name)
+            return httpx.Response(200, json=REPLY)
+
+        return handler
+
+    async with running(tmp_path, http_backend("a", handler_for("a")), http_backend("b", handler_for("b"))) as (
+        client,
+        services,
+    ):
+        services.dispatcher.limits["a"].in_flight = 10  # batch lines running there
+        await client.post(CHAT, content=chat())
+        services.dispatcher.limits["a"].in_flight = 0
+        services.dispatcher.limits["b"].in_flight = 10
+        await client.post(CHAT, content=chat())
+
+    assert ["b", "a"] == hits
+
+
+async def test_an_in_process_backend_answers_through_send(tmp_path: Path) -> None:
+    backend = InProcessBackend(Outcome(OutcomeKind.SUCCESS, 200, orjson.dumps(REPLY), usage=Usage(1, 0, 1, 0)))
+
+    async with running(tmp_path, backend) as (client, services):
+        body = chat("local-model")
+        answer = await client.post("/v1/responses", content=body)
+
+        assert (200, REPLY) == (answer.status_code, answer.json())
+        assert [("/v1/responses", body)] == backend.sent
+        assert 1 == len(services.interactive.drain_ttft("local"))
+
+
+async def test_an_in_process_backend_refuses_to_stream(tmp_path: Path) -> None:
+    backend = InProcessBackend(Outcome(OutcomeKind.SUCCESS, 200, orjson.dumps(REPLY)))
+
+    async with running(tmp_path, backend) as (client, _):
+        answer = await client.post(CHAT, content=chat("local-model", stream=True))
+
+    assert (400, "stream") == (answer.status_code, error_of(answer)["param"])
+    assert "Streaming is not supported" in error_of(answer)["message"]
+    assert [] == backend.sent
+
+
+@pytest.mark.parametrize(("kind", "status"), [(OutcomeKind.TIMEOUT, 504), (OutcomeKind.UNAVAILABLE, 502)])
+async def test_an_in_process_failure_is_a_502_or_504(tmp_path: Path, kind: OutcomeKind, status: int) -> None:
+    backend = InProcessBackend(Outcome(kind, message="The embedded generation did not finish within 1s."))
+
+    async with running(tmp_path, backend) as (client, _):
+        answer = await client.post(CHAT, content=chat("local-model"))
+
+    assert (status, "The embedded generation did not finish within 1s.") == (
+        answer.status_code,
+        error_of(answer)["message"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [(b"[1, 2]", None), (b'{"messages": []}', "model"), (b'{"model": 3}', "model"), (b"{nope", None)],
+)
+async def test_a_body_without_a_model_is_a_400(tmp_path: Path, body: bytes, param: str | None) -> None:
+    async with running(tmp_path, http_backend("up", lambda request: httpx.Response(200, json=REPLY))) as (client, _):
+        answer = await client.post(CHAT, content=body)
+
+    assert (400, "invalid_request_error", param) == (
+        answer.status_code,
+        error_of(answer)["type"],
+        error_of(answer)["param"],
+    )
+
+
+async def test_an_unknown_model_is_a_404_listing_the_served_ones(tmp_path: Path) -> None:
+    backends = (http_backend("up", lambda request: httpx.Response(200, json=REPLY), model="m"),)
+    async with running(tmp_path, *backends, InProcessBackend(Outcome(OutcomeKind.SUCCESS))) as (client, _):
+        answer = await client.post("/v1/embeddings", content=orjson.dumps({"model": "other", "input": "x"}))
+
+    assert (404, "model_not_found") == (answer.status_code, error_of(answer)["code"])
+    assert "Served models: local-model, m." in error_of(answer)["message"]
+
+
+class BrokenStream(httpx.AsyncByteStream):
+    """One event, then the connection drops."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield SSE[:62]
+        raise httpx.ReadError("connection reset")
+
+
+async def test_a_stream_that_breaks_off_ends_with_an_error_event(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=BrokenStream())
+
+    async with running(tmp_path, http_backend("up", handler)) as (client, services):
+        answer = await client.post(CHAT, content=chat(stream=True))
+        outcome = {"backend": "up", "outcome": "unavailable"}
+        assert 1.0 == services.metrics.registry.get_sample_value("backfill_interactive_requests_total", outcome)
+
+    first, error = answer.content.split(b"\n\n", 1)
+    assert (200, SSE[:60]) == (answer.status_code, first)
+    assert "backend_unavailable" == orjson.loads(error.removeprefix(b"data: "))["error"]["code"]
