@@ -13,6 +13,7 @@ No scheduling happens here: the watcher reads, asks the policy, and sets numbers
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,9 +73,8 @@ class EngineWatcher:
 
     async def tick(self) -> list[tuple[Pool, Start]]:
         """Read every engine once; set the limits; return the lines to abort and hand back."""
-        loads: dict[str, EngineLoad | None] = {}
-        for probe in self.probes:
-            loads[probe.name] = await probe.load()
+        readings = await asyncio.gather(*(probe.load() for probe in self.probes))
+        loads = {probe.name: load for probe, load in zip(self.probes, readings, strict=True)}
         now = self.clock()
         for name, load in loads.items():
             if load is not None and load.waiting is not None:

@@ -29,9 +29,8 @@ import csv
 import dataclasses
 import functools
 import random
-import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -97,7 +96,6 @@ class SharedResult:
     batch_output_tokens: int
     batch_lines: int
     shed: int = 0
-    limits: list[tuple[float, int]] = field(default_factory=list)  # (when, batch limit), backfill only
 
     def ttft_quantile(self, q: float) -> float:
         ordered = sorted(self.interactive_ttft_s)
@@ -117,20 +115,17 @@ class InteractiveReplay:
         self.ttft_s: list[float] = []
         self.fresh: list[float] = []  # TTFTs since the proxy's meter was last read
         self.tokens = 0
-        self.in_flight = 0
         for n, request in enumerate(trace):
             loop.at(request.at_s / scale, functools.partial(self._send, n, request))
 
     def _send(self, n: int, request: TraceRequest) -> None:
         sent = self.loop.now
-        self.in_flight += 1
 
         def first(now: float) -> None:
             self.ttft_s.append(now - sent)
             self.fresh.append(now - sent)
 
         def done(now: float, usage: Usage) -> None:
-            self.in_flight -= 1
             self.tokens += usage.input_tokens + usage.output_tokens
 
         self.engine.submit(f"i{n}", request.prompt_tokens, request.output_tokens, (), done, first_token=first)
@@ -236,7 +231,6 @@ def run(
             seen = {"engine": 0, "batch": 0}
 
             def signals(name: str) -> Signals:
-                result.limits.append((loop.now, harvester.current))
                 ttft = interactive.drain() if proxy else []  # the proxy's measurements, or none
                 totals = engine.model.totals
                 engine_tokens = totals.prompt_tokens + totals.generation_tokens
@@ -268,7 +262,3 @@ def harvest_efficiency(result: SharedResult, capacity: float) -> float:
     """Batch tokens served over the tokens the engine could have served beyond the interactive ones."""
     idle = capacity * result.duration_s - result.interactive_tokens
     return result.batch_tokens / idle if idle > 0 else float("nan")
-
-
-def median_or_nan(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
