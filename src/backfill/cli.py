@@ -83,32 +83,34 @@ def main() -> None:
 @main.command()
 @click.option("--host", help="Address to bind (default 127.0.0.1).")
 @click.option("--port", type=int, help="Port to listen on (default 8080).")
+@click.option(
+    "--role",
+    type=click.Choice(["all", "api", "worker"]),
+    help="api: the HTTP API only; worker: the dispatcher, serving only /healthz, /readyz and /metrics; "
+    "all (default): both.",
+)
 @common_options
 def serve(
-    host: str | None, port: int | None, data_dir: Path | None, config: Path | None, database_url: str | None
+    host: str | None,
+    port: int | None,
+    role: str | None,
+    data_dir: Path | None,
+    config: Path | None,
+    database_url: str | None,
 ) -> None:
-    """Serve the Files and Batches APIs and run the dispatcher."""
-    import uvicorn
-
+    """Serve the Files and Batches APIs and run the dispatcher (or one of the two, with --role)."""
     from backfill.http.app import create_app
+    from backfill.http.server import run_server
 
-    settings = _settings(config, host=host, port=port, data_dir=data_dir, database_url=database_url)
+    settings = _settings(config, host=host, port=port, role=role, data_dir=data_dir, database_url=database_url)
     _configure_logging(settings.log_level)
     migrate(settings.effective_database_url)  # once, before the app starts (its lifespan does not migrate)
-    if not is_loopback(settings.host) and asyncio.run(_count_keys(settings)) == 0:
+    if settings.role != "worker" and not is_loopback(settings.host) and asyncio.run(_count_keys(settings)) == 0:
         raise click.ClickException(
             f"refusing to serve on {settings.host} without API keys: anyone who can reach it could use it. "
             "Create one with `backfill keys create --tenant NAME`, or bind to 127.0.0.1."
         )
-    app = create_app(settings, run_migrations=False)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.cancel_grace_s) + 5,
-    )
+    run_server(create_app(settings, run_migrations=False), settings)
 
 
 async def _count_keys(settings: Settings) -> int:

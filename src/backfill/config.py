@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from backfill.errors import ConfigError
@@ -141,6 +141,11 @@ class Settings(BaseSettings):
     s3_region: str | None = None
     s3_part_bytes: int = Field(default=8 * MiB, ge=5 * MiB, le=5 * 1024 * MiB)  # S3's bounds for a part
     log_level: str = "info"
+    # What `backfill serve` runs in this process: "api", the HTTP API (files, batches, message batches, the
+    # interactive proxy) without a dispatcher; "worker", the dispatcher (validation, leasing, sending, finalizing,
+    # expiry), serving only /healthz, /readyz and /metrics; "all", both. Any number of each may share one
+    # PostgreSQL database and one S3 bucket (docs/deploy.md).
+    role: Literal["all", "api", "worker"] = "all"
 
     # Files and validation (SPEC §2, §3)
     max_file_bytes: int = Field(default=200 * MiB, ge=1)
@@ -179,6 +184,9 @@ class Settings(BaseSettings):
     retry_max_s: float = Field(default=60.0, ge=0)
     lease_ttl_s: float = Field(default=60.0, gt=0)
     cancel_grace_s: float = Field(default=10.0, ge=0)
+    # On SIGTERM a worker stops leasing at once, lets lines in flight finish for up to this long (their leases
+    # kept alive meanwhile), then aborts the rest and hands them back uncharged for another worker.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
     commit_interval_s: float = Field(default=0.05, gt=0)
     commit_max_results: int = Field(default=512, ge=1)
     poll_interval_s: float = Field(default=0.5, gt=0)
@@ -211,6 +219,15 @@ class Settings(BaseSettings):
         if bucket is None and info.data.get("blob_store") == "s3":
             raise ValueError("blob_store = 's3' needs s3_bucket")
         return bucket
+
+    @model_validator(mode="after")
+    def _split_roles_need_backends(self) -> Settings:
+        if self.role != "all" and not self.backends:
+            raise ValueError(
+                f"role {self.role!r} needs [[backends]]: the embedded engine runs inside the one process that "
+                "serves it, so it is only available with role 'all'"
+            )
+        return self
 
     @property
     def effective_database_url(self) -> str:

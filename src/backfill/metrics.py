@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backfill.domain.outcomes import Outcome, OutcomeKind
 
@@ -104,3 +108,28 @@ class Metrics:
             ["backend"],
             registry=self.registry,
         )
+        # Database load: what the statements of this process cost PostgreSQL or SQLite (docs/deploy.md sizing).
+        self.db_statements = Counter(
+            "backfill_db_statements",
+            "SQL statements sent to the database (an executemany counts once).",
+            registry=self.registry,
+        )
+        self.db_rows = Counter(
+            "backfill_db_rows",
+            "Rows the database reported for those statements: returned by a SELECT, written by INSERT/UPDATE/DELETE.",
+            registry=self.registry,
+        )
+        self.db_commits = Counter("backfill_db_commits", "Transactions committed.", registry=self.registry)
+
+    def observe_database(self, engine: AsyncEngine) -> None:
+        """Count the statements, rows and commits of every connection `engine` hands out."""
+
+        @event.listens_for(engine.sync_engine, "after_cursor_execute")
+        def _after_execute(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+            self.db_statements.inc()
+            if cursor.rowcount > 0:
+                self.db_rows.inc(cursor.rowcount)
+
+        @event.listens_for(engine.sync_engine, "commit")
+        def _on_commit(conn: Any) -> None:
+            self.db_commits.inc()

@@ -55,6 +55,8 @@ class Services:
     dispatcher: Dispatcher
     metrics: Metrics
     clock: Callable[[], float] = time.time
+    # The event loop the services were opened on: signal handlers reach the dispatcher through it.
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _run: asyncio.Task[None] | None = None
     # Interactive requests through the proxy, by backend: what the harvest controller reads.
@@ -81,6 +83,7 @@ class Services:
         store = SqlStore(create_engine(url))
         chosen = list(backends) if backends is not None else build_backends(settings)
         metrics = Metrics()
+        metrics.observe_database(store.engine)
         dispatcher = Dispatcher(store, blobs, chosen, settings, clock=clock, metrics=metrics)
         return cls(settings, store, blobs, chosen, dispatcher, metrics, clock)
 
@@ -90,9 +93,14 @@ class Services:
     def start_dispatcher(self) -> None:
         self._run = asyncio.create_task(self.dispatcher.run(self._stop))
 
+    def stop_dispatcher(self) -> None:
+        """Stop leasing now (SIGTERM); lines in flight get `shutdown_grace_s` while `close` waits for them."""
+        self._stop.set()
+        self.dispatcher.wake()
+
     async def close(self) -> None:
         if self._run is not None:
-            self._stop.set()
+            self.stop_dispatcher()
             await self._run
         for backend in self.backends:
             await backend.close()

@@ -35,14 +35,21 @@ TEST_SETTINGS: dict[str, Any] = {
 
 
 def _launcher(directory: Path, database_url: str, upstream: Upstream, started: list[Server]) -> StartServer:
-    def start(backends: list[dict[str, Any]] | None = None, **settings: Any) -> Server:
+    def start(
+        backends: list[dict[str, Any]] | None = None,
+        role: str = "all",
+        data_dir: Path | None = None,
+        **settings: Any,
+    ) -> Server:
         config = {**TEST_SETTINGS, **settings}
         if backends is None:
             backends = [{"name": "upstream", "url": upstream.url, "models": [MODEL], "max_concurrency": 16}]
         index = len(started)
-        data_dir = directory / f"data{index}"
-        data_dir.mkdir()
-        server = Server(data_dir, write_config(directory / f"backfill{index}.toml", config, backends), database_url)
+        if data_dir is None:
+            data_dir = directory / f"data{index}"
+            data_dir.mkdir()
+        config_path = write_config(directory / f"backfill{index}.toml", config, backends)
+        server = Server(data_dir, config_path, database_url, role=role)
         started.append(server)
         return server.start()
 
@@ -53,7 +60,8 @@ def _launcher(directory: Path, database_url: str, upstream: Upstream, started: l
 def start_server(database_url: str, tmp_path: Path, upstream: Upstream) -> Iterator[StartServer]:
     """Start `backfill serve` with test-friendly settings; keyword arguments override config values.
 
-    `backends=[...]` replaces the default single backend (the upstream, serving MODEL).
+    `backends=[...]` replaces the default single backend (the upstream, serving MODEL); `role` is passed as
+    `serve --role` (default all); `data_dir` shares another server's (its local blobs) instead of a new one.
     """
     started: list[Server] = []
     yield _launcher(tmp_path, database_url, upstream, started)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import io
-import sqlite3
 import time
 
 import orjson
-import psycopg
 
 from tests.acceptance.conftest import MODEL, StartServer, client_for
+from tests.support.databases import fetch_rows
 from tests.support.processes import Server, Upstream
 
 
@@ -25,11 +24,7 @@ def _line(i: int, tag: str) -> dict[str, object]:
 def _committed_successes(server: Server, batch_id: str) -> set[str]:
     """custom_ids whose success is durably in the database, read behind the server's back."""
     query = "SELECT custom_id FROM requests WHERE batch_id = %s AND state = 'succeeded'"
-    if server.database_url.startswith("sqlite"):
-        with sqlite3.connect(server.database_url.removeprefix("sqlite:///")) as conn:
-            return {row[0] for row in conn.execute(query.replace("%s", "?"), (batch_id,))}
-    with psycopg.connect(server.database_url) as conn:
-        return {row[0] for row in conn.execute(query, (batch_id,))}
+    return {str(row[0]) for row in fetch_rows(server.database_url, query, (batch_id,))}
 
 
 def test_kill_9_mid_batch_then_restart_finishes_every_line_exactly_once(

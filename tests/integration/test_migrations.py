@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
@@ -22,3 +26,23 @@ def test_migrations_produce_the_models_schema(database_url: str) -> None:
 def test_migrating_twice_is_a_no_op(database_url: str) -> None:
     migrate(database_url)
     migrate(database_url)
+
+
+def test_processes_that_start_together_migrate_one_at_a_time(database_url: str) -> None:
+    # Replicas and workers started at once on a fresh database each run the migrations; without a lock all but
+    # one fail on "table already exists".
+    command = [sys.executable, "-m", "backfill", "migrate", "--database-url", database_url]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("BACKFILL_")}
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    results = [(process.wait(120), process.stderr.read().decode() if process.stderr else "") for process in processes]
+    for process in processes:
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+    assert [0, 0, 0, 0] == [code for code, _ in results], [err for _, err in results if err]
+    engine = create_engine(sync_url(database_url))
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+    engine.dispose()
+    assert [] == diff

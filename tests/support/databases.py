@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,3 +55,12 @@ def database_url_for(kind: str, tmp_path: Path) -> Iterator[str]:
     else:
         with postgres_schema_url() as url:
             yield url
+
+
+def fetch_rows(database_url: str, query: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Rows of `query` (`%s` placeholders), read behind a server's back from its SQLite file or PostgreSQL."""
+    if database_url.startswith("sqlite"):
+        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as conn:
+            return list(conn.execute(query.replace("%s", "?"), params))
+    with psycopg.connect(_conninfo(database_url)) as conn:
+        return list(conn.execute(query, params))  # type: ignore[arg-type]

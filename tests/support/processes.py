@@ -68,6 +68,8 @@ class Server:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    role: str = "all"
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
@@ -83,7 +85,10 @@ class Server:
         self.log_path = self.data_dir.parent / f"serve-{self.port}.log"
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
-            self.command("serve", "--port", str(self.port)), env=child_env(), stdout=log, stderr=subprocess.STDOUT
+            self.command("serve", "--port", str(self.port), "--role", self.role),
+            env=child_env(**self.extra_env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         wait_http(f"{self.base_url}/healthz", self.process)

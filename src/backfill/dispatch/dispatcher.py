@@ -103,7 +103,8 @@ class Dispatcher:
         self._tend_now = asyncio.Event()
         self._tending: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._stopping = False
+        self._stopping = False  # no more leasing: the process is stopping
+        self._drained = asyncio.Event()  # the lines in flight are done or handed back: housekeeping ends
         self._batches: list[DispatchBatch] = []
         self._batches_at = 0.0
         self._dry: set[str] = set()  # batches with nothing leasable at the last look
@@ -134,17 +135,18 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_s)
         finally:
+            # Leasing has stopped; the housekeeper keeps this process's leases alive and the recorder keeps
+            # committing while lines in flight get their grace, so no other worker takes them over meanwhile.
             self._stopping = True
-            housekeeper.cancel()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             await self._shutdown()
-            recorder.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await recorder
-            with contextlib.suppress(asyncio.CancelledError):
-                await housekeeper
+            # Both end at their next turn rather than being cancelled: a task cancelled inside a database call
+            # can leave the connection pool waiting for a connection that never comes back.
+            self._drained.set()
+            self._flush_now.set()
+            await asyncio.gather(housekeeper, recorder)
             await self._flush()
 
     # --- leasing and sending -------------------------------------------------------------------------------------
@@ -317,7 +319,7 @@ class Dispatcher:
             self._flush_now.set()
 
     async def _recorder(self) -> None:
-        while True:
+        while not self._drained.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush_now.wait(), self.settings.commit_interval_s)
             self._flush_now.clear()
@@ -344,24 +346,27 @@ class Dispatcher:
     async def _housekeeper(self) -> None:
         renew_every = self.settings.lease_ttl_s / 3
         renewed = swept = 0.0
-        while True:
+        while not self._drained.is_set():
             try:
                 now = self.clock()
                 if now - renewed >= renew_every:
                     await self.store.renew_leases(self.owner, now, self.settings.lease_ttl_s)
-                    await self.store.reclaim_lapsed_leases(now)
                     renewed = now
-                if now - swept >= _FILE_SWEEP_S:
-                    await self._delete_expired_files(int(now))
-                    swept = now
-                await self._watch_batches(now)
-                for batch in await self.store.batches_to_tend(now):
-                    if batch.id not in self._tending:
-                        self._spawn_tend(batch.id, now)
+                    if not self._stopping:
+                        await self.store.reclaim_lapsed_leases(now)
+                if not self._stopping:  # stopping, it only keeps the leases of the lines still in flight alive
+                    if now - swept >= _FILE_SWEEP_S:
+                        await self._delete_expired_files(int(now))
+                        swept = now
+                    await self._watch_batches(now)
+                    for batch in await self.store.batches_to_tend(now):
+                        if batch.id not in self._tending:
+                            self._spawn_tend(batch.id, now)
             except Exception:
                 log.exception("dispatcher.housekeeping_failed")
+            wake = self._drained if self._stopping else self._tend_now
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._tend_now.wait(), self.settings.poll_interval_s)
+                await asyncio.wait_for(wake.wait(), renew_every if self._stopping else self.settings.poll_interval_s)
             self._tend_now.clear()
 
     async def _delete_expired_files(self, now: int) -> None:
@@ -421,21 +426,22 @@ class Dispatcher:
             self._pending.extend(_closed(line, state) for line in pool.take_batch(batch_id))
 
     async def _shutdown(self) -> None:
-        """Hand back buffered lines, give in-flight ones a grace period, then abort them (uncharged)."""
+        """Hand back buffered lines at once; give lines in flight and batch housekeeping under way (a finalize)
+        `shutdown_grace_s` to finish, then abort what is left (lines go back uncharged)."""
         if self._timer is not None:
             self._timer.cancel()
         for pool in self.pools.values():
             for batch_id in list(pool.ready):
                 self._pending.extend(_closed(line, RequestState.QUEUED) for line in pool.take_batch(batch_id))
-        flights = [flight.task for flight in self._in_flight.values()]
-        if flights:
-            _, still = await asyncio.wait(flights, timeout=self.settings.cancel_grace_s)
+        self._flush_now.set()  # hand them back now: another worker may lease them during our grace
+        running = [flight.task for flight in self._in_flight.values()] + list(self._tasks)
+        still: set[asyncio.Task[None]] = set()
+        if running:
+            _, still = await asyncio.wait(running, timeout=self.settings.shutdown_grace_s)
             for task in still:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        log.info("dispatcher.stopped", owner=self.owner, in_flight=len(running), aborted=len(still))
 
 
 def _closed(line: LeasedLine, state: RequestState) -> LineUpdate:

@@ -1,4 +1,8 @@
-"""create_app: the whole HTTP surface. Services are opened in the lifespan, on the server's event loop."""
+"""create_app: the whole HTTP surface. Services are opened in the lifespan, on the server's event loop.
+
+`settings.role` decides what a process runs: "api" serves every route and runs no dispatcher, "worker" runs the
+dispatcher and serves only /healthz, /readyz and /metrics, "all" does both.
+"""
 
 from __future__ import annotations
 
@@ -22,15 +26,19 @@ def create_app(
     *,
     backends: Sequence[Backend] | None = None,
     clock: Callable[[], float] = time.time,
-    run_dispatcher: bool = True,
+    run_dispatcher: bool | None = None,
     run_migrations: bool = True,
 ) -> FastAPI:
+    """The app for `settings.role`; `run_dispatcher` overrides whether the dispatcher runs (tests)."""
+    serves_api = settings.role in ("all", "api")
+    dispatching = settings.role in ("all", "worker") if run_dispatcher is None else run_dispatcher
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await Services.open(settings, backends=backends, clock=clock, run_migrations=run_migrations)
         app.state.services = services
         app.state.authenticator = Authenticator(services)
-        if run_dispatcher:
+        if dispatching:
             services.start_dispatcher()
         try:
             yield
@@ -39,9 +47,8 @@ def create_app(
 
     app = FastAPI(title="backfill", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
-    app.include_router(files.router)
-    app.include_router(batches.router)
-    app.include_router(message_batches.router)
     app.include_router(health.router)
-    app.include_router(proxy.router)
+    if serves_api:
+        for routes in (files, batches, message_batches, proxy):
+            app.include_router(routes.router)
     return app

@@ -1,7 +1,7 @@
 """Alembic environment: runs migrations on a plain synchronous connection."""
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, pool, text
 
 from backfill.store.tables import metadata
 
@@ -17,5 +17,10 @@ with engine.connect() as connection:
         compare_type=True,
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Replicas and workers that start together migrate one at a time: the lock is taken before Alembic
+            # reads the schema's version, so a process that waited finds it at head and does nothing. (SQLite:
+            # backfill.store.engine.migrate holds a file lock instead.)
+            connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('backfill.migrate'))"))
         context.run_migrations()
 engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,16 @@ def alembic_config(url: str) -> Config:
 
 
 def migrate(url: str, revision: str = "head") -> None:
-    """Bring the database schema to `revision` (creates the SQLite file if needed)."""
-    if is_sqlite(url):
-        database = make_url(url).database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(url), revision)
+    """Bring the database schema to `revision` (creates the SQLite file if needed).
+
+    Safe when several processes start at once: they migrate one after the other (a PostgreSQL advisory lock in
+    migrations/env.py; for a SQLite file, a lock on a file beside it).
+    """
+    database = make_url(url).database if is_sqlite(url) else None
+    if not database or database == ":memory:":
+        command.upgrade(alembic_config(url), revision)
+        return
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.migrate-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        command.upgrade(alembic_config(url), revision)

@@ -1,0 +1,153 @@
+"""`backfill serve --role api|worker`: separate API and dispatcher processes on one database, and a worker's
+graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import time
+
+import httpx
+import orjson
+
+from tests.acceptance.conftest import MODEL, StartServer, client_for
+from tests.acceptance.helpers import chat_line, jsonl, wait_terminal
+from tests.support.databases import fetch_rows
+from tests.support.processes import Server, Upstream
+
+
+def test_an_api_replica_and_a_worker_run_a_batch_together(start_server: StartServer) -> None:
+    api = start_server(role="api")
+    worker = start_server(role="worker", data_dir=api.data_dir)  # local blobs: one directory for both
+    client = client_for(api)
+    lines = [chat_line(f"req-{i}", f"roles line {i}") for i in range(30)]
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+    done = wait_terminal(client, batch.id)
+
+    assert ("completed", 30) == (done.status, done.request_counts.completed if done.request_counts else None)
+    assert done.output_file_id is not None
+    output = client.files.content(done.output_file_id).read().splitlines()
+    assert [f"req-{i}" for i in range(30)] == [orjson.loads(line)["custom_id"] for line in output]
+    worker_metrics = httpx.get(f"{worker.base_url}/metrics").text
+    api_metrics = httpx.get(f"{api.base_url}/metrics").text
+    assert 'backfill_lines_finished_total{state="succeeded"} 30.0' in worker_metrics
+    assert 'backfill_lines_finished_total{state="succeeded"}' not in api_metrics  # the API sent nothing
+
+
+def test_a_worker_serves_only_health_and_metrics(start_server: StartServer) -> None:
+    worker = start_server(role="worker")
+
+    answers = {
+        path: httpx.get(f"{worker.base_url}{path}").status_code
+        for path in ("/healthz", "/readyz", "/metrics", "/v1/batches", "/v1/files", "/v1/messages/batches")
+    }
+    proxied = httpx.post(f"{worker.base_url}/v1/chat/completions", json={"model": MODEL, "messages": []})
+
+    expected = {"/healthz": 200, "/readyz": 200, "/metrics": 200}
+    expected |= {"/v1/batches": 404, "/v1/files": 404, "/v1/messages/batches": 404}
+    assert expected == answers
+    assert 404 == proxied.status_code
+
+
+def test_an_api_replica_alone_validates_nothing_and_sends_nothing(start_server: StartServer) -> None:
+    api = start_server(role="api")
+    client = client_for(api)
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl([chat_line("a", "x")]))), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+    time.sleep(1.5)  # many poll intervals (0.1 s): a dispatcher would have validated it long since
+
+    assert "validating" == client.batches.retrieve(batch.id).status
+
+
+def test_split_roles_without_backends_refuse_to_start(start_server: StartServer) -> None:
+    server = start_server(role="api")
+    server.stop()
+    server.config_path.write_text("poll_interval_s = 0.1\n")  # no [[backends]]
+
+    result = subprocess.run(server.command("serve", "--role", "worker"), capture_output=True, timeout=60)
+
+    assert 0 != result.returncode
+    assert b"role 'worker' needs [[backends]]" in result.stderr
+
+
+def test_sigterm_stops_leasing_at_once_and_finishes_lines_in_flight(
+    start_server: StartServer, upstream: Upstream
+) -> None:
+    api = start_server(role="api")
+    backends = [{"name": "up", "url": upstream.url, "models": [MODEL], "max_concurrency": 4}]
+    worker = start_server(role="worker", backends=backends, data_dir=api.data_dir, shutdown_grace_s=20.0)
+    client = client_for(api)
+    tag = f"sigterm-{time.time_ns()}"
+    lines = [chat_line(f"req-{i}", f"{tag} {i} #slow:1500") for i in range(24)]  # 1.5 s each, 4 at a time
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 30
+    while _arrived(upstream, tag) < 4:
+        assert time.monotonic() < deadline, "the lines did not reach the upstream"
+        time.sleep(0.05)
+
+    assert worker.process is not None
+    worker.process.send_signal(signal.SIGTERM)
+    signalled_at = time.time()
+    exit_code = worker.process.wait(30)
+    stopped_after_s = time.time() - signalled_at
+    time.sleep(2.0)  # anything sent after the signal has been answered (1.5 s) and logged by now
+
+    arrivals = [entry for entry in upstream.stats()["log"] if entry["key"].startswith(tag)]
+    after_signal = [entry for entry in arrivals if entry["t"] > signalled_at]
+    assert _arrived(upstream, tag) == len(arrivals)
+    counts = client.batches.retrieve(batch.id).request_counts
+    assert -signal.SIGTERM == exit_code  # uvicorn re-raises the signal once it has shut down cleanly
+    assert [] == after_signal  # nothing new was sent once the signal arrived
+    assert 1.0 < stopped_after_s < 10.0  # it waited for the lines in flight (1.5 s each), not for the grace
+    assert counts is not None
+    assert (len(arrivals), 0) == (counts.completed, counts.failed)  # each line sent finished and was recorded
+    assert "dispatcher.stopped" in worker.log_text()
+
+    start_server(role="worker", backends=backends, data_dir=api.data_dir)  # the rest runs on another worker, none twice
+    done = wait_terminal(client, batch.id)
+    assert ("completed", 24) == (done.status, done.request_counts.completed if done.request_counts else None)
+    keys = [entry["key"] for entry in upstream.stats()["log"] if entry["key"].startswith(tag)]
+    assert sorted(keys) == sorted(set(keys))
+
+
+def test_sigterm_hands_back_lines_still_in_flight_when_the_grace_runs_out(
+    start_server: StartServer, upstream: Upstream
+) -> None:
+    api = start_server(role="api")
+    backends = [{"name": "up", "url": upstream.url, "models": [MODEL], "max_concurrency": 4}]
+    worker = start_server(role="worker", backends=backends, data_dir=api.data_dir, shutdown_grace_s=0.5)
+    client = client_for(api)
+    tag = f"grace-{time.time_ns()}"
+    lines = [chat_line(f"req-{i}", f"{tag} {i} #slow:20000") for i in range(4)]
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 30
+    while _arrived(upstream, tag) < 4:
+        assert time.monotonic() < deadline, "the lines did not all reach the upstream"
+        time.sleep(0.05)
+
+    assert worker.process is not None
+    worker.process.send_signal(signal.SIGTERM)
+    signalled_at = time.monotonic()
+    assert -signal.SIGTERM == worker.process.wait(30)
+
+    assert time.monotonic() - signalled_at < 8.0
+    assert {"queued/0": 4} == _line_states(api, batch.id)  # handed back uncharged at once: no lease to lapse
+    assert 0 == client.batches.retrieve(batch.id).request_counts.failed  # type: ignore[union-attr]
+
+
+def _arrived(upstream: Upstream, tag: str) -> int:
+    """Requests of this test that reached the upstream, answered or not."""
+    return sum(n for key, n in upstream.stats()["by_key"].items() if key.startswith(tag))
+
+
+def _line_states(server: Server, batch_id: str) -> dict[str, int]:
+    """Lines of a batch by (state, attempts charged), read from the database."""
+    query = "SELECT state, attempts, count(*) FROM requests WHERE batch_id = %s GROUP BY state, attempts"
+    rows = fetch_rows(server.database_url, query, (batch_id,))
+    return {f"{state}/{attempts}": int(str(n)) for state, attempts, n in rows}
