@@ -17,8 +17,9 @@ Each side runs N x --lines-per-worker lines (chat, `max_tokens` 100, `ignore_eos
     vs 1        lines/s over the 1-worker side's
     per 1,000 lines, counted by backfill itself (every process's backfill_db_* counters, from start to end):
     stmts, commits, rows (returned by SELECTs plus written);
-    and by PostgreSQL (pg_stat_database of the side's own database): xact (commits), tup_w (rows inserted, updated
-    or deleted), tup_r (rows returned by scans).
+    and by PostgreSQL (pg_stat_database of the side's own database, from its creation to the processes' exit, so
+    start-up and migrations are in): xact (transactions committed), tup_w (rows inserted, updated or deleted),
+    tup_r (rows read by sequential scans plus index entries returned by index scans).
 
     .venv/bin/python bench/scaling.py                    # 1, 2, 4 workers, 1,500 lines a worker, ~3 minutes
     .venv/bin/python bench/scaling.py --quick            # 300 lines a worker
@@ -144,11 +145,12 @@ def run_side(children: Children, workdir: Path, admin_url: str, sim: Sim, worker
     config = write_config(workdir / "backfill.toml", {"poll_interval_s": 0.2}, [backend])
     write_lines(workdir / "in.jsonl", lines)
     with fresh_database(admin_url) as url:
+        before_pg = pg_counters(url)
         started = [serve(children, workdir, config, url, "api")]
         started += [serve(children, workdir, config, url, "worker") for _ in range(workers)]
         ports = [port for port, _ in started]
         api = ports[0]
-        before_db, before_pg = db_metrics(ports), pg_counters(url)
+        before_db = db_metrics(ports)
         sim_before = sim.metrics()
         with httpx.Client(base_url=f"http://127.0.0.1:{api}/v1", timeout=120) as client:
             with (workdir / "in.jsonl").open("rb") as fh:
@@ -167,10 +169,13 @@ def run_side(children: Children, workdir: Path, admin_url: str, sim: Sim, worker
                     end = now
                 time.sleep(0.1)
         assert first_done is not None
-        time.sleep(1.5)  # PostgreSQL publishes a backend's statistics at most once a second
-        after_db, after_pg = db_metrics(ports), pg_counters(url)
+        after_db = db_metrics(ports)
         for _, process in started:
             children.stop(process)
+        # A busy connection's statistics reach pg_stat_database when it idles or closes: read them once every
+        # process has closed its connections.
+        time.sleep(1.0)
+        after_pg = pg_counters(url)
     sim_after = sim.metrics()
     requests = metric(sim_after, "vllm:e2e_request_latency_seconds_count") - metric(
         sim_before, "vllm:e2e_request_latency_seconds_count"

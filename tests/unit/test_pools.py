@@ -134,6 +134,17 @@ def test_outlooks_promote_a_batch_that_cannot_wait_its_turn() -> None:
     assert ("hopeless", pytest.approx(1000, abs=1), "at_risk") == p.outlooks(0.0, [hopeless])[0]
 
 
+def test_outlooks_at_the_rate_of_every_worker_together() -> None:
+    p = pool(Endpoint("a", 4))
+    p.meter.fast = p.meter.slow = 100.0  # this worker's share; three more serve the same pool as fast
+    tight = batch("tight", "t2", expires_at=3600, open_lines=1400)  # 3,500 s for one worker, 875 s for four
+
+    ((_, eta, state),) = p.outlooks(0.0, [tight], rate=400.0)
+
+    assert (pytest.approx(875, abs=1), "on_track") == (eta, state)
+    assert set() == p.promoted
+
+
 def test_no_rate_no_outlook() -> None:
     assert [("b1", None, None)] == pool(Endpoint("a")).outlooks(0.0, [batch("b1", "t")])
 

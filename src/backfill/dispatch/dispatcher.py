@@ -148,6 +148,8 @@ class Dispatcher:
             self._flush_now.set()
             await asyncio.gather(housekeeper, recorder)
             await self._flush()
+            with contextlib.suppress(Exception):  # else they go stale within a few outlook intervals anyway
+                await self.store.forget_rates(self.owner)
 
     # --- leasing and sending -------------------------------------------------------------------------------------
 
@@ -180,10 +182,19 @@ class Dispatcher:
             self._start_from(pool)
 
     async def _refresh_outlooks(self, now: float) -> None:
+        """Completion estimates at the rate of every worker together: each publishes what it serves per model."""
         self._outlooks_at = now
+        mine = {model: pool.measure(now) for model, pool in self.pools.items()}
+        try:
+            stale_after_s = 3 * self.settings.outlook_interval_s + self.settings.poll_interval_s
+            rates = await self.store.share_rates(self.owner, mine, now, stale_after_s)
+        except Exception:
+            log.exception("dispatcher.rates_failed")
+            rates = mine
         shown: list[tuple[str, int | None, str | None]] = []
         for model, pool in self.pools.items():
-            shown += pool.outlooks(now, (batch for batch in self._batches if batch.model == model))
+            batches = (batch for batch in self._batches if batch.model == model)
+            shown += pool.outlooks(now, batches, max(rates.get(model, 0.0), mine[model]))
         try:
             await self.store.set_outlooks(shown)
         except Exception:

@@ -274,11 +274,23 @@ class Pool:
             batch.seq,
         )
 
-    def outlooks(self, now: float, batches: Iterable[DispatchBatch]) -> list[tuple[str, int | None, str | None]]:
-        """Re-estimate every batch of this pool; remember which are promoted; return what to show users."""
-        mine = list(batches)
+    def measure(self, now: float) -> float:
+        """The line cost per second this process serves from the pool: its share of the pool's rate."""
         self.meter.sample(now, busy=self.in_flight > 0)
-        rate = self.meter.rate
+        return self.meter.rate
+
+    def outlooks(
+        self, now: float, batches: Iterable[DispatchBatch], rate: float | None = None
+    ) -> list[tuple[str, int | None, str | None]]:
+        """Re-estimate every batch of this pool; remember which are promoted; return what to show users.
+
+        `rate`: the line cost per second the pool serves, every worker process together (several workers share
+        the batches, so one worker's own rate would put every estimate that many times too late); this
+        process's own measurement when None.
+        """
+        mine = list(batches)
+        if rate is None:
+            rate = self.measure(now)
         if rate <= 0 or not mine:
             self.promoted.clear()
             # No estimate without a measured rate; but a batch held back by interactive traffic says so.

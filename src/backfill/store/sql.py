@@ -30,12 +30,13 @@ from backfill.store.lines import LineQueries
 from backfill.store.message_batches import MessageBatchQueries
 from backfill.store.rows import batch_from_row, batch_to_row, file_from_row
 from backfill.store.tables import api_keys, batches, files, requests, tenants
+from backfill.store.workers import WorkerQueries
 
 _TERMINAL = [status.value for status in TERMINAL]
 _INSERT_CHUNK = 5_000
 
 
-class SqlStore(LineQueries, MessageBatchQueries):
+class SqlStore(LineQueries, MessageBatchQueries, WorkerQueries):
     """Every query backfill runs, by name. Construct with an engine from `store.engine.create_engine`."""
 
     def __init__(self, engine: AsyncEngine) -> None:

@@ -150,3 +150,14 @@ requests = Table(
     Index(None, "state", "lease_expires_at"),
     Index(None, "lease_owner"),
 )
+
+# What each dispatcher process serves per model pool (line cost per second), so that completion estimates use
+# the rate of every worker together. A row not refreshed for a while belongs to a process that died.
+worker_rates = Table(
+    "worker_rates",
+    metadata,
+    Column("owner", String(64), primary_key=True),
+    Column("model", Text, primary_key=True),
+    Column("rate", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)

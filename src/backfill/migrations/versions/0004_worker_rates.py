@@ -1,0 +1,31 @@
+"""worker rates: what each dispatcher process serves per model, shared for completion estimates
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-12-03 07:00:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0004"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "worker_rates",
+        sa.Column("owner", sa.String(length=64), nullable=False),
+        sa.Column("model", sa.Text(), nullable=False),
+        sa.Column("rate", sa.Float(), nullable=False),
+        sa.Column("updated_at", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("owner", "model", name=op.f("pk_worker_rates")),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("worker_rates")
