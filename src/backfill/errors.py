@@ -4,6 +4,7 @@
      ├── ConfigError                 bad settings or config file; the process refuses to start
      ├── TokenLimitExceeded          a batch would take its tenant over the enqueued-token limit (SPEC §3)
      ├── RunStateError               `backfill run`: its state directory is busy or belongs to another input
+     ├── BlobStoreUnavailable        the blob store (S3) failed or did not answer: retry later, nothing is lost
      ├── ClientError                 a client command (`backfill submit`, …) got no answer it can use
      │    ├── ServerUnreachable      connection refused, unknown host, timeout
      │    └── ServerRejected         the server answered with an error envelope (its status and message)
@@ -53,6 +54,10 @@ class TokenLimitExceeded(BackfillError):
 
 class RunStateError(BackfillError):
     """The state directory of `backfill run` cannot be used."""
+
+
+class BlobStoreUnavailable(BackfillError):
+    """The blob store could not be reached or failed; the operation can be tried again."""
 
 
 class ClientError(BackfillError):

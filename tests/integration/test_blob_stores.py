@@ -16,14 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from backfill.blobs import OwnedBlobStore, open_blob_store
 from backfill.blobs.local import LocalBlobStore
 from backfill.blobs.s3 import S3BlobStore
 from backfill.config import Settings
-from backfill.errors import ConfigError
+from backfill.errors import BlobStoreUnavailable, ConfigError
+from backfill.testing.processes import free_port
 from tests.support.s3 import S3Server, running_s3_server
 
 MiB = 1 << 20
@@ -329,6 +332,31 @@ async def test_a_client_error_other_than_missing_is_not_taken_for_a_missing_blob
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     store = s3_store(aws_env, tmp_path)
 
-    with pytest.raises(ClientError):
+    with pytest.raises(BlobStoreUnavailable) as raised:
         await store.read_range("files/anything", 0, 10)
+    assert isinstance(raised.value.__cause__, ClientError)
+    store.close()
+
+
+async def test_a_store_that_does_not_answer_is_unavailable_not_a_missing_or_broken_file(tmp_path: Path) -> None:
+    # Nothing listens there: every call fails after boto3's (here: one) attempt, the way an S3 outage does.
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
+        config=Config(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=1),
+    )
+    store = S3BlobStore("bucket", "prefix", spool_dir=tmp_path / "spool", client=client)
+    writer = store.open_writer("files/new")
+    writer.write(b"some bytes\n")
+
+    with pytest.raises(BlobStoreUnavailable):
+        await store.read_range("files/any", 0, 10)
+    with pytest.raises(BlobStoreUnavailable):
+        list(store.iter_chunks("files/any"))
+    with pytest.raises(BlobStoreUnavailable):
+        await writer.commit()
+    await writer.abort()  # no error of its own: the failure above is the one that counts
     store.close()

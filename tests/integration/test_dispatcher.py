@@ -21,6 +21,7 @@ from backfill.domain.batches import Batch, BatchStatus
 from backfill.domain.files import FileRecord
 from backfill.domain.outcomes import Outcome
 from backfill.domain.results import CANCELLED_MESSAGE, EXPIRED_MESSAGE
+from backfill.errors import BlobStoreUnavailable
 from backfill.ports import Backend
 from backfill.services import Services
 from backfill.testing.upstream import FakeUpstream, create_upstream_app
@@ -372,3 +373,42 @@ async def test_in_progress_batches_show_an_estimated_completion(make_harness: Ma
     assert harness.clock() < seen.eta_at < seen.expires_at
     shown = seen.to_openai()["backfill"]
     assert {"estimated_completion_at": seen.eta_at, "schedule": "on_track"} == shown
+
+
+class UnavailableAtFirst:
+    """A blob store that is unreachable (as S3 in an outage) for its first reads of each kind, then recovers."""
+
+    def __init__(self, inner: Any, validation_failures: int, line_failures: int) -> None:
+        self.inner = inner
+        self.validation_failures = validation_failures
+        self.line_failures = line_failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def iter_chunks(self, key: str, chunk_bytes: int = 1 << 20) -> Any:
+        if self.validation_failures > 0:
+            self.validation_failures -= 1
+            raise BlobStoreUnavailable("s3://bucket/files: connection refused")
+        return self.inner.iter_chunks(key, chunk_bytes)
+
+    async def read_range(self, key: str, offset: int, length: int) -> bytes:
+        if self.line_failures > 0:
+            self.line_failures -= 1
+            raise BlobStoreUnavailable("s3://bucket/files: read timeout")
+        result: bytes = await self.inner.read_range(key, offset, length)
+        return result
+
+
+async def test_a_blob_store_outage_delays_a_batch_but_fails_and_charges_nothing(make_harness: MakeHarness) -> None:
+    harness = await make_harness()  # max_attempts 3: charged failures would fail lines
+    flaky = UnavailableAtFirst(harness.services.blobs, validation_failures=3, line_failures=12)
+    harness.services.dispatcher.blobs = flaky
+    harness.services.dispatcher.lifecycle.blobs = flaky
+
+    batch = await harness.submit(*(chat(f"r{i}", f"outage line {i}") for i in range(4)))
+    done = await harness.wait_terminal(batch.id)
+
+    assert (0, 0) == (flaky.validation_failures, flaky.line_failures)  # the outage did happen
+    assert (BatchStatus.COMPLETED, 4, 4, 0) == (done.status, done.total, done.completed, done.failed)
+    assert 4 == harness.upstream.stats()["total"]  # each line sent once, when its body could be read

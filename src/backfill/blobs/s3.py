@@ -20,8 +20,9 @@ so a cached block never goes stale.
 Credentials come from boto3's standard chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE and the
 shared config files, or the instance's role. They need s3:ListBucket on the bucket (without it S3 answers 403, not
 404, for a missing object) and s3:GetObject, s3:PutObject, s3:DeleteObject and s3:AbortMultipartUpload under the
-prefix. A missing object raises FileNotFoundError, as LocalBlobStore does; other failures, once boto3's retries are
-spent, stay botocore's errors (its timeouts are OSErrors, which validation takes for an unreadable file).
+prefix. A missing object raises FileNotFoundError, as LocalBlobStore does; every other failure, once boto3's retries
+are spent (timeouts, refused connections, 5xx, throttling), raises errors.BlobStoreUnavailable: callers retry
+later rather than take the file for unreadable.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from backfill.errors import ConfigError
+from backfill.errors import BlobStoreUnavailable, ConfigError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -56,6 +57,15 @@ _KEEP_BLOCKS = 16
 
 def _is_missing(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code") in _MISSING
+
+
+@contextlib.contextmanager
+def _unavailable(where: str) -> Iterator[None]:
+    """botocore's errors, once its own retries are spent, as BlobStoreUnavailable."""
+    try:
+        yield
+    except (ClientError, BotoCoreError) as exc:
+        raise BlobStoreUnavailable(f"{where}: {exc}") from exc
 
 
 class S3BlobWriter:
@@ -96,7 +106,8 @@ class S3BlobWriter:
         """Hand the full part to a part thread and start the next one; a part that already failed stops the write."""
         for sealed in self._sealed:
             if sealed.done() and sealed.exception() is not None:
-                sealed.result()
+                with _unavailable(f"s3://{self._store.bucket}/{self._key}"):
+                    sealed.result()
         number = len(self._sealed) + 1
         self._sealed.append(self._store.part_pool.submit(self._upload_part, number, self._part))
         self._part = self._new_part()
@@ -122,7 +133,8 @@ class S3BlobWriter:
             spool.close()
 
     async def commit(self) -> None:
-        await asyncio.to_thread(self._commit)
+        with _unavailable(f"s3://{self._store.bucket}/{self._key}"):
+            await asyncio.to_thread(self._commit)
 
     def _commit(self) -> None:
         if self._done:
@@ -167,7 +179,7 @@ class S3BlobWriter:
         wait(self._sealed)  # a part still going up would otherwise land after the abort
         self._close_spools()
         if self._upload_id is not None:
-            with contextlib.suppress(ClientError):  # already gone
+            with contextlib.suppress(ClientError, BotoCoreError):  # already gone, or S3 is down (lifecycle rule)
                 self._store.client.abort_multipart_upload(
                     Bucket=self._store.bucket, Key=self._key, UploadId=self._upload_id
                 )
@@ -237,42 +249,52 @@ class S3BlobStore:
     def _get(self, key: str, byte_range: str | None = None) -> Any:
         """The object's streaming body; FileNotFoundError when there is no such blob."""
         name = self.object_key(key)
-        try:
-            if byte_range is None:
-                return self.client.get_object(Bucket=self.bucket, Key=name)["Body"]
-            return self.client.get_object(Bucket=self.bucket, Key=name, Range=byte_range)["Body"]
-        except ClientError as exc:
-            if _is_missing(exc):
-                raise FileNotFoundError(f"no blob {key!r} in s3://{self.bucket}/{self.prefix}") from None
-            raise
+        with self._translated(key):
+            try:
+                if byte_range is None:
+                    return self.client.get_object(Bucket=self.bucket, Key=name)["Body"]
+                return self.client.get_object(Bucket=self.bucket, Key=name, Range=byte_range)["Body"]
+            except ClientError as exc:
+                if _is_missing(exc):
+                    raise FileNotFoundError(f"no blob {key!r} in s3://{self.bucket}/{self.prefix}") from None
+                raise
+
+    def _translated(self, key: str) -> contextlib.AbstractContextManager[None]:
+        return _unavailable(f"s3://{self.bucket}/{self.prefix}{key}")
 
     def iter_chunks(self, key: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
         body = self._get(key)
         try:
-            yield from body.iter_chunks(chunk_bytes)
+            with self._translated(key):
+                yield from body.iter_chunks(chunk_bytes)
         finally:
             body.close()
 
     async def stream(self, key: str, chunk_bytes: int = 1 << 16) -> AsyncIterator[bytes]:
         body = await asyncio.to_thread(self._get, key)
         try:
-            while chunk := await asyncio.to_thread(body.read, chunk_bytes):
+            while chunk := await asyncio.to_thread(self._read_body, key, body, chunk_bytes):
                 yield chunk
         finally:
             body.close()
 
+    def _read_body(self, key: str, body: Any, size: int | None = None) -> bytes:
+        with self._translated(key):
+            data: bytes = body.read(size)
+            return data
+
     def _read(self, key: str, offset: int, length: int) -> bytes:
         try:
             body = self._get(key, f"bytes={offset}-{offset + length - 1}")
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "InvalidRange":  # starts past the end
-                return b""
+        except BlobStoreUnavailable as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b""  # starts past the end
             raise
         try:
-            data: bytes = body.read()
+            return self._read_body(key, body)
         finally:
             body.close()
-        return data
 
     async def read_range(self, key: str, offset: int, length: int) -> bytes:
         if length <= 0:

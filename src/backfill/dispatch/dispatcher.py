@@ -27,7 +27,7 @@ from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
 from backfill.domain.lines import ValidationLimits
 from backfill.domain.outcomes import Outcome, OutcomeKind
-from backfill.errors import Conflict, NotFound
+from backfill.errors import BlobStoreUnavailable, Conflict, NotFound
 from backfill.interactive import InteractiveMeter
 from backfill.metrics import Metrics, outcome_label
 from backfill.policy.limits import EndpointLimits
@@ -269,6 +269,14 @@ class Dispatcher:
             state = self._aborts.pop(line.id, RequestState.QUEUED)
             self._pending.append(_closed(line, state))
             raise
+        except BlobStoreUnavailable:
+            # Its body could not be read (an S3 outage): nothing was sent, so back to the queue uncharged, a
+            # little later.
+            log.warning("dispatcher.line_unreadable", line_id=line.id, batch_id=batch.id)
+            retry_at = self.clock() + self.settings.retry_base_s * (1 + self.rng.random())
+            self._pending.append(
+                LineUpdate(line.id, line.batch_id, line.lease_seq, RequestState.QUEUED, line.attempts, retry_at)
+            )
         except Exception as exc:
             # Never strand the line: its lease would be renewed forever and the batch would never end.
             log.exception("dispatcher.line_crashed", line_id=line.id, batch_id=batch.id)

@@ -13,7 +13,7 @@ from backfill.domain.batches import Batch, BatchApi, BatchStatus, LineError, Req
 from backfill.domain.files import OUTPUT_PURPOSE, FileRecord
 from backfill.domain.lines import FileValidator, ValidationLimits, ValidationResult, split_lines
 from backfill.domain.results import output_line
-from backfill.errors import TokenLimitExceeded
+from backfill.errors import BlobStoreUnavailable, TokenLimitExceeded
 from backfill.metrics import Metrics
 from backfill.ports import BlobStore
 from backfill.store.sql import SqlStore
@@ -54,6 +54,10 @@ class Lifecycle:
             if record is None:
                 raise FileNotFoundError(batch.input_file_id)
             result = await asyncio.to_thread(self._validate_blob, batch.endpoint, record.blob_key)
+        except BlobStoreUnavailable as exc:
+            # The bytes are there, the store is not (an S3 outage): stay `validating`, the next tend tries again.
+            log.warning("batch.input_unavailable", batch_id=batch.id, error=str(exc))
+            return
         except OSError as exc:
             log.exception("batch.input_unreadable", batch_id=batch.id)
             error = LineError("invalid_request", f"The input file {batch.input_file_id} could not be read: {exc}.")

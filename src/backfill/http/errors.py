@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect
 
 from backfill import ids
 from backfill.domain.message_batches import error_type as anthropic_error_type
-from backfill.errors import ApiError
+from backfill.errors import ApiError, BlobStoreUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -90,6 +90,10 @@ def install_error_handlers(app: FastAPI) -> None:
         log.info("http.client_disconnected")  # nobody is left to read an answer; nothing was kept
         return _answer(request, 400, "The client disconnected before the request body was complete.")
 
+    async def on_blobs_unavailable(request: Request, exc: Exception) -> Response:
+        log.warning("http.blob_store_unavailable", error=str(exc))
+        return _answer(request, 503, "The file store is unavailable; try again shortly.")  # the SDKs retry 503
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("http.unhandled", exc_info=exc)
         return _answer(request, 500, "The server had an error while processing your request.")
@@ -98,4 +102,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(ClientDisconnect, on_disconnect)
+    app.add_exception_handler(BlobStoreUnavailable, on_blobs_unavailable)
     app.add_exception_handler(Exception, on_unexpected)
