@@ -29,6 +29,7 @@ from tests.support.s3 import S3Server, running_s3_server
 BATCHES = 5
 LINES = 2000
 SIM_MODEL = "sim-chaos"
+OUTPUT_TOKENS = 16
 T = TypeVar("T")
 
 
@@ -40,10 +41,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 @pytest.fixture
 def simulator(tmp_path: Path) -> Iterator[str]:
-    # Answers of 12 tokens in ~0.1 s: work for 10,000 lines that the 2-core test machine gets through in a minute
-    # or two, with lines always in flight when a process dies.
+    # Answers of 16 tokens in ~0.17 s and 3 workers x 16 in flight: 10,000 lines take 35 s or more however fast
+    # the machine (so a process dies many times meanwhile), with lines always in flight when one does.
     profile = tmp_path / "sim.toml"
-    profile.write_text(f'model = "{SIM_MODEL}"\noutput_len_dist = "fixed"\noutput_len_mean = 12\n')
+    profile.write_text(f'model = "{SIM_MODEL}"\noutput_len_dist = "fixed"\noutput_len_mean = {OUTPUT_TOKENS}\n')
     with sim_serve(profile) as url:
         yield url
 
@@ -96,7 +97,7 @@ def _line(batch: int, i: int, tag: str) -> dict[str, Any]:
         "url": "/v1/chat/completions",
         "body": {
             "model": SIM_MODEL,
-            "max_tokens": 12,
+            "max_tokens": OUTPUT_TOKENS,
             "messages": [{"role": "user", "content": f"{tag} b{batch}-{i} please summarise item {i}"}],
         },
     }
@@ -120,7 +121,7 @@ def _start_cluster(tmp_path: Path, database_url: str, s3: S3Server, simulator: s
         "url": simulator,
         "models": [SIM_MODEL],
         "flavour": "vllm",
-        "max_concurrency": 32,
+        "max_concurrency": 16,
         "adaptive_concurrency": False,
     }
     config = write_config(tmp_path / "backfill.toml", settings, [backend])
