@@ -25,3 +25,20 @@ async def test_a_worker_that_stops_takes_its_rates_along(store: SqlStore) -> Non
     await store.forget_rates("leaving")
 
     assert {"m1": 10.0} == await store.share_rates("staying", {"m1": 10.0}, 101.0, STALE_S)
+
+
+async def test_workers_see_each_other_s_batch_token_counters_per_backend(store: SqlStore) -> None:
+    assert {"a": {"w1": 100}} == await store.share_batch_tokens("w1", {"a": 100}, 100.0, STALE_S)
+    shared = await store.share_batch_tokens("w2", {"a": 40, "b": 7}, 101.0, STALE_S)
+    assert {"a": {"w1": 100, "w2": 40}, "b": {"w2": 7}} == shared
+    assert {"a": {"w1": 250, "w2": 40}, "b": {"w2": 7}} == await store.share_batch_tokens(
+        "w1", {"a": 250}, 102.0, STALE_S
+    )
+
+
+async def test_a_dead_worker_s_counters_go_stale_and_a_stopped_one_s_go_with_it(store: SqlStore) -> None:
+    await store.share_batch_tokens("dead", {"a": 1}, 100.0, STALE_S)
+    await store.share_batch_tokens("leaving", {"a": 2}, 115.0, STALE_S)
+    await store.forget_rates("leaving")
+
+    assert {"a": {"alive": 3}} == await store.share_batch_tokens("alive", {"a": 3}, 121.0, STALE_S)

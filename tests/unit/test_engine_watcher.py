@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import UTC, datetime
 
 from backfill.backends.engine_metrics import EngineLoad
@@ -24,8 +25,11 @@ class Probe:
         return self.reading
 
 
-def watcher_for(clock: list[float], **settings: object) -> tuple[EngineWatcher, Pool, InteractiveMeter]:
+def watcher_for(
+    clock: list[float], backends_extra: dict[str, object] | None = None, **settings: object
+) -> tuple[EngineWatcher, Pool, InteractiveMeter]:
     backend = {"name": "a", "url": "http://127.0.0.1:9/v1", "models": ["m"], "flavour": "vllm", "harvest": True}
+    backend |= backends_extra or {}
     config = Settings(backends=[{**backend, "max_concurrency": 64}], **settings)  # type: ignore[arg-type]
     pool = Pool.build([Endpoint("a", 64)], {cfg.name: cfg for cfg in config.backends})
     metrics = Metrics()
@@ -99,3 +103,51 @@ def test_the_proxy_s_interactive_ttft_reaches_the_controller() -> None:
     assert [] == meter.drain_ttft("a")  # drained by the tick
     controller = watcher.harvested["a"].controller
     assert 1 == len(controller._clean)  # measured while no batch line ran: a baseline sample
+
+
+class OtherWorker:
+    """The share function as the database answers it: one more worker on backend "a", its counter rising."""
+
+    def __init__(self, tokens_per_tick: int) -> None:
+        self.tokens_per_tick = tokens_per_tick
+        self.counter = 0
+        self.published: list[dict[str, int]] = []
+
+    async def __call__(self, mine: dict[str, int]) -> dict[str, dict[str, int]]:
+        self.published.append(dict(mine))
+        self.counter += self.tokens_per_tick
+        return {"a": {"worker-2": self.counter}}
+
+
+def test_another_worker_s_batch_tokens_count_as_batch_and_it_takes_half_the_ceiling() -> None:
+    clock = [1_000.0]
+    capacity = {"capacity_tokens_per_s": 10_000.0}
+    watcher, pool, _ = watcher_for(clock, backends_extra=capacity)
+    other = OtherWorker(tokens_per_tick=5_000)
+    watcher.share = other
+    engine_tokens = 0
+    for _ in range(40):  # the engine serves 5,000 tokens/s, all of them the other worker's batch lines
+        engine_tokens += 5_000
+        watcher.probes = [Probe("a", EngineLoad(8, 0, 0.1, None, tokens=engine_tokens))]  # type: ignore[list-item]
+        asyncio.run(watcher.tick())
+        clock[0] += 1
+
+    controller = watcher.harvested["a"].controller
+    assert 1.0 == controller.share  # no interactive load: taken as 50% interactive, the share would be 0.375
+    assert math.ceil(controller.current / 2) == pool.limits["a"].ceiling  # two workers split the endpoint
+    assert {"a": 0} == other.published[-1]  # what this worker sent there, for the others
+
+
+def test_without_other_workers_the_ceiling_is_the_whole_endpoint_s() -> None:
+    clock = [1_000.0]
+    watcher, pool, _ = watcher_for(clock)
+
+    async def alone(mine: dict[str, int]) -> dict[str, dict[str, int]]:
+        return {}
+
+    watcher.share = alone
+    watcher.probes = [Probe("a", EngineLoad(2, 0, 0.1, None, tokens=100))]  # type: ignore[list-item]
+    for _ in range(3):
+        asyncio.run(watcher.tick())
+        clock[0] += 1
+    assert 6 == pool.limits["a"].ceiling

@@ -319,7 +319,9 @@ class Dispatcher:
     async def _watch_engines(self) -> None:
         """About once a second: engine metrics for the adaptive limits, harvest controllers for shared endpoints
         (dispatch/watcher.py); lines a harvest cut leaves above its ceiling are aborted and handed back."""
-        watcher = EngineWatcher(self.settings, self.limits, self.pools, self.clock, self.metrics, self.interactive)
+        watcher = EngineWatcher(
+            self.settings, self.limits, self.pools, self.clock, self.metrics, self.interactive, self._share_tokens
+        )
         if not watcher.active:
             return
         async with httpx.AsyncClient() as client:
@@ -330,6 +332,12 @@ class Dispatcher:
                         self.metrics.lines_shed.labels(start.backend.name).inc()
                 self._wake.set()
                 await asyncio.sleep(self.settings.engine_metrics_interval_s)
+
+    async def _share_tokens(self, mine: dict[str, int]) -> dict[str, dict[str, int]]:
+        """The other live workers' batch-token counters per harvested backend, ours published for them."""
+        stale_after_s = 5 * self.settings.engine_metrics_interval_s
+        shared = await self.store.share_batch_tokens(self.owner, mine, self.clock(), stale_after_s)
+        return {backend: {w: n for w, n in by.items() if w != self.owner} for backend, by in shared.items()}
 
     # --- group commit ------------------------------------------------------------------------------------------
 

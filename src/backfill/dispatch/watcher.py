@@ -8,16 +8,22 @@
   in trouble, the lines above the ceiling that have done little work are returned for the dispatcher to abort.
   A pool with a batch promoted for its deadline is not held back (its guaranteed share comes first).
 
+With several workers on one harvested endpoint, each publishes its batch-token counter per backend (`share`, the
+database in production): every controller then counts all workers' batch tokens as batch work (not the others'
+as interactive) and each worker takes its part of the ceiling (the ceiling over the workers sharing the endpoint).
+
 No scheduling happens here: the watcher reads, asks the policy, and sets numbers on the pools' limits.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import httpx
+import structlog
 
 from backfill.backends.engine_metrics import EngineLoad, EngineMetrics
 from backfill.config import Settings
@@ -27,12 +33,18 @@ from backfill.metrics import Metrics
 from backfill.policy.harvest import HarvestController, OffPeak, Signals
 from backfill.policy.limits import EndpointLimits
 
+log = structlog.get_logger(__name__)
+
+# Publish this process's batch-token counter per backend; get the other live workers', by backend then worker.
+ShareTokens = Callable[[dict[str, int]], Awaitable[dict[str, dict[str, int]]]]
+
 
 @dataclass
 class _Harvested:
     controller: HarvestController
     engine_tokens: int | None = None  # the engine's counter at the last reading
     served_tokens: int = 0  # our lines' tokens at the last reading
+    others: dict[str, int] = field(default_factory=dict)  # other workers' counters at the last reading
 
 
 class EngineWatcher:
@@ -44,8 +56,10 @@ class EngineWatcher:
         clock: Callable[[], float],
         metrics: Metrics,
         interactive: InteractiveMeter | None = None,
+        share: ShareTokens | None = None,
     ) -> None:
         self.limits = limits
+        self.share = share
         self.pools = pools
         self.clock = clock
         self.metrics = metrics
@@ -80,14 +94,29 @@ class EngineWatcher:
             if load is not None and load.waiting is not None:
                 self.limits[name].on_engine_load(now, load.waiting)
         victims: list[tuple[Pool, Start]] = []
+        counters = await self._share_counters()
         for name, harvested in self.harvested.items():
-            victims += self._harvest(now, name, harvested, loads.get(name))
+            victims += self._harvest(now, name, harvested, loads.get(name), counters.get(name, {}))
         return victims
 
+    async def _share_counters(self) -> dict[str, dict[str, int]]:
+        if self.share is None or not self.harvested:
+            return {}
+        try:
+            return await self.share({name: self.limits[name].served_tokens for name in self.harvested})
+        except Exception:
+            log.exception("watcher.share_failed")  # harvest as if alone until the database answers again
+            return {}
+
     def _harvest(
-        self, now: float, name: str, harvested: _Harvested, load: EngineLoad | None
+        self, now: float, name: str, harvested: _Harvested, load: EngineLoad | None, others: dict[str, int]
     ) -> list[tuple[Pool, Start]]:
         limits, controller = self.limits[name], harvested.controller
+        # Other workers' batch tokens since the last reading (a worker seen for the first time, or restarted with
+        # a counter that went back, counts from its next reading).
+        seen = harvested.others
+        others_tokens = sum(n - seen[w] for w, n in others.items() if w in seen and n >= seen[w])
+        harvested.others = others
         engine_tokens = None
         if load is not None and load.tokens is not None:
             if harvested.engine_tokens is not None and load.tokens >= harvested.engine_tokens:
@@ -95,7 +124,7 @@ class EngineWatcher:
             harvested.engine_tokens = load.tokens
         signals = Signals(
             engine_tokens=engine_tokens,
-            batch_tokens=limits.served_tokens - harvested.served_tokens,
+            batch_tokens=limits.served_tokens - harvested.served_tokens + others_tokens,
             interactive_ttft_s=self.interactive.drain_ttft(name) if self.interactive is not None else (),
             engine_waiting=load.waiting if load is not None else None,
             batch_in_flight=limits.in_flight,
@@ -105,7 +134,7 @@ class EngineWatcher:
         shares = [self.off_peak[model].share(now) for model in serving if model in self.off_peak]
         cap = min(shares) * controller.max_limit if shares else None
         age = controller.shed_age_s  # before the tick: a cut forgets the samples it was judged on
-        ceiling = controller.tick(now, signals, cap)
+        ceiling = math.ceil(controller.tick(now, signals, cap) / (1 + len(others)))  # this worker's part
         self.metrics.harvest_limit.labels(name).set(ceiling)
         promoted = any(pool.promoted for pool in serving.values())
         limits.ceiling = None if promoted else ceiling

@@ -161,3 +161,15 @@ worker_rates = Table(
     Column("rate", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
+
+# What each dispatcher process has sent to each harvested backend (prompt + output tokens of its batch lines, a
+# counter since it started), so that every worker's harvest controller counts all batch work as batch, not the
+# other workers' as interactive, and knows how many workers share the endpoint.
+worker_backends = Table(
+    "worker_backends",
+    metadata,
+    Column("owner", String(64), primary_key=True),
+    Column("backend", Text, primary_key=True),
+    Column("batch_tokens", BigInteger, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)

@@ -1,4 +1,5 @@
-"""worker rates: what each dispatcher process serves per model, shared for completion estimates
+"""worker rates and batch tokens: what each dispatcher process serves per model (for completion estimates) and
+has sent to each harvested backend (for the harvest controllers)
 
 Revision ID: 0004
 Revises: 0003
@@ -25,7 +26,16 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("owner", "model", name=op.f("pk_worker_rates")),
     )
+    op.create_table(
+        "worker_backends",
+        sa.Column("owner", sa.String(length=64), nullable=False),
+        sa.Column("backend", sa.Text(), nullable=False),
+        sa.Column("batch_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("updated_at", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("owner", "backend", name=op.f("pk_worker_backends")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("worker_backends")
     op.drop_table("worker_rates")
