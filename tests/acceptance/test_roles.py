@@ -10,6 +10,7 @@ import time
 
 import httpx
 import orjson
+from openai.types import Batch
 
 from tests.acceptance.conftest import MODEL, StartServer, client_for
 from tests.acceptance.helpers import chat_line, jsonl, wait_terminal
@@ -77,18 +78,9 @@ def test_split_roles_without_backends_refuse_to_start(start_server: StartServer)
 def test_sigterm_stops_leasing_at_once_and_finishes_lines_in_flight(
     start_server: StartServer, upstream: Upstream
 ) -> None:
-    api = start_server(role="api")
-    backends = [{"name": "up", "url": upstream.url, "models": [MODEL], "max_concurrency": 4}]
-    worker = start_server(role="worker", backends=backends, data_dir=api.data_dir, shutdown_grace_s=20.0)
-    client = client_for(api)
     tag = f"sigterm-{time.time_ns()}"
-    lines = [chat_line(f"req-{i}", f"{tag} {i} #slow:1500") for i in range(24)]  # 1.5 s each, 4 at a time
-    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
-    deadline = time.monotonic() + 30
-    while _arrived(upstream, tag) < 4:
-        assert time.monotonic() < deadline, "the lines did not reach the upstream"
-        time.sleep(0.05)
+    api, worker, batch = _split_roles_running(start_server, upstream, tag, lines=24, slow_ms=1500, grace_s=20.0)
+    client = client_for(api)
 
     assert worker.process is not None
     worker.process.send_signal(signal.SIGTERM)
@@ -106,9 +98,9 @@ def test_sigterm_stops_leasing_at_once_and_finishes_lines_in_flight(
     assert 1.0 < stopped_after_s < 10.0  # it waited for the lines in flight (1.5 s each), not for the grace
     assert counts is not None
     assert (len(arrivals), 0) == (counts.completed, counts.failed)  # each line sent finished and was recorded
-    assert "dispatcher.stopped" in worker.log_text()
+    assert '"in_flight": 4, "aborted": 0, "event": "dispatcher.stopped"' in worker.log_text()
 
-    start_server(role="worker", backends=backends, data_dir=api.data_dir)  # the rest runs on another worker, none twice
+    start_server(role="worker", backends=_backends(upstream), data_dir=api.data_dir)  # the rest, on another worker
     done = wait_terminal(client, batch.id)
     assert ("completed", 24) == (done.status, done.request_counts.completed if done.request_counts else None)
     keys = [entry["key"] for entry in upstream.stats()["log"] if entry["key"].startswith(tag)]
@@ -118,18 +110,9 @@ def test_sigterm_stops_leasing_at_once_and_finishes_lines_in_flight(
 def test_sigterm_hands_back_lines_still_in_flight_when_the_grace_runs_out(
     start_server: StartServer, upstream: Upstream
 ) -> None:
-    api = start_server(role="api")
-    backends = [{"name": "up", "url": upstream.url, "models": [MODEL], "max_concurrency": 4}]
-    worker = start_server(role="worker", backends=backends, data_dir=api.data_dir, shutdown_grace_s=0.5)
-    client = client_for(api)
     tag = f"grace-{time.time_ns()}"
-    lines = [chat_line(f"req-{i}", f"{tag} {i} #slow:20000") for i in range(4)]
-    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
-    deadline = time.monotonic() + 30
-    while _arrived(upstream, tag) < 4:
-        assert time.monotonic() < deadline, "the lines did not all reach the upstream"
-        time.sleep(0.05)
+    api, worker, batch = _split_roles_running(start_server, upstream, tag, lines=4, slow_ms=20_000, grace_s=0.5)
+    client = client_for(api)
 
     assert worker.process is not None
     worker.process.send_signal(signal.SIGTERM)
@@ -138,7 +121,30 @@ def test_sigterm_hands_back_lines_still_in_flight_when_the_grace_runs_out(
 
     assert time.monotonic() - signalled_at < 8.0
     assert {"queued/0": 4} == _line_states(api, batch.id)  # handed back uncharged at once: no lease to lapse
+    assert '"in_flight": 4, "aborted": 4, "event": "dispatcher.stopped"' in worker.log_text()
     assert 0 == client.batches.retrieve(batch.id).request_counts.failed  # type: ignore[union-attr]
+
+
+def _backends(upstream: Upstream) -> list[dict[str, object]]:
+    return [{"name": "up", "url": upstream.url, "models": [MODEL], "max_concurrency": 4}]
+
+
+def _split_roles_running(
+    start_server: StartServer, upstream: Upstream, tag: str, *, lines: int, slow_ms: int, grace_s: float
+) -> tuple[Server, Server, Batch]:
+    """An API replica and a worker (4 lines in flight at most, `shutdown_grace_s` = grace_s) running a batch of
+    slow lines, once 4 of them have reached the upstream."""
+    api = start_server(role="api")
+    worker = start_server(role="worker", backends=_backends(upstream), data_dir=api.data_dir, shutdown_grace_s=grace_s)
+    client = client_for(api)
+    requests = [chat_line(f"req-{i}", f"{tag} {i} #slow:{slow_ms}") for i in range(lines)]
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(requests))), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 30
+    while _arrived(upstream, tag) < 4:
+        assert time.monotonic() < deadline, "the lines did not reach the upstream"
+        time.sleep(0.05)
+    return api, worker, batch
 
 
 def _arrived(upstream: Upstream, tag: str) -> int:

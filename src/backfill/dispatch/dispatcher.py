@@ -461,14 +461,16 @@ class Dispatcher:
             for batch_id in list(pool.ready):
                 self._pending.extend(_closed(line, RequestState.QUEUED) for line in pool.take_batch(batch_id))
         self._flush_now.set()  # hand them back now: another worker may lease them during our grace
-        running = [flight.task for flight in self._in_flight.values()] + list(self._tasks)
+        lines = [flight.task for flight in self._in_flight.values()]
+        running = lines + list(self._tasks)
         still: set[asyncio.Task[None]] = set()
         if running:
             _, still = await asyncio.wait(running, timeout=self.settings.shutdown_grace_s)
             for task in still:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
-        log.info("dispatcher.stopped", owner=self.owner, in_flight=len(running), aborted=len(still))
+        aborted = sum(task in still for task in lines)
+        log.info("dispatcher.stopped", owner=self.owner, in_flight=len(lines), aborted=aborted)
 
 
 def _closed(line: LeasedLine, state: RequestState) -> LineUpdate:
