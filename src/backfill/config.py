@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     data_dir: Path = Path("./backfill-data")
     database_url: str | None = None
+    # PostgreSQL connections a process keeps open (up to twice as many at peaks): budget max_connections for
+    # 2 x database_pool_size x processes. SQLite always uses one connection per process.
+    database_pool_size: int = Field(default=10, ge=1, le=200)
     # Where file bytes live: "local", files under data_dir/blobs; "s3", objects under s3_bucket/s3_prefix on AWS S3
     # or any S3-compatible server (s3_endpoint_url: MinIO, SeaweedFS, Ceph, ...), which needs backfill[s3].
     # Credentials come from the standard AWS chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE and

@@ -80,7 +80,7 @@ class Services:
         if run_migrations:
             await asyncio.to_thread(migrate, url)
         blobs = await open_blob_store(settings)  # first: a bucket that cannot be reached leaves nothing open
-        store = SqlStore(create_engine(url))
+        store = SqlStore(create_engine(url, pool_size=settings.database_pool_size))
         chosen = list(backends) if backends is not None else build_backends(settings)
         metrics = Metrics()
         metrics.observe_database(store.engine)
