@@ -4,11 +4,22 @@ batch tokens each has sent to each harvested backend."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
-from sqlalchemy import delete, func, insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Table, delete, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from backfill.store.tables import worker_backends, worker_rates
+
+
+async def _publish(
+    conn: AsyncConnection, table: Table, owner: str, rows: list[dict[str, Any]], now: float, stale_after_s: float
+) -> None:
+    """Replace `owner`'s rows of `table` with `rows`; drop rows not refreshed within `stale_after_s` (their
+    processes stopped or died)."""
+    await conn.execute(delete(table).where((table.c.owner == owner) | (table.c.updated_at < now - stale_after_s)))
+    if rows:
+        await conn.execute(insert(table), [{**row, "owner": owner, "updated_at": now} for row in rows])
 
 
 class WorkerQueries:
@@ -17,19 +28,10 @@ class WorkerQueries:
     async def share_rates(
         self, owner: str, rates: Mapping[str, float], now: float, stale_after_s: float
     ) -> dict[str, float]:
-        """Publish this process's rate per model; return every live process's rates summed per model.
-
-        Rows not refreshed within `stale_after_s` belong to processes that stopped or died: they are dropped.
-        """
+        """Publish this process's rate per model; return every live process's rates summed per model."""
+        rows = [{"model": model, "rate": rate} for model, rate in rates.items()]
         async with self.engine.begin() as conn:
-            await conn.execute(
-                delete(worker_rates).where(
-                    (worker_rates.c.owner == owner) | (worker_rates.c.updated_at < now - stale_after_s)
-                )
-            )
-            if rates:
-                rows = [{"owner": owner, "model": m, "rate": rate, "updated_at": now} for m, rate in rates.items()]
-                await conn.execute(insert(worker_rates), rows)
+            await _publish(conn, worker_rates, owner, rows, now, stale_after_s)
             totals = await conn.execute(
                 select(worker_rates.c.model, func.sum(worker_rates.c.rate)).group_by(worker_rates.c.model)
             )
@@ -39,14 +41,10 @@ class WorkerQueries:
         self, owner: str, tokens: Mapping[str, int], now: float, stale_after_s: float
     ) -> dict[str, dict[str, int]]:
         """Publish this process's batch-token counter per backend; return every live process's, by backend."""
+        rows = [{"backend": backend, "batch_tokens": n} for backend, n in tokens.items()]
         table = worker_backends
         async with self.engine.begin() as conn:
-            await conn.execute(
-                delete(table).where((table.c.owner == owner) | (table.c.updated_at < now - stale_after_s))
-            )
-            if tokens:
-                rows = [{"owner": owner, "backend": b, "batch_tokens": n, "updated_at": now} for b, n in tokens.items()]
-                await conn.execute(insert(table), rows)
+            await _publish(conn, table, owner, rows, now, stale_after_s)
             shared: dict[str, dict[str, int]] = {}
             for backend, who, counter in await conn.execute(
                 select(table.c.backend, table.c.owner, table.c.batch_tokens)
@@ -57,5 +55,5 @@ class WorkerQueries:
     async def forget_rates(self, owner: str) -> None:
         """A process that stops takes its rates and counters with it."""
         async with self.engine.begin() as conn:
-            await conn.execute(delete(worker_rates).where(worker_rates.c.owner == owner))
-            await conn.execute(delete(worker_backends).where(worker_backends.c.owner == owner))
+            for table in (worker_rates, worker_backends):
+                await conn.execute(delete(table).where(table.c.owner == owner))
