@@ -100,6 +100,27 @@ def test_release_gives_the_slot_back_without_teaching_the_limit() -> None:
     assert isinstance(p.next_start(0.0), Start)
 
 
+def test_batch_tokens_count_a_prompt_from_its_start_and_the_output_at_the_finish() -> None:
+    p = pool(Endpoint("a", 4))
+    p.add(batch("b1", "t"), lines("b1", 2))  # 100 prompt tokens estimated each
+    first, second = p.next_start(0.0), p.next_start(0.0)
+    assert isinstance(first, Start)
+    assert isinstance(second, Start)
+    assert 200 == p.limits["a"].served_tokens  # the engine prefills a prompt as soon as it arrives
+    p.finish(first, 5.0, 5.0, Outcome(OutcomeKind.SUCCESS, 200, usage=Usage(120, 0, 30)))
+    assert 200 + 20 + 30 == p.limits["a"].served_tokens  # the prompt as reported, and the output
+    p.release(second)  # aborted: counted again when it is sent again
+    assert 150 == p.limits["a"].served_tokens
+
+
+def test_a_shared_endpoint_starts_nothing_before_its_controller_has_read_it() -> None:
+    configured = {"srv": BackendSettings(name="srv", url="http://x", models=["m"], harvest=True)}
+    built = Pool.build([Endpoint("srv")], configured)
+    built.add(batch("b1", "t"), lines("b1", 2))
+    assert 0 == built.limits["srv"].ceiling
+    assert math.inf == built.next_start(0.0)
+
+
 def test_rate_limits_say_when_to_look_again() -> None:
     p = Pool({"a": Endpoint("a", 10)}, {"a": EndpointLimits(10, rpm=6, adaptive=False)})  # burst of 1
     p.add(batch("b1", "t"), lines("b1", 3))

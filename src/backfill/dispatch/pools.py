@@ -165,7 +165,7 @@ class Pool:
         chosen = self.scheduler.pick(candidates, self.tenant_in_flight)
         assert chosen is not None
         line = self.ready[chosen.batch_id].popleft()
-        self.limits[name].on_start(now, _tokens(line))
+        self.limits[name].on_start(now, _tokens(line), line.est_prompt_tokens)
         self.tenant_in_flight[chosen.tenant_id] = self.tenant_in_flight.get(chosen.tenant_id, 0.0) + chosen.cost
         start = Start(line, self.batches[chosen.batch_id], self.backends[name], chosen.cost)
         self.running[line.id] = (start, now)
@@ -242,14 +242,16 @@ class Pool:
     def finish(self, start: Start, now: float, latency_s: float, outcome: Outcome) -> None:
         """The endpoint answered (whatever it said)."""
         usage = outcome.usage
-        self.limits[start.backend.name].on_finish(now, latency_s, outcome, usage.input_tokens + usage.output_tokens)
+        self.limits[start.backend.name].on_finish(
+            now, latency_s, outcome, usage.input_tokens + usage.output_tokens, start.line.est_prompt_tokens
+        )
         if outcome.kind is OutcomeKind.SUCCESS:
             self.meter.add(line_cost(usage.input_tokens, usage.output_tokens))
         self._leave(start)
 
     def release(self, start: Start) -> None:
         """The line never got an answer (aborted, or crashed before sending): its slot goes back."""
-        self.limits[start.backend.name].release()
+        self.limits[start.backend.name].release(start.line.est_prompt_tokens)
         self._leave(start)
 
     def _leave(self, start: Start) -> None:
@@ -340,6 +342,10 @@ def limits_for(backend: Backend, configured: BackendSettings | None) -> Endpoint
         tpm=configured.tpm,
         adaptive=configured.adaptive_concurrency,
         initial_concurrency=min(configured.initial_concurrency, configured.max_concurrency),
+        # A shared endpoint takes no batch line before its harvest controller's first reading (dispatch/watcher.py):
+        # a worker starting with a backlog would otherwise send its whole adaptive limit into an engine whose
+        # interactive load it has not yet read.
+        ceiling=0 if configured.harvest else None,
     )
 
 

@@ -289,7 +289,11 @@ class EndpointLimits:
     in_flight: int = 0
     paused_until: float = 0.0
     ceiling: int | None = None  # set by the harvest controller (policy/harvest.py): may be 0
-    served_tokens: int = 0  # prompt + output tokens of the lines that finished here, since the start
+    # Batch tokens this endpoint's engine has processed for us, as far as we can tell, since the start: a line's
+    # prompt from its start (an engine prefills it within an iteration or two), its output when it finishes
+    # (answers are not streamed). Counting the prompt only at the finish lagged the engine's own counters by a
+    # line's duration, which the harvest controller took for interactive load coming and going.
+    served_tokens: int = 0
     concurrency: AdaptiveConcurrency = field(init=False)
     requests: TokenBucket | None = field(init=False)
     tokens: TokenBucket | None = field(init=False)
@@ -321,17 +325,19 @@ class EndpointLimits:
             at = max(at, self.tokens.ready_at(now, tokens))
         return at
 
-    def on_start(self, now: float, tokens: float) -> None:
+    def on_start(self, now: float, tokens: float, prompt_tokens: int = 0) -> None:
         self.in_flight += 1
+        self.served_tokens += prompt_tokens
         if self.requests is not None:
             self.requests.take(now, 1)
         if self.tokens is not None:
             self.tokens.take(now, tokens)
         self.concurrency.on_start(now, self.in_flight)
 
-    def on_finish(self, now: float, latency_s: float, outcome: Outcome, tokens: int) -> None:
+    def on_finish(self, now: float, latency_s: float, outcome: Outcome, tokens: int, counted: int = 0) -> None:
+        """`tokens`: prompt + output the endpoint reported; `counted`: the prompt tokens `on_start` counted."""
         self.in_flight -= 1
-        self.served_tokens += tokens
+        self.served_tokens += tokens - counted
         if outcome.status_code == 429 and outcome.retry_after_s:
             self.paused_until = max(self.paused_until, now + min(outcome.retry_after_s, 60.0))
         if self.adaptive:
@@ -343,9 +349,11 @@ class EndpointLimits:
         if self.adaptive:
             self.concurrency.on_engine_load(now, waiting, self.in_flight)
 
-    def release(self) -> None:
-        """A request that never reached the endpoint (aborted, crashed before sending) gives its slot back."""
+    def release(self, counted: int = 0) -> None:
+        """A request that never reached the endpoint (aborted, crashed before sending) gives its slot back, and
+        the prompt tokens `on_start` counted for it: they count again when it is sent again."""
         self.in_flight -= 1
+        self.served_tokens -= counted
 
 
 def is_overload(outcome: Outcome) -> bool:
