@@ -59,12 +59,22 @@ class BackendSettings(BaseModel):
     batch_priority: int = 10
     # The endpoint also serves interactive traffic (through backfill's proxy or not): batch lines take only the
     # capacity it leaves, under a harvest controller (policy/harvest.py) that reads the proxy's interactive TTFT
-    # and the engine's /metrics once a second. `harvest_target`: the share of the engine's token throughput
-    # interactive and batch work may use together; `capacity_tokens_per_s`: the engine's throughput when full
-    # (prompt + output tokens/s), learned while the engine queues when not given.
+    # and the engine's /metrics once a second. Interactive load is its share of the engine's token throughput:
+    # below `harvest_fill_below` batch may use the whole endpoint, from `harvest_target` on nothing, a linear
+    # share between. `capacity_tokens_per_s`: the engine's throughput when full (prompt + output tokens/s),
+    # learned while the engine queues when not given.
     harvest: bool = False
-    harvest_target: float = Field(default=0.8, gt=0, le=1)
+    harvest_target: float = Field(default=0.78, gt=0, le=1)
+    harvest_fill_below: float = Field(default=0.4, ge=0, lt=1)
     capacity_tokens_per_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_harvest_band(self) -> BackendSettings:
+        if self.harvest_fill_below >= self.harvest_target:
+            raise ValueError(
+                f"harvest_fill_below ({self.harvest_fill_below}) must be below harvest_target ({self.harvest_target})"
+            )
+        return self
 
     @field_validator("url")
     @classmethod

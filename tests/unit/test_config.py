@@ -131,6 +131,17 @@ def test_invalid_values_are_config_errors(toml: str, tmp_path: Path) -> None:
         load_settings(path)
 
 
+def test_a_harvest_band_upside_down_is_refused_with_both_values(tmp_path: Path) -> None:
+    path = tmp_path / "backfill.toml"
+    path.write_text(
+        '[[backends]]\nname = "a"\nurl = "http://127.0.0.1:8000/v1"\nmodels = ["m"]\n'
+        "harvest = true\nharvest_target = 0.5\nharvest_fill_below = 0.6\n"
+    )
+
+    with pytest.raises(ConfigError, match=r"harvest_fill_below \(0.6\) must be below harvest_target \(0.5\)"):
+        load_settings(path)
+
+
 def test_invalid_environment_value_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BACKFILL_COMPLETION_WINDOWS", '["1h"]')
 

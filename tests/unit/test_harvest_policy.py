@@ -76,27 +76,77 @@ def test_a_queue_in_the_engine_cuts_only_when_seen_twice_in_a_row() -> None:
     controller.tick(0.0, Signals(engine_waiting=0))
     controller.tick(1.0, Signals(engine_waiting=0))
     assert controller.current == 32
-    controller.tick(2.0, Signals(engine_waiting=3))  # one reading: a burst between two iterations
+    controller.tick(2.0, Signals(engine_waiting=5))  # one reading: a burst between two iterations
     assert controller.current == 48
-    controller.tick(3.0, Signals(engine_waiting=2))
+    controller.tick(3.0, Signals(engine_waiting=4))
     assert controller.current == 24
     assert controller.cuts == 1
+
+
+def test_one_or_two_waiting_requests_are_arrivals_between_iterations_not_congestion() -> None:
+    controller = HarvestController(max_limit=64, step=16)
+    for t in range(6):
+        controller.tick(float(t), Signals(engine_waiting=2))
+    assert controller.cuts == 0
+    assert controller.current == 64
 
 
 def tokens(engine: int, batch: int = 0, waiting: int = 0) -> Signals:
     return Signals(engine_tokens=engine, batch_tokens=batch, engine_waiting=waiting, batch_in_flight=1)
 
 
-def test_batch_gets_the_share_of_capacity_interactive_load_leaves_below_the_target() -> None:
-    controller = HarvestController(max_limit=64, step=64, target=0.8, capacity_tokens_per_s=10_000, rate_window_s=10)
-    for t in range(12):  # 6,000 tokens/s in the engine, 1,000 of them ours: interactive uses half the capacity
-        controller.tick(float(t), tokens(6_000, batch=1_000))
-    assert controller.share == pytest.approx((0.8 - 0.5) / 0.8)
-    assert controller.current == int(64 * 0.375)
+def test_batch_takes_the_whole_endpoint_below_fill_below_nothing_from_the_target_on_and_a_line_between() -> None:
+    controller = HarvestController(
+        max_limit=64, step=64, target=0.8, fill_below=0.4, capacity_tokens_per_s=10_000, rate_window_s=10
+    )
+    for t in range(12):  # 4,000 tokens/s in the engine, 1,000 of them ours: interactive uses 30% of the capacity
+        controller.tick(float(t), tokens(4_000, batch=1_000))
+    assert controller.share == 1.0
+    assert controller.current == 64
+    for t in range(12, 400):  # interactive at 60%, long enough for the estimate to come down to it
+        controller.tick(float(t), tokens(7_000, batch=1_000))
+    assert controller.share == pytest.approx((0.8 - 0.6) / (0.8 - 0.4), abs=0.01)
+    assert controller.current == 32
     assert controller.state is HarvestState.THROTTLED
-    for t in range(12, 24):  # interactive load past the target: no batch at all
+    for t in range(400, 412):  # interactive load past the target: no batch at all
         controller.tick(float(t), tokens(9_000, batch=0))
     assert controller.current == 0
+
+
+def test_the_interactive_load_estimate_rises_at_once_and_falls_back_slowly() -> None:
+    controller = HarvestController(
+        max_limit=64, step=64, target=0.8, fill_below=0.4, release_s=60, capacity_tokens_per_s=10_000, rate_window_s=2
+    )
+    for t in range(5):
+        controller.tick(float(t), tokens(3_000))
+    assert controller.share == 1.0
+    for t in range(5, 9):  # a burst: interactive at 80%
+        controller.tick(float(t), tokens(8_000))
+    assert controller.share == 0.0
+    for t in range(9, 30):  # the lull after it: 20 s later the estimate is still high
+        controller.tick(float(t), tokens(3_000))
+    assert 0.0 < controller.share < 0.5
+    for t in range(30, 300):  # minutes of quiet: back to the whole endpoint
+        controller.tick(float(t), tokens(3_000))
+    assert controller.share == 1.0
+
+
+def test_the_limit_rises_at_most_a_step_a_tick_whatever_lifts_it() -> None:
+    controller = HarvestController(
+        max_limit=64, step=4, fill_below=0.4, release_s=1, capacity_tokens_per_s=10_000, rate_window_s=2
+    )
+    for t in range(30):  # the interactive load keeps the ceiling near 0 while the AIMD limit grows to 64
+        controller.tick(float(t), tokens(7_800))
+    assert controller.current == 0
+    controller.tick(30.0, tokens(1_000))
+    controller.tick(31.0, tokens(1_000))  # the ceiling jumps to the whole endpoint
+    assert controller.share == 1.0
+    assert controller.current == 8  # 4 lines a tick, not 64 prompts at once
+
+
+def test_fill_below_must_lie_below_the_target() -> None:
+    with pytest.raises(ValueError, match="fill_below"):
+        HarvestController(max_limit=8, target=0.5, fill_below=0.6)
 
 
 def test_capacity_is_learned_from_what_the_engine_serves_while_requests_wait_in_it() -> None:
@@ -108,6 +158,18 @@ def test_capacity_is_learned_from_what_the_engine_serves_while_requests_wait_in_
     for t in range(12, 120):  # a running average: the throughput varies with the mix while full
         controller.tick(float(t), tokens(8_000, waiting=5))
     assert controller.capacity == pytest.approx(8_000, rel=0.05)
+
+
+def test_once_learned_the_capacity_is_never_below_what_the_engine_has_served() -> None:
+    controller = HarvestController(max_limit=64, rate_window_s=10)
+    for t in range(8):  # full after a ramp: the window still holds the ramp, the first estimate is low
+        controller.tick(float(t), tokens(2_000 + 1_000 * t, waiting=5))
+    learned = controller.capacity
+    assert learned is not None
+    assert learned < 9_000
+    for t in range(8, 30):  # no queue, and more throughput than that estimate
+        controller.tick(float(t), tokens(9_000))
+    assert controller.capacity == pytest.approx(9_000)
 
 
 def test_a_cap_holds_the_limit_and_says_why() -> None:

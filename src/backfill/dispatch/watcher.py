@@ -70,7 +70,10 @@ class EngineWatcher:
         self.harvested = {
             cfg.name: _Harvested(
                 HarvestController(
-                    cfg.max_concurrency, target=cfg.harvest_target, capacity_tokens_per_s=cfg.capacity_tokens_per_s
+                    cfg.max_concurrency,
+                    target=cfg.harvest_target,
+                    fill_below=cfg.harvest_fill_below,
+                    capacity_tokens_per_s=cfg.capacity_tokens_per_s,
                 )
             )
             for cfg in configured

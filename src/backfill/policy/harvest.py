@@ -1,24 +1,33 @@
 """How many batch lines an endpoint shared with interactive traffic may run now: a congestion controller.
 
 Batch work must be invisible to the endpoint's interactive users, so batch concurrency is set the way a
-scavenger transport (LEDBAT) sets its window: it backs off as soon as the foreground traffic's latency rises
-above what it is without us, and grows slowly while it does not. Once a second (`tick`):
+scavenger transport (LEDBAT) sets its window: it backs off as soon as the foreground traffic needs the room, and
+grows slowly while it does not. Once a second (`tick`), two limits, the lower of which holds:
 
-- **congested** when interactive requests queue in the engine (seen in two readings in a row: one reading
-  catches requests between their arrival and the next iteration) or when interactive time to first token, over
-  the last few seconds, exceeds its baseline by more than `tolerance` -> the limit is cut multiplicatively
-  (x `backoff`), down to 0;
-- otherwise -> it grows additively, `step` lines a second, up to `max_limit` (the endpoint's ceiling).
+- **Interactive load** sets a ceiling. Over the last `rate_window_s`, the engine's token counters say what it
+  processed and our own lines say what part of that was batch; the rest, over the engine's capacity, is the
+  interactive load. Batch may use the whole endpoint (`max_limit`) while that load is below `fill_below`,
+  nothing once it reaches `target`, and a linear share between. The load estimate rises at once but falls back
+  with a time constant of `release_s`: interactive traffic comes in busy periods whose bursts are seconds
+  apart, and a batch line started in the lull before the next burst is still prefilling when it arrives (the
+  interactive tail is made in those periods; the quiet ones, where batch fills the engine, cost it little).
+- **Congestion**, AIMD: the limit is cut multiplicatively (x `backoff`, down to 0) when `queue_min` or more
+  requests wait in the engine in two readings in a row (one reading catches requests between their arrival and
+  the next iteration, our own among them) or when interactive time to first token over the last few seconds
+  exceeds its baseline by more than `tolerance`; otherwise it grows additively, `step` lines a second.
 
-The baseline is what interactive latency is when batch work is not in the way. It is learned from the
-interactive requests themselves, so it follows the mix of prompt lengths: the lowest of the recent
-`base_window_s` of per-tick medians while batch ran (LEDBAT's base delay, which cannot ratchet upwards the way
-an average does when batch keeps latency a little high), and the median of ticks when no batch line ran at all,
-which measure it directly. A tick without interactive samples says nothing about latency; only the engine's
-queue is read then.
+Whatever lifts it, the limit rises at most `step` lines a tick: a jump of the ceiling would otherwise send a
+handful of prompts into the engine at once, one long iteration for every interactive request that arrives then.
 
-When the limit falls below the batch lines in flight, the caller aborts the newest (their engine slots free at
-once) and puts them back in the queue without charging an attempt (`dispatch.pools.Pool.shed`).
+The baseline is what interactive latency is when batch work is not in the way: a high quantile of the TTFT
+measured while no batch line ran (the controller starts at 0, and the busy periods measure it again). A tick
+without interactive samples says nothing about latency; only the engine's queue is read then.
+
+The capacity is configured or learned: the throughput the engine delivers while requests queue in it (averaged,
+as it varies with the mix), and never less than what it has been seen to deliver once learned.
+
+When the limit falls below the batch lines in flight after a cut, the caller aborts the newest (their engine
+slots free at once) and puts them back in the queue without charging an attempt (`dispatch.pools.Pool.shed`).
 
 Off-peak windows cap the limit at a share of `max_limit` by time of day (`OffPeak`); a batch promoted for its
 deadline is owed its guaranteed share whatever the controller says (`floor`). Pure: time is an argument.
@@ -48,9 +57,11 @@ class Signals:
     """What one tick knows about the endpoint.
 
     `engine_tokens`: tokens (prompt + output) the engine processed since the last tick, ours included, from its
-    token counters (None: not reported). `batch_tokens`: prompt + output tokens of our lines that finished there
-    since the last tick. `interactive_ttft_s`: times to first token of interactive requests through the proxy
-    since the last tick. `engine_waiting`: requests waiting in the engine, ours included (None: no metrics).
+    token counters (None: not reported). `batch_tokens`: our part of them as far as we know: the prompt tokens
+    of our lines that started there since the last tick (an engine prefills a prompt within an iteration or two
+    of its arrival) and the output tokens of those that finished. `interactive_ttft_s`: times to first token of
+    interactive requests through the proxy since the last tick. `engine_waiting`: requests waiting in the engine,
+    ours included (None: no metrics).
     """
 
     engine_tokens: int | None = None
@@ -90,7 +101,9 @@ class HarvestController:
     """One endpoint's batch concurrency limit; `tick` about once a second."""
 
     max_limit: int  # the concurrency that fills the engine with batch work alone (the endpoint's ceiling)
-    target: float = 0.8  # share of the engine's token capacity interactive + batch work may use together
+    target: float = 0.78  # interactive load (share of the engine's token capacity) at which batch gets nothing
+    fill_below: float = 0.4  # ... and below which batch may use the whole endpoint
+    release_s: float = 60.0  # the interactive load estimate rises at once and falls back this slowly
     capacity_tokens_per_s: float | None = None  # None: learned from the throughput seen while the engine queued
     tolerance: float = 0.10  # interactive TTFT may exceed its baseline by this much
     backoff: float = 0.5  # the cut when interactive requests queue or slow down
@@ -99,6 +112,7 @@ class HarvestController:
     recent_s: float = 10.0
     watch_quantile: float = 0.9  # recent TTFT at this quantile ...
     base_quantile: float = 0.99  # ... against this quantile of TTFT measured while no batch line ran
+    queue_min: int = 3  # requests waiting in the engine, in two readings in a row, that count as congestion
     min_samples: int = 10
     min_clean: int = 50
     limit: float = 0.0
@@ -113,8 +127,12 @@ class HarvestController:
     _clean: deque[float] = field(default_factory=lambda: deque(maxlen=5000))
     _last_queue: int = 0
     _learned: float = 0.0
+    _load: float | None = None  # interactive load estimate, with its slow release
+    _load_at: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.fill_below < self.target:
+            raise ValueError(f"fill_below ({self.fill_below}) must be at least 0 and below target ({self.target})")
         if self.step <= 0:
             self.step = max(1.0, self.max_limit / 32)
         self._engine = _Rate(self.rate_window_s)
@@ -156,8 +174,8 @@ class HarvestController:
         else:
             self._aimd = min(float(self.max_limit), self._aimd + self.step)
         ceiling = self.max_limit if self.share is None else self.max_limit * self.share
-        self.limit = min(self._aimd, ceiling)
-        held = self.shed or self.limit < self._aimd
+        self.limit = min(self._aimd, ceiling, self.limit + self.step)
+        held = self.shed or ceiling < self._aimd
         self.state = HarvestState.THROTTLED if held else HarvestState.HARVESTING
         if cap is not None and self.limit > cap:
             self.limit = float(max(0, math.floor(cap)))
@@ -166,7 +184,12 @@ class HarvestController:
         return self.current
 
     def _share(self, now: float, signals: Signals, queued: bool) -> float | None:
-        """(target - interactive load) / target, the interactive load being its tokens/s over the capacity."""
+        """The share of `max_limit` the interactive load leaves: 1 below `fill_below`, 0 from `target` on."""
+        load = self._interactive_load(now, signals, queued)
+        return None if load is None else batch_share(load, self.fill_below, self.target)
+
+    def _interactive_load(self, now: float, signals: Signals, queued: bool) -> float | None:
+        """Interactive tokens/s over the capacity, the estimate released slowly (None: not known yet)."""
         if signals.engine_tokens is None:
             return None
         self._engine.add(now, signals.engine_tokens)
@@ -176,11 +199,16 @@ class HarvestController:
             return None
         if queued:  # the engine is full: what it serves now is its capacity (averaged, as it varies with the mix)
             self._learned = total if not self._learned else self._learned + 0.05 * (total - self._learned)
+        elif self._learned and total > self._learned:
+            self._learned = total  # it has served this much: its capacity is at least that
         capacity = self.capacity
         if capacity is None:
             return None
-        interactive = max(0.0, total - batch) / capacity
-        return max(0.0, self.target - interactive) / self.target
+        load = max(0.0, total - batch) / capacity
+        if self._load is not None and load < self._load:
+            load += (self._load - load) * math.exp(-(now - self._load_at) / self.release_s)
+        self._load, self._load_at = load, now
+        return load
 
     def _queued(self, signals: Signals) -> bool:
         """Requests waiting in the engine in two readings in a row (one reading catches requests between their
@@ -189,7 +217,7 @@ class HarvestController:
             return False
         lasting = min(signals.engine_waiting, self._last_queue)
         self._last_queue = signals.engine_waiting
-        return lasting > 0
+        return lasting >= self.queue_min
 
     def _slow(self, now: float, signals: Signals) -> bool:
         """Recent interactive TTFT past its baseline by more than the tolerance."""
@@ -206,6 +234,11 @@ class HarvestController:
             return False
         self._recent.clear()  # judge the cut on latency measured after it, as TCP cuts once per round trip
         return True
+
+
+def batch_share(interactive_load: float, fill_below: float, target: float) -> float:
+    """The share of an endpoint batch may use at this interactive load (a share of the engine's capacity)."""
+    return min(1.0, max(0.0, (target - interactive_load) / (target - fill_below)))
 
 
 def _quantile(ordered: list[float], q: float) -> float:
