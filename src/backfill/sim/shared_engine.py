@@ -17,7 +17,8 @@ the same mix and "capacity" means the same thing for both. Strategies:
   a low priority on a priority engine;
 - `backfill-metrics`: the same, for traffic that bypasses the proxy: only what the engine's /metrics says
   (requests waiting, token counters);
-- `clairvoyant`: a bound — the limit set from the interactive demand of the current 30 s, known in advance.
+- `clairvoyant`: a reference — the controller's load-to-share mapping fed the interactive demand of the current
+  30 s, known in advance, instead of a measurement.
 
 backfill's endpoint ceiling (`max_concurrency`) is 128 here: what the operator of a shared 8B engine with 256
 sequence slots would allow batch work at most.
@@ -36,7 +37,7 @@ from pathlib import Path
 
 from backfill.domain.usage import Usage
 from backfill.policy.fair import FifoScheduler
-from backfill.policy.harvest import HarvestController, Signals
+from backfill.policy.harvest import HarvestController, Signals, batch_share
 from backfill.policy.limits import EndpointLimits
 from backfill.sim.engine import EngineModel, SimRequest
 from backfill.sim.profile import EngineProfile
@@ -136,30 +137,30 @@ class InteractiveReplay:
 
 
 class Clairvoyant(HarvestController):
-    """A bound, not a controller: it knows the interactive demand of the current `window_s` (engine seconds per
-    second, from the trace itself, future included) and gives batch `max_limit x (target - demand) / target`.
-    What any controller that reads the present could at best approach."""
+    """A reference, not a controller: the controller's mapping from interactive load to batch share
+    (`batch_share`, same band) fed the interactive demand of the current `window_s` (engine seconds per second,
+    from the trace itself, future included) instead of a measurement; no congestion control on top."""
 
-    def __init__(self, max_limit: int, demand: dict[int, float], window_s: float, target: float) -> None:
-        super().__init__(max_limit, target=target)
+    def __init__(self, max_limit: int, demand: dict[int, float], window_s: float) -> None:
+        super().__init__(max_limit)
         self.demand, self.window_s = demand, window_s
 
     def tick(self, now: float, signals: Signals, cap: float | None = None) -> int:
         load = self.demand.get(int(now // self.window_s), 0.0)
-        self.limit = self.max_limit * max(0.0, self.target - load) / self.target
+        self.limit = self.max_limit * batch_share(load, self.fill_below, self.target)
         self.shed = False
         return self.current
 
 
 def clairvoyant(
-    trace: list[TraceRequest], profile: EngineProfile, scale: float, window_s: float = 30.0, target: float = 0.8
+    trace: list[TraceRequest], profile: EngineProfile, scale: float, window_s: float = 30.0
 ) -> Callable[[int], HarvestController]:
     demand: dict[int, float] = {}
     for request in trace:
         key = int(request.at_s / scale // window_s)
         cost = engine_seconds(profile, request.prompt_tokens, request.output_tokens)
         demand[key] = demand.get(key, 0.0) + cost / window_s
-    return lambda max_limit: Clairvoyant(max_limit, demand, window_s, target)
+    return lambda max_limit: Clairvoyant(max_limit, demand, window_s)
 
 
 def batch_backlog(trace: list[TraceRequest], count: int, seed: int) -> BatchSpec:
@@ -225,6 +226,7 @@ def run(
             make = controller or (lambda ceiling: HarvestController(ceiling))
             harvester = make(max_concurrency)
             dispatcher.harvest = {ENDPOINT: harvester}
+            limits[ENDPOINT].ceiling = 0  # as the watcher sets it: nothing starts before the controller's first tick
             proxy = strategy == "backfill"
             in_flight = dispatcher.pool.limits[ENDPOINT]
 
@@ -234,7 +236,7 @@ def run(
                 ttft = interactive.drain() if proxy else []  # the proxy's measurements, or none
                 totals = engine.model.totals
                 engine_tokens = totals.prompt_tokens + totals.generation_tokens
-                batch_tokens = dispatcher.batch_tokens
+                batch_tokens = in_flight.served_tokens  # as the watcher counts them (policy/limits.py)
                 delta = Signals(
                     engine_tokens=engine_tokens - seen["engine"],
                     batch_tokens=batch_tokens - seen["batch"],
