@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--trace", type=Path, default=TRACE)
     parser.add_argument("--caps", type=int, nargs="+", default=list(CAPS))
     parser.add_argument("--seeds", type=int, nargs="*", default=[], help="more batch backlogs (the main one is 11)")
+    parser.add_argument("--versus", type=int, default=16, help="with --seeds: also compare with this cap everywhere")
     args = parser.parse_args()
 
     profile = EngineProfile()
@@ -168,6 +169,7 @@ def other_backlogs(
         fitting = [results[(f"cap:{cap}", seed)] for cap in args.caps if within(results[(f"cap:{cap}", seed)])]
         best = max(fitting, key=lambda r: r.batch_output_per_s) if fitting else None
         steady = results[(f"cap:{robust_cap}", seed)] if robust_cap is not None else None
+        versus = results.get((f"cap:{args.versus}", seed))
         for name, strategy in (("proxy + metrics", "backfill"), ("metrics only", "backfill-metrics")):
             result = results[(strategy, seed)]
             rows.append([
@@ -178,9 +180,16 @@ def other_backlogs(
                 f"{best.strategy[4:]} ({best.ttft_quantile(0.99) / p99_alone:.3f}x)" if best else "-",
                 f"{result.batch_output_per_s / best.batch_output_per_s:.2f}" if best else "-",
                 f"{result.batch_output_per_s / steady.batch_output_per_s:.2f}" if steady else "-",
+                f"{result.batch_output_per_s / versus.batch_output_per_s:.2f}" if versus else "-",
             ])  # fmt: skip
+    print("\nfixed caps, TTFT p99 x ref by backlog:\n")
+    print(table(["backlog seed"] + [f"cap {cap}" for cap in args.caps], [
+        [str(seed)] + [f"{results[(f'cap:{cap}', seed)].ttft_quantile(0.99) / p99_alone:.3f}" for cap in args.caps]
+        for seed in seeds
+    ]))  # fmt: skip
     print(f"\nevery batch backlog; robust cap = the best cap within +10% on all of them: {robust_cap}\n")
     header = ["backlog seed", "backfill", "TTFT p99 x ref", "harvest eff.", "its best cap", "x its best", "x robust"]
+    header.append(f"x cap {args.versus}")
     print(table(header, rows))
 
 
