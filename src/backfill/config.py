@@ -62,8 +62,11 @@ class BackendSettings(BaseModel):
     # and the engine's /metrics once a second. Interactive load is its share of the engine's token throughput:
     # below `harvest_fill_below` batch may use the whole endpoint, from `harvest_target` on nothing, a linear
     # share between. `capacity_tokens_per_s`: the engine's throughput when full (prompt + output tokens/s),
-    # learned while the engine queues when not given.
-    harvest: bool = False
+    # learned while the engine queues when not given. "auto" (the default): the endpoint is treated as dedicated
+    # to batch work until interactive traffic is first seen on it (through the proxy, or in the engine's token
+    # counters), then harvested; true: harvested from the start (no batch line before the first reading);
+    # false: never (batch may fill the endpoint whatever else runs there).
+    harvest: bool | Literal["auto"] = "auto"
     harvest_target: float = Field(default=0.78, gt=0, le=1)
     harvest_fill_below: float = Field(default=0.4, ge=0, lt=1)
     capacity_tokens_per_s: float | None = Field(default=None, gt=0)

@@ -69,6 +69,13 @@ class Metrics:
             ["backend"],
             registry=self.registry,
         )
+        self.engine_metrics_readable = Gauge(
+            "backfill_engine_metrics_readable",
+            "1 while a backend's /metrics (flavours vllm, sglang, llamacpp) is read, 0 while it cannot be: its "
+            "harvest controller then runs blind, at half the endpoint at most.",
+            ["backend"],
+            registry=self.registry,
+        )
         self.harvest_limit = Gauge(
             "backfill_harvest_limit",
             "Batch lines the harvest controller allows on an endpoint shared with interactive traffic.",

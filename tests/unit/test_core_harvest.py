@@ -75,10 +75,11 @@ def test_off_peak_windows_cap_the_ceiling_by_time_of_day() -> None:
     night = datetime(2026, 11, 25, 23, 0, tzinfo=UTC).timestamp()
     off_peak = [{"model": "m", "default_share": 0.25, "windows": [{"start": "22:00", "end": "06:00", "share": 1.0}]}]
     harvest, pool = harvest_for(off_peak=off_peak)
+    calm = EngineLoad(2, 0, 0.1, None)
     for t in range(20):
-        read(harvest, night + t, None)
+        read(harvest, night + t, calm)
     assert 40 == pool.limits["a"].ceiling  # the night allows all 64; growth is what holds it
-    read(harvest, datetime(2026, 11, 26, 12, 0, tzinfo=UTC).timestamp(), None)
+    read(harvest, datetime(2026, 11, 26, 12, 0, tzinfo=UTC).timestamp(), calm)
     assert 16 == pool.limits["a"].ceiling  # a quarter of 64 by day
     assert {"a": HarvestState.OFF_PEAK_CAP} == pool.harvest
 
@@ -148,3 +149,30 @@ def test_a_failing_share_harvests_as_if_alone() -> None:
     watcher, _, _ = watcher_for()
     watcher.board = Unreachable()
     assert {} == dict(asyncio.run(watcher.read()).others)
+
+
+def test_an_engine_whose_metrics_cannot_be_read_holds_batch_to_half_the_endpoint() -> None:
+    harvest, pool = harvest_for({"harvest": "auto"})
+    for t in range(40):
+        read(harvest, 1_000.0 + t, None)  # scraped, unreadable
+    assert 32 == pool.limits["a"].ceiling
+    assert {"a": HarvestState.THROTTLED} == pool.harvest
+
+
+def test_harvest_auto_leaves_a_dedicated_endpoint_unbounded_and_its_batches_on_track() -> None:
+    harvest, pool = harvest_for({"harvest": "auto"})
+    for t in range(3):
+        read(harvest, 1_000.0 + t, EngineLoad(2, 0, 0.1, None, tokens=100))
+    assert pool.limits["a"].ceiling is None
+    assert {} == pool.harvest  # nothing to say about interactive traffic there: on track
+    read(harvest, 1_003.0, EngineLoad(2, 0, 0.1, None, tokens=200), ttft=[0.1])
+    assert pool.limits["a"].ceiling == 64  # seen: harvested from the whole endpoint down, not from zero
+    assert {"a": HarvestState.HARVESTING} == pool.harvest
+
+
+def test_harvest_is_on_by_default_and_false_opts_out() -> None:
+    backend = {"name": "a", "url": "http://127.0.0.1:9/v1", "models": ["m"]}
+    assert Settings(backends=[backend]).backends[0].harvest == "auto"  # type: ignore[list-item]
+    config = Settings(backends=[backend | {"harvest": False}])  # type: ignore[list-item]
+    pool = Pool.build([Endpoint("a", 64)], {cfg.name: cfg for cfg in config.backends})
+    assert {} == Harvest(config, dict(pool.limits), {"m": pool}).harvested

@@ -204,3 +204,62 @@ def test_the_first_matching_window_wins_and_default_covers_the_rest() -> None:
     assert OffPeak(windows, default=1.0).share(at(10)) == 0.1
     assert OffPeak(windows, default=1.0).share(at(20)) == 0.5
     assert OffPeak((), default=0.3).share(at(20)) == 0.3
+
+
+def test_the_baseline_keeps_learning_one_noisy_quiet_period_cannot_switch_protection_off() -> None:
+    controller = HarvestController(max_limit=64, step=8, recent_s=1.0, baseline_period_s=60.0)
+    controller.tick(0.0, Signals(interactive_ttft_s=[4.0] * 60, batch_in_flight=0))  # a noisy quiet period
+    assert controller.baseline_s == 4.0
+    controller.tick(70.0, Signals(interactive_ttft_s=[0.1] * 60, batch_in_flight=0))  # a normal one, later
+    assert controller.baseline_s == 0.1
+    controller.tick(140.0, Signals(interactive_ttft_s=[0.1] * 10, batch_in_flight=0))  # closes the second period
+    assert controller.baseline_s == 0.1  # the lowest period's quantile: the noisy one does not raise it again
+    for t in range(141, 150):
+        controller.tick(float(t), calm(0.1, batch=8))
+    before = controller.current
+    controller.tick(150.0, calm(1.0, batch=before))  # 10x the baseline with batch running: protection acts
+    assert controller.shed and controller.current < before
+
+
+def test_the_baseline_forgets_periods_older_than_the_last_few() -> None:
+    controller = HarvestController(max_limit=64, baseline_period_s=10.0, baseline_periods=2)
+    controller.tick(0.0, Signals(interactive_ttft_s=[0.05] * 50, batch_in_flight=0))  # once, fast
+    for n, t in enumerate((10.0, 20.0, 30.0)):  # then three periods at 0.2 s
+        controller.tick(t, Signals(interactive_ttft_s=[0.2] * 50, batch_in_flight=0))
+        if n == 0:
+            assert controller.baseline_s == 0.05
+    controller.tick(40.0, Signals())
+    assert controller.baseline_s == pytest.approx(0.2)
+
+
+def test_harvest_auto_gives_a_dedicated_endpoint_everything_until_interactive_traffic_shows_up() -> None:
+    controller = HarvestController(max_limit=64, step=4, shared=False, capacity_tokens_per_s=1000.0)
+    for t in range(40):  # batch alone: the engine's tokens are all ours
+        assert controller.tick(float(t), Signals(engine_tokens=900, batch_tokens=900, engine_waiting=0)) == 64
+    assert not controller.shared
+    limit = controller.tick(40.0, Signals(interactive_ttft_s=[0.1], engine_waiting=0, batch_in_flight=64))
+    assert controller.shared  # a request through the proxy: from now on it is harvested ...
+    assert limit == 64  # ... from where it stands, not from zero
+    for t in range(41, 80):  # ... and interactive load past the target leaves batch nothing
+        controller.tick(float(t), Signals(engine_tokens=900, batch_tokens=0, engine_waiting=0))
+    assert controller.current == 0
+
+
+def test_harvest_auto_sees_interactive_traffic_that_bypasses_the_proxy_in_the_engine_s_counters() -> None:
+    controller = HarvestController(max_limit=64, shared=False, capacity_tokens_per_s=1000.0)
+    for t in range(20):
+        controller.tick(float(t), Signals(engine_tokens=600, batch_tokens=300, engine_waiting=0))
+    assert controller.shared  # 300 tokens/s not ours: 30% of the engine
+    assert controller.state is HarvestState.HARVESTING
+
+
+def test_an_engine_whose_metrics_cannot_be_read_is_harvested_blind_at_half_the_endpoint() -> None:
+    controller = HarvestController(max_limit=64, step=64, shared=False)
+    limits = [controller.tick(float(t), Signals(engine_unread=True)) for t in range(5)]
+    assert limits == [32] * 5
+    assert controller.shared and controller.state is HarvestState.THROTTLED
+    with_baseline(controller)
+    controller.tick(10.0, Signals(interactive_ttft_s=[0.1] * 10, engine_unread=True, batch_in_flight=4))
+    assert controller.current == 32
+    controller.tick(11.0, Signals(interactive_ttft_s=[1.0] * 10, engine_unread=True, batch_in_flight=32))
+    assert controller.current == 16  # the proxy's TTFT still cuts below the blind share

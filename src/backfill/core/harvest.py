@@ -2,11 +2,13 @@
 
 - An endpoint whose engine reports its queue (vLLM, SGLang, llama.cpp metrics): the queue feeds its adaptive
   concurrency limit (policy/limits.py, `on_engine_load`).
-- An endpoint marked `harvest = true` (shared with interactive traffic): its harvest controller
-  (policy/harvest.py) sets a ceiling on its batch lines from the proxy's interactive TTFT, the engine's queue and
-  token counters, and the off-peak share of each pool it serves; when the controller cuts for interactive traffic
-  in trouble, the lines above the ceiling that have done little work are returned, to be aborted and handed back.
-  A pool with a batch promoted for its deadline is not held back (its guaranteed share comes first).
+- An endpoint with harvest on (`harvest = true`, or "auto", the default, once interactive traffic shows up
+  there): its harvest controller (policy/harvest.py) sets a ceiling on its batch lines from the proxy's
+  interactive TTFT, the engine's queue and token counters, and the off-peak share of each pool it serves; when
+  the controller cuts for interactive traffic in trouble, the lines above the ceiling that have done little work
+  are returned, to be aborted and handed back. A pool with a batch promoted for its deadline is not held back
+  (its guaranteed share comes first). Until then an "auto" endpoint is dedicated: no ceiling but the off-peak
+  one.
 
 With several workers on one harvested endpoint, each publishes its batch-token counter per endpoint
 (`counters`): every controller then counts all workers' batch tokens as batch work (not the others' as
@@ -47,10 +49,11 @@ class Harvest:
                     target=cfg.harvest_target,
                     fill_below=cfg.harvest_fill_below,
                     capacity_tokens_per_s=cfg.capacity_tokens_per_s,
+                    shared=cfg.harvest is True,
                 )
             )
             for cfg in settings.backends
-            if cfg.harvest and cfg.name in limits
+            if cfg.harvest is not False and cfg.name in limits
         }
         self.off_peak: dict[str, OffPeak] = {entry.model: entry.to_policy() for entry in settings.off_peak}
 
@@ -72,8 +75,9 @@ class Harvest:
         ceilings: dict[str, int] = {}
         victims: list[Start] = []
         for name, harvested in self.harvested.items():
+            unread = name in loads and loads[name] is None  # it has /metrics (they are scraped), unreadable now
             ceilings[name], shed = self._harvest(
-                now, name, harvested, loads.get(name), ttft.get(name, ()), others.get(name, {})
+                now, name, harvested, loads.get(name), unread, ttft.get(name, ()), others.get(name, {})
             )
             victims += shed
         return ceilings, victims
@@ -84,6 +88,7 @@ class Harvest:
         name: str,
         harvested: _Harvested,
         load: EngineLoad | None,
+        unread: bool,
         ttft: Sequence[float],
         others: Mapping[str, int],
     ) -> tuple[int, list[Start]]:
@@ -104,6 +109,7 @@ class Harvest:
             interactive_ttft_s=ttft,
             engine_waiting=load.waiting if load is not None else None,
             batch_in_flight=limits.in_flight,
+            engine_unread=unread,
         )
         harvested.served_tokens = limits.served_tokens
         serving = [pool for pool in self.pools.values() if name in pool.limits]
@@ -113,9 +119,11 @@ class Harvest:
         age = controller.shed_age_s  # before the tick: a cut forgets the samples it was judged on
         ceiling = math.ceil(controller.tick(now, signals, cap) / (1 + len(others)))  # this worker's part
         promoted = any(pool.promoted for pool in serving)
-        limits.ceiling = None if promoted else ceiling
+        dedicated = not controller.shared and cap is None  # harvest "auto" before interactive traffic shows up
+        limits.ceiling = None if promoted or dedicated else ceiling
         for pool in serving:
-            pool.harvest[name] = controller.state
+            if controller.shared:
+                pool.harvest[name] = controller.state
         if not controller.shed or promoted:
             return ceiling, []
         return ceiling, [start for pool in serving for start in pool.shed(now, age)]

@@ -354,7 +354,7 @@ def limits_for(endpoint: Endpoint, configured: BackendSettings | None) -> Endpoi
         # A shared endpoint takes no batch line before its harvest controller's first reading (dispatch/watcher.py):
         # a worker starting with a backlog would otherwise send its whole adaptive limit into an engine whose
         # interactive load it has not yet read.
-        ceiling=0 if configured.harvest else None,
+        ceiling=0 if configured.harvest is True else None,
     )
 
 

@@ -125,8 +125,9 @@ class Dispatcher:
         recorder = asyncio.create_task(self.recorder.run(drained))
         housekeeper = asyncio.create_task(self.housekeeper.run())
         engines = self.watcher = EngineWatcher(
-            self.settings, self.core, self.store, self.owner, self.clock, self.interactive, transport=self._transport
-        )
+            self.settings, self.core, self.store, self.owner, self.clock, self.interactive,
+            transport=self._transport, metrics=self.metrics,
+        )  # fmt: skip
         watcher = asyncio.create_task(engines.run(self._perform_and_look))
         try:
             while not stop.is_set():

@@ -15,6 +15,7 @@ from backfill.config import Settings
 from backfill.core.dispatch import DispatchCore
 from backfill.core.events import Action, EngineRead
 from backfill.interactive import InteractiveMeter
+from backfill.metrics import Metrics
 from backfill.ports import WorkerBoard
 
 log = structlog.get_logger(__name__)
@@ -31,6 +32,7 @@ class EngineWatcher:
         interactive: InteractiveMeter | None = None,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """`transport`: how /metrics are fetched (tests script it); plain HTTP by default."""
         self.settings = settings
@@ -40,6 +42,7 @@ class EngineWatcher:
         self.clock = clock
         self.interactive = interactive
         self.transport = transport
+        self.metrics = metrics
         self._watched = [cfg for cfg in settings.backends if cfg.name in core.limits and EngineMetrics.supports(cfg)]
         self.harvested = set(core.harvest.harvested)
         # A worker of a split deployment publishes its load every round, harvested or not: API replicas elsewhere
@@ -73,6 +76,8 @@ class EngineWatcher:
 
     def _note_unreadable(self, probes: Sequence[EngineMetrics], loads: Mapping[str, object]) -> None:
         for probe in probes:
+            if self.metrics is not None:
+                self.metrics.engine_metrics_readable.labels(probe.name).set(loads.get(probe.name) is not None)
             if loads.get(probe.name) is not None:
                 if self.unreadable.pop(probe.name, None) is not None:
                     log.info("backend.metrics_readable", backend=probe.name)

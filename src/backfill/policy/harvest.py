@@ -20,8 +20,20 @@ Whatever lifts it, the limit rises at most `step` lines a tick: a jump of the ce
 handful of prompts into the engine at once, one long iteration for every interactive request that arrives then.
 
 The baseline is what interactive latency is when batch work is not in the way: a high quantile of the TTFT
-measured while no batch line ran (the controller starts at 0, and the busy periods measure it again). A tick
-without interactive samples says nothing about latency; only the engine's queue is read then.
+measured while no batch line ran (the controller starts at 0, and the busy periods measure it again). It keeps
+learning: the samples are taken in periods of `baseline_period_s`, each period with `min_clean` samples gives
+its quantile, and the baseline is the lowest of the last `baseline_periods` of them (a decaying minimum): one
+noisy quiet period cannot raise it and switch protection off, and a quiet period that was faster than the
+engine is now ages out. A tick without interactive samples says nothing about latency; only the engine's queue
+is read then.
+
+An engine whose /metrics cannot be read (`engine_unread`) is harvested blind: its batch share is held to
+`blind_share` of the endpoint whatever else is known, and only the proxy's TTFT can lower it further.
+
+`shared = False` is harvest "auto" (the default for every backend): the endpoint is treated as dedicated to
+batch work (the whole endpoint, no restraint) until interactive traffic is first seen on it — a TTFT sample from
+the proxy, an interactive load of `seen_load` or more in the engine's counters — or its metrics cannot be read;
+from then on it is harvested as above.
 
 The capacity is configured or learned: the throughput the engine delivers while requests queue in it (averaged,
 as it varies with the mix), and never less than what it has been seen to deliver once learned.
@@ -69,6 +81,7 @@ class Signals:
     interactive_ttft_s: Sequence[float] = ()
     engine_waiting: int | None = None
     batch_in_flight: int = 0
+    engine_unread: bool = False  # the engine has /metrics but they could not be read this tick
 
 
 @dataclass
@@ -114,6 +127,11 @@ class HarvestController:
     queue_min: int = 3  # requests waiting in the engine, in two readings in a row, that count as congestion
     min_samples: int = 10
     min_clean: int = 50
+    baseline_period_s: float = 300.0
+    baseline_periods: int = 12
+    blind_share: float = 0.5  # the share of the endpoint batch may use while the engine's metrics are unreadable
+    shared: bool = True  # False: harvest "auto", dedicated until interactive traffic is seen (module docstring)
+    seen_load: float = 0.25  # above the error of "engine tokens minus ours" (ours are counted as sent and done)
     limit: float = 0.0
     state: HarvestState = HarvestState.HARVESTING
     cuts: int = 0
@@ -123,7 +141,9 @@ class HarvestController:
     _engine: _Rate = field(init=False)
     _batch: _Rate = field(init=False)
     _recent: deque[tuple[float, float]] = field(default_factory=deque)
-    _clean: deque[float] = field(default_factory=lambda: deque(maxlen=5000))
+    _clean: list[float] = field(default_factory=list)  # this baseline period's samples
+    _clean_since: float | None = None
+    _periods: deque[float] = field(default_factory=deque)  # the quantile of each of the last periods
     _last_queue: int = 0
     _learned: float = 0.0
     _load: float | None = None  # interactive load estimate, with its slow release
@@ -157,15 +177,23 @@ class HarvestController:
     @property
     def baseline_s(self) -> float | None:
         """Interactive TTFT without batch work in the way (None until `min_clean` samples are in)."""
-        if len(self._clean) < self.min_clean:
-            return None
-        return _quantile(sorted(self._clean), self.base_quantile)
+        values = list(self._periods)
+        if len(self._clean) >= self.min_clean:
+            values.append(_quantile(sorted(self._clean), self.base_quantile))
+        return min(values) if values else None
 
     def tick(self, now: float, signals: Signals, cap: float | None = None) -> int:
         """Fold in one tick of signals; return the new limit (0 to `max_limit`, and at most `cap`)."""
         queued = self._queued(signals)
         slow = self._slow(now, signals)
         self.share = self._share(now, signals, queued)
+        if not self.shared:
+            seen = self._load is not None and self._load >= self.seen_load
+            self.shared = seen or bool(signals.interactive_ttft_s) or signals.engine_unread
+            if not self.shared:
+                return self._dedicated(cap)
+        if signals.engine_unread:
+            self.share = min(1.0 if self.share is None else self.share, self.blind_share)
         self.shed = queued or slow
         if self.shed:
             self._aimd = math.floor(min(self._aimd, self.limit) * self.backoff)
@@ -180,6 +208,16 @@ class HarvestController:
             self.limit = float(max(0, math.floor(cap)))
             if self.state is HarvestState.HARVESTING:
                 self.state = HarvestState.OFF_PEAK_CAP
+        return self.current
+
+    def _dedicated(self, cap: float | None) -> int:
+        """No interactive traffic seen yet: the whole endpoint (within the off-peak cap)."""
+        self._aimd = self.limit = float(self.max_limit)
+        self.shed = False
+        self.state = HarvestState.HARVESTING
+        if cap is not None and cap < self.limit:
+            self.limit = float(max(0, math.floor(cap)))
+            self.state = HarvestState.OFF_PEAK_CAP
         return self.current
 
     def _share(self, now: float, signals: Signals, queued: bool) -> float | None:
@@ -222,8 +260,7 @@ class HarvestController:
         """Recent interactive TTFT past its baseline by more than the tolerance."""
         for ttft in signals.interactive_ttft_s:
             self._recent.append((now, ttft))
-        if signals.batch_in_flight == 0:
-            self._clean.extend(signals.interactive_ttft_s)
+        self._learn_baseline(now, signals)
         while self._recent and self._recent[0][0] <= now - self.recent_s:
             self._recent.popleft()
         baseline = self.baseline_s
@@ -233,6 +270,19 @@ class HarvestController:
             return False
         self._recent.clear()  # judge the cut on latency measured after it, as TCP cuts once per round trip
         return True
+
+    def _learn_baseline(self, now: float, signals: Signals) -> None:
+        """Collect TTFT measured with no batch line running, one period at a time (`baseline_s`)."""
+        if self._clean_since is None:
+            self._clean_since = now
+        elif now - self._clean_since >= self.baseline_period_s:
+            if len(self._clean) >= self.min_clean:
+                self._periods.append(_quantile(sorted(self._clean), self.base_quantile))
+                while len(self._periods) > self.baseline_periods:
+                    self._periods.popleft()
+            self._clean, self._clean_since = [], now
+        if signals.batch_in_flight == 0:
+            self._clean.extend(signals.interactive_ttft_s)
 
 
 def batch_share(interactive_load: float, fill_below: float, target: float) -> float:
