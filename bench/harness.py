@@ -131,15 +131,17 @@ class Server:
         workdir: Path,
         backends: list[dict[str, Any]],
         settings: dict[str, Any] | None = None,
+        data_dir: Path | None = None,
     ) -> Server:
-        """`backfill serve` with these `[[backends]]` entries, as given."""
+        """`backfill serve` with these `[[backends]]` entries, as given (its data in `workdir/data` unless
+        `data_dir` names another: processes of one split deployment share it for their local blobs)."""
         workdir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         config = write_config(workdir / "backfill.toml", settings or {}, backends)
         log_path = workdir / "serve.log"
         argv = [
             sys.executable, "-m", "backfill", "serve", "--port", str(port),
-            "--config", str(config), "--data-dir", str(workdir / "data"),
+            "--config", str(config), "--data-dir", str(data_dir or workdir / "data"),
         ]  # fmt: skip
         process = children.start(argv, log_path)
         wait_http(f"http://127.0.0.1:{port}/healthz", process)

@@ -111,9 +111,13 @@ class SharedResult:
 class InteractiveReplay:
     """Sends the trace to the engine at its (compressed) times and records each request's TTFT."""
 
-    def __init__(self, loop: EventLoop, engine: IterationEngine, trace: list[TraceRequest], scale: float) -> None:
+    def __init__(
+        self, loop: EventLoop, engine: IterationEngine, trace: list[TraceRequest], scale: float, measure_from: float
+    ) -> None:
+        """Requests sent before `measure_from` load the engine but are not measured (a warm-up)."""
         self.loop = loop
         self.engine = engine
+        self.measure_from = measure_from
         self.ttft_s: list[float] = []
         self.fresh: list[float] = []  # TTFTs since the proxy's meter was last read
         self.tokens = 0
@@ -124,11 +128,13 @@ class InteractiveReplay:
         sent = self.loop.now
 
         def first(now: float) -> None:
-            self.ttft_s.append(now - sent)
+            if sent >= self.measure_from:
+                self.ttft_s.append(now - sent)
             self.fresh.append(now - sent)
 
         def done(now: float, outcome: Outcome) -> None:
-            self.tokens += outcome.usage.input_tokens + outcome.usage.output_tokens
+            if sent >= self.measure_from:
+                self.tokens += outcome.usage.input_tokens + outcome.usage.output_tokens
 
         self.engine.submit(f"i{n}", request.prompt_tokens, request.output_tokens, (), done, first_token=first)
 
@@ -205,8 +211,15 @@ def run(
     seed: int = 11,
     controller: Callable[[int], HarvestController] | None = None,
     max_concurrency: int = 128,
+    warmup_s: float = 0.0,
+    capacity: float | None = None,
 ) -> SharedResult:
     """Replay `duration_s` seconds (virtual) of the compressed trace under one strategy.
+
+    With `warmup_s`, only what follows the first `warmup_s` is measured (interactive requests sent from then on,
+    batch lines finished from then on; the result's duration is what is left): a window of steady state, the
+    batch having started with the trace. `capacity`: the harvested endpoint's
+    `capacity_tokens_per_s`, as configured (None: learned).
 
     Batch work goes through the production dispatch core (`VirtualDriver`), configured as a user would configure
     the endpoint: a fixed `max_concurrency` (no limit, or a cap), `priority` on or off, `harvest = true` for the
@@ -216,8 +229,9 @@ def run(
     engine_profile = dataclasses.replace(profile, scheduling_policy="priority" if priority else "fcfs")
     loop = EventLoop()
     engine = IterationEngine(loop, engine_profile)
-    interactive = InteractiveReplay(loop, engine, [r for r in trace if r.at_s / scale < duration_s], scale)
-    result = SharedResult(strategy, duration_s, interactive.ttft_s, 0, 0, 0, 0)
+    counted: dict[str, int] = {}  # the batch's counts at the end of the warm-up
+    interactive = InteractiveReplay(loop, engine, [r for r in trace if r.at_s / scale < duration_s], scale, warmup_s)
+    result = SharedResult(strategy, duration_s - warmup_s, interactive.ttft_s, 0, 0, 0, 0)
     if strategy != "interactive":
         harvest = strategy.startswith("backfill") or strategy == "clairvoyant"
         if strategy.startswith("cap:"):
@@ -226,7 +240,7 @@ def run(
             ceiling = max_concurrency if harvest else 4 * profile.max_num_seqs
         endpoint = sim_backend(
             ENDPOINT, ceiling, adaptive_concurrency=False, harvest=harvest, batch_priority=BATCH_PRIORITY,
-            priority="on" if priority else "off",
+            priority="on" if priority else "off", capacity_tokens_per_s=capacity if harvest else None,
         )  # fmt: skip
         settings = Settings(backends=[endpoint], fair_share_preemption=False)
         proxy = strategy in ("backfill", "clairvoyant")
@@ -238,14 +252,20 @@ def run(
         if harvest and make is not None:
             driver.core.harvest.harvested[ENDPOINT].controller = make(ceiling)
         driver.submit_at(batch_backlog(trace, backlog, seed))
+        if warmup_s > 0:
+            loop.at(warmup_s, lambda: counted.update(driver_counts(driver)))
     loop.run(until=duration_s)
     result.interactive_tokens = interactive.tokens
     if strategy != "interactive":
-        result.batch_lines = driver.lines_done
-        result.batch_output_tokens = driver.output_tokens
-        result.batch_tokens = driver.batch_tokens
+        result.batch_lines = driver.lines_done - counted.get("lines", 0)
+        result.batch_output_tokens = driver.output_tokens - counted.get("output", 0)
+        result.batch_tokens = driver.batch_tokens - counted.get("tokens", 0)
         result.shed = driver.shed
     return result
+
+
+def driver_counts(driver: VirtualDriver) -> dict[str, int]:
+    return {"lines": driver.lines_done, "output": driver.output_tokens, "tokens": driver.batch_tokens}
 
 
 def harvest_efficiency(result: SharedResult, capacity: float) -> float:

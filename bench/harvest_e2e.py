@@ -1,0 +1,695 @@
+"""Harvesting on the real path, in wall-clock time: real `backfill serve` in front of a real `backfill sim serve`,
+interactive traffic replayed from the Azure conversation trace while a batch backlog waits, every strategy in one
+run — and beside each row, the same strategy on the same trace slice in virtual time (bench/harvest.py's
+simulator), so a disagreement between the two shows where the simulator is wrong.
+
+What runs, per row (each row starts both servers afresh, so no row inherits another's engine or queue):
+
+- the engine: `backfill sim serve`, its default profile (an H100 serving an 8B model, vLLM-like, real time),
+  in priority mode for the rows that use engine priority;
+- backfill: `backfill serve --role all` (SQLite), one `[[backends]]` entry for the engine, flavour vllm, as a
+  user would configure it: a fixed `max_concurrency` (no limit: 4 x the engine's sequences; or a cap), or
+  `harvest = true` with `max_concurrency = 128`; `priority` on where the engine runs in priority mode;
+- the batch: a backlog of lines drawn from the trace's own (prompt, output) pairs, uploaded and created through
+  the Batch API at the start of the row;
+- interactive traffic: the trace's requests at their (compressed) arrival times, streamed, open loop, through
+  backfill's proxy (`/v1/chat/completions` on backfill) or, in the second set of rows, straight to the engine
+  (the controller then reads only the engine's /metrics).
+
+First the engine's capacity is measured with the trace's request mix at a concurrency above its `max_num_seqs`
+(prompt + output tokens/s from its counters), and the trace is compressed so that its busiest minute needs
+`--peak` of that capacity. Rows: interactive only; batch with no limit; fixed caps (by default the best one the
+virtual-time search finds and the next one up); engine priority alone; backfill. Columns: interactive p50 / p99
+time to first token relative to interactive only on the same route, batch output tokens/s, harvest efficiency =
+batch tokens served / (capacity x duration - interactive tokens served), all tokens from the engine's own
+counters; and the virtual-time p99 ratio of the same strategy and slice.
+
+The load generator runs in this process (asyncio, one HTTP/1.1 connection per request in flight); its lag
+behind the trace's schedule and its CPU share are printed, so a row whose generator could not keep up says so.
+
+    .venv/bin/python bench/harvest_e2e.py                      # ~10 minutes
+    .venv/bin/python bench/harvest_e2e.py --seconds 20 --rows proxy:interactive proxy:backfill   # a smoke run
+    .venv/bin/python bench/harvest_e2e.py --engine-url http://127.0.0.1:8081/v1 --flavour llamacpp ...  # a real engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import random
+import resource
+import string
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from harness import REPO, Children, Server, machine_line, running, table
+
+from backfill.backends.engine_metrics import parse_samples
+from backfill.interactive import FirstTokenScanner
+from backfill.sim.profile import EngineProfile
+from backfill.sim.shared_engine import (
+    SharedResult,
+    TraceRequest,
+    capacity_tokens_per_s,
+    load_trace,
+    run,
+    scale_for_peak,
+)
+from backfill.testing.processes import free_port, wait_http
+
+TRACE = REPO / "bench" / "data" / "azure_llm_2023_conv.csv"
+SEED = 11  # the batch backlog's draw (shared_engine.run's default)
+HARVEST_CEILING = 128  # backfill's max_concurrency on the harvested endpoint (as in bench/harvest.py)
+VIRTUAL_CAPS = (8, 12, 16, 20, 24, 28, 32, 40, 48, 64)
+BATCH_PRIORITY = 10
+TEMPLATE_TOKENS = 8  # what the simulator's chat template adds to a one-message prompt (sim/tokens.py)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One strategy on one route."""
+
+    strategy: str  # interactive, fifo, cap:N, priority, backfill (as shared_engine.run names them)
+    route: str  # proxy | direct
+    split: bool = False  # backfill as an API replica and a worker (PostgreSQL) instead of one process
+
+    @property
+    def key(self) -> str:
+        return f"{self.route}:{self.strategy}{'-split' if self.split else ''}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.strategy} (api + worker)" if self.split else self.strategy
+
+    @property
+    def virtual_strategy(self) -> str:
+        return "backfill-metrics" if self.strategy == "backfill" and self.route == "direct" else self.strategy
+
+    @property
+    def priority(self) -> bool:
+        return self.strategy in ("priority", "backfill")
+
+    def backend(self, url: str, model: str, flavour: str, profile: EngineProfile, capacity: float) -> dict[str, Any]:
+        """The `[[backends]]` entry a user would write for this strategy (what sim.virtual.sim_backend builds);
+        a harvested one is told the engine's capacity, as measured (a row is too short to learn it)."""
+        if self.strategy.startswith("cap:"):
+            limit = int(self.strategy.split(":", 1)[1])
+        elif self.strategy == "backfill":
+            limit = HARVEST_CEILING
+        else:
+            limit = 4 * profile.max_num_seqs
+        entry = {
+            "name": "engine", "url": url, "models": [model], "flavour": flavour, "max_concurrency": limit,
+            "adaptive_concurrency": False, "harvest": self.strategy == "backfill",  # the others: opted out
+            "priority": "on" if self.priority else "off", "batch_priority": BATCH_PRIORITY,
+        }  # fmt: skip
+        if self.strategy == "backfill":
+            entry["capacity_tokens_per_s"] = round(capacity)
+        return entry
+
+
+@dataclass
+class Sent:
+    at: float  # when it was due, seconds from the row's start
+    lag_s: float = 0.0  # how late the generator sent it
+    ttft_s: float | None = None
+    prompt_tokens: int = 0  # the engine's tokens for it inside the measured window: its prompt (when its first
+    output_tokens: int = 0  # token came then) and the output tokens that arrived then
+    error: str | None = None
+
+
+@dataclass
+class RowResult:
+    row: Row
+    duration_s: float
+    sent: list[Sent]
+    engine_tokens: int  # prompt + output over the row, from the engine's counters
+    engine_output_tokens: int
+    generator_cpu_s: float
+    batch_lines_done: int = 0
+    virtual_p99_ratio: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    warmup_s: float = 0.0
+
+    def ttfts(self, grace_s: float) -> list[float]:
+        """The TTFT of every request sent in the measured window; one that had none by the row's end (+ grace)
+        counts as the time it waited."""
+        end = self.warmup_s + self.duration_s + grace_s
+        return [s.ttft_s if s.ttft_s is not None else end - s.at for s in self.sent if s.at >= self.warmup_s]
+
+    @property
+    def interactive_tokens(self) -> int:
+        return sum(s.prompt_tokens + s.output_tokens for s in self.sent)
+
+    @property
+    def interactive_output_tokens(self) -> int:
+        return sum(s.output_tokens for s in self.sent)
+
+    @property
+    def batch_tokens(self) -> int:
+        return max(0, self.engine_tokens - self.interactive_tokens)
+
+    @property
+    def batch_output_per_s(self) -> float:
+        return max(0, self.engine_output_tokens - self.interactive_output_tokens) / self.duration_s
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def prompt_text(rng: random.Random, tokens: int, chars_per_token: int) -> str:
+    """Text the simulator counts as `tokens` prompt tokens once templated, shared with no other prompt (random
+    letters: no prefix-cache hits between requests, as between unrelated conversations)."""
+    length = max(1, tokens - TEMPLATE_TOKENS) * chars_per_token
+    return "".join(rng.choices(string.ascii_lowercase + " ", k=length))
+
+
+def fit(trace: list[TraceRequest], profile: EngineProfile) -> list[TraceRequest]:
+    """The trace with each request's prompt cut to fit the engine's context (one request of the hour is longer)."""
+    return [
+        dataclasses.replace(r, prompt_tokens=min(r.prompt_tokens, profile.max_model_len - r.output_tokens - 16))
+        for r in trace
+    ]
+
+
+# --- the engine --------------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """An engine under test: the simulator started per row, or a real server already running (`--engine-url`)."""
+
+    def __init__(self, args: argparse.Namespace, profile: EngineProfile, workdir: Path) -> None:
+        self.args, self.profile, self.workdir = args, profile, workdir
+        self.process: Any = None
+        self.url = args.engine_url.rstrip("/") if args.engine_url else ""
+
+    @property
+    def root(self) -> str:
+        return self.url.removesuffix("/v1")
+
+    def start(self, children: Children, priority: bool) -> None:
+        if self.args.engine_url:
+            return
+        port = free_port()
+        profile = self.workdir / f"profile-{'priority' if priority else 'fcfs'}.toml"
+        profile.write_text(f'scheduling_policy = "{"priority" if priority else "fcfs"}"\n')
+        argv = [sys.executable, "-m", "backfill", "sim", "serve", "--port", str(port), "--profile", str(profile)]
+        self.process = children.start(argv, self.workdir / "sim.log")
+        self.url = f"http://127.0.0.1:{port}/v1"
+        wait_http(f"{self.root}/metrics", self.process)
+
+    def stop(self, children: Children) -> None:
+        if self.process is not None:
+            children.stop(self.process)
+            self.process = None
+
+    def counters(self) -> tuple[int, int]:
+        """(prompt + output tokens, output tokens) the engine has processed so far."""
+        samples = parse_samples(httpx.get(f"{self.root}/metrics", timeout=10).text) or {}
+        names = {
+            "vllm": ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"),
+            "llamacpp": ("llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total"),
+        }[self.args.flavour]
+        prompt, output = (round(sum(v for _, v in samples.get(name, ()))) for name in names)
+        if self.args.flavour == "llamacpp":  # cached prompt tokens were served too
+            prompt += round(sum(v for _, v in samples.get("llamacpp:prompt_tokens_cached_total", ())))
+        return prompt + output, output
+
+
+# --- the load generator ------------------------------------------------------------------------------------------
+
+
+def body(model: str, text: str, output_tokens: int, *, stream: bool) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": output_tokens,
+        "ignore_eos": True,
+    }
+    if stream:
+        payload |= {"stream": True, "stream_options": {"include_usage": True}}
+    return payload
+
+
+async def replay(
+    url: str, model: str, trace: list[TraceRequest], scale: float, seconds: float, cpt: int, measure_from: float
+) -> list[Sent]:
+    """Send the trace's requests due in the first `seconds` (compressed by `scale`) to `url`, streamed, each at its
+    time whatever the others do; return what each one saw (its tokens counted from `measure_from` on)."""
+    rng = random.Random(5)
+    due = [(r.at_s / scale, r) for r in trace if r.at_s / scale < seconds]
+    texts = [prompt_text(rng, r.prompt_tokens, cpt) for _, r in due]
+    sent = [Sent(at) for at, _ in due]
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        start = time.monotonic()
+
+        async def one(n: int) -> None:
+            at, request = due[n]
+            record = sent[n]
+            delay = start + at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            began = time.monotonic()
+            record.lag_s = max(0.0, began - start - at)
+            payload = body(model, texts[n], request.output_tokens, stream=True)
+            try:
+                async with client.stream("POST", f"{url}/chat/completions", json=payload) as response:
+                    if response.status_code != 200:
+                        record.error = f"{response.status_code}: {(await response.aread())[:200]!r}"
+                        return
+                    # The first content event found as the proxy finds it (FirstTokenScanner); after it, events
+                    # are only counted (one token each; the usage event and [DONE] come off at the end).
+                    scanner, events = FirstTokenScanner(), 0
+                    async for chunk in response.aiter_raw():
+                        now = time.monotonic()
+                        if record.ttft_s is None:
+                            if not scanner.feed(chunk):
+                                continue
+                            record.ttft_s = now - began
+                            if now - start >= measure_from:
+                                record.prompt_tokens = request.prompt_tokens
+                        if now - start >= measure_from:
+                            events += chunk.count(b"data:")
+                    record.output_tokens = max(0, events - 2)
+            except httpx.HTTPError as exc:
+                record.error = type(exc).__name__
+
+        tasks = [asyncio.create_task(one(n)) for n in range(len(due))]
+        # The row ends `seconds` after its start; requests still waiting then get a short grace, then go.
+        _, pending = await asyncio.wait(tasks, timeout=seconds + 10.0)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return sent
+
+
+async def saturate(url: str, model: str, trace: list[TraceRequest], concurrency: int, seconds: float, cpt: int) -> None:
+    """Keep `concurrency` requests of the trace's mix in the engine for `seconds` (non-streamed)."""
+    rng = random.Random(3)
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def worker() -> None:
+            while time.monotonic() < deadline:
+                request = rng.choice(trace)
+                payload = body(model, prompt_text(rng, request.prompt_tokens, cpt), request.output_tokens, stream=False)
+                with contextlib.suppress(httpx.HTTPError):
+                    await client.post(f"{url}/chat/completions", json=payload, timeout=deadline - time.monotonic() + 1)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def measure_capacity(engine: Engine, children: Children, trace: list[TraceRequest], seconds: float) -> float:
+    """Prompt + output tokens/s the engine serves saturated with the trace's mix (counted after a warm-up)."""
+    engine.start(children, priority=False)
+    try:
+        concurrency = engine.profile.max_num_seqs + 16
+        warmup = min(10.0, seconds / 3)
+
+        async def go() -> tuple[float, int, float]:
+            load = asyncio.create_task(
+                saturate(
+                    engine.url,
+                    engine.profile.model,
+                    trace,
+                    concurrency,
+                    warmup + seconds,
+                    engine.profile.chars_per_token,
+                )
+            )
+            await asyncio.sleep(warmup)
+            before, t0 = engine.counters()[0], time.monotonic()
+            await asyncio.sleep(seconds)
+            after, t1 = engine.counters()[0], time.monotonic()
+            await load
+            return after - before, after, t1 - t0
+
+        tokens, _, elapsed = asyncio.run(go())
+        return tokens / elapsed
+    finally:
+        engine.stop(children)
+
+
+# --- one row -----------------------------------------------------------------------------------------------------
+
+
+def batch_file(path: Path, trace: list[TraceRequest], count: int, model: str, cpt: int) -> Path:
+    """The backlog: `count` lines drawn from the trace's (prompt, output) pairs, as shared_engine.batch_backlog."""
+    rng, text_rng = random.Random(SEED), random.Random(SEED + 1)
+    with path.open("w") as out:
+        for n in range(count):
+            request = rng.choice(trace)
+            line = {
+                "custom_id": f"line-{n}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": body(
+                    model, prompt_text(text_rng, request.prompt_tokens, cpt), request.output_tokens, stream=False
+                ),
+            }
+            out.write(json.dumps(line) + "\n")
+    return path
+
+
+async def drive(
+    row: Row,
+    engine: Engine,
+    server: Server | None,
+    file_id: str | None,
+    target: str,
+    trace: list[TraceRequest],
+    scale: float,
+    args: argparse.Namespace,
+) -> tuple[list[Sent], tuple[int, int], str | None]:
+    """The batch and the interactive traffic from the start; after the warm-up, the engine counters' first
+    reading (the measured window is the steady state, not the batch's first seconds)."""
+    profile = engine.profile
+    batch_id = None
+    if file_id is not None and server is not None:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}/v1", timeout=60) as client:
+            payload = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+            created = await client.post("/batches", json=payload)
+            created.raise_for_status()
+            batch_id = created.json()["id"]
+    total = args.warmup + args.seconds
+    traffic = asyncio.create_task(
+        replay(target, profile.model, trace, scale, total, profile.chars_per_token, args.warmup)
+    )
+    await asyncio.sleep(args.warmup)
+    counted = await asyncio.to_thread(engine.counters)
+    return await traffic, counted, batch_id
+
+
+@dataclass
+class Backfill:
+    """The backfill processes of one row: one (role all), or an API replica and a worker on PostgreSQL."""
+
+    server: Server
+    worker: Server | None = None
+    database: Database | None = None
+
+    @classmethod
+    def start(cls, row: Row, backend: dict[str, Any], children: Children, rowdir: Path, postgres: str) -> Backfill:
+        settings: dict[str, Any] = {"fair_share_preemption": False}
+        if not row.split:
+            started = cls(Server.start_with(children, rowdir, [backend], settings))
+        else:
+            database = Database.create(postgres)
+            settings["database_url"] = database.url
+            data = rowdir / "data"
+            worker = Server.start_with(children, rowdir / "worker", [backend], settings | {"role": "worker"}, data)
+            api = Server.start_with(children, rowdir / "api", [backend], settings | {"role": "api"}, data)
+            started = cls(api, worker, database)
+        for server in (started.server, started.worker):
+            if server is not None:
+                wait_http(f"http://127.0.0.1:{server.port}/readyz", server.process)
+        return started
+
+    def stop(self, children: Children) -> None:
+        for server in (self.server, self.worker):
+            if server is not None:
+                server.stop(children)
+        if self.database is not None:
+            self.database.drop()
+
+
+def run_row(
+    row: Row,
+    engine: Engine,
+    children: Children,
+    workdir: Path,
+    trace: list[TraceRequest],
+    scale: float,
+    args: argparse.Namespace,
+    backlog: Path,
+    capacity: float,
+) -> RowResult:
+    profile = engine.profile
+    engine.start(children, priority=row.priority)
+    backfill: Backfill | None = None
+    try:
+        target = engine.url
+        if row.strategy != "interactive" or row.route == "proxy":
+            backend = row.backend(engine.url, profile.model, args.flavour, profile, capacity)
+            backfill = Backfill.start(row, backend, children, workdir / row.key.replace(":", "-"), args.postgres)
+            if row.route == "proxy":
+                target = f"http://127.0.0.1:{backfill.server.port}/v1"
+        server = backfill.server if backfill is not None else None
+        file_id = server.upload(backlog)["id"] if server is not None and row.strategy != "interactive" else None
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.monotonic()
+        sent, before, batch_id = asyncio.run(drive(row, engine, server, file_id, target, trace, scale, args))
+        elapsed = time.monotonic() - t0 - args.warmup
+        after = engine.counters()
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+        result = RowResult(
+            row,
+            args.seconds,
+            sent,
+            after[0] - before[0],
+            after[1] - before[1],
+            (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime),
+            warmup_s=args.warmup,
+        )
+        if elapsed > args.seconds + 11:
+            result.notes.append(f"replay took {elapsed:.0f} s")
+        if batch_id is not None and server is not None:
+            counts = server.batch(batch_id)["request_counts"]
+            result.batch_lines_done = counts["completed"] + counts["failed"]
+            if counts["failed"]:
+                result.notes.append(f"{counts['failed']} batch lines failed")
+        errors = [s.error for s in sent if s.error]
+        if errors:
+            result.notes.append(f"{len(errors)} interactive errors, e.g. {errors[0]}")
+        return result
+    finally:
+        if backfill is not None:
+            backfill.stop(children)
+        engine.stop(children)
+
+
+@dataclass
+class Database:
+    """A PostgreSQL database of its own for one split row, dropped after it."""
+
+    admin_url: str
+    name: str
+
+    @property
+    def url(self) -> str:
+        return self.admin_url.rsplit("/", 1)[0] + f"/{self.name}"
+
+    @classmethod
+    def create(cls, admin_url: str) -> Database:
+        database = cls(admin_url, f"harvest_e2e_{random.randrange(1 << 32):08x}")
+        database._execute(f'CREATE DATABASE "{database.name}"')
+        return database
+
+    def drop(self) -> None:
+        self._execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+    def _execute(self, statement: str) -> None:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(
+            self.admin_url.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
+        )
+        try:
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text(statement))
+        finally:
+            engine.dispose()
+
+
+# --- the virtual-time twin ---------------------------------------------------------------------------------------
+
+
+def virtual(
+    strategy: str,
+    trace: list[TraceRequest],
+    profile: EngineProfile,
+    scale: float,
+    args: argparse.Namespace,
+    capacity: float,
+) -> SharedResult:
+    """One strategy on the same slice, warm-up and backlog in virtual time (the simulator's model of the engine)."""
+    return run(
+        strategy, trace, profile, scale=scale, duration_s=args.warmup + args.seconds, backlog=args.backlog,
+        seed=SEED, warmup_s=args.warmup, capacity=capacity,
+    )  # fmt: skip
+
+
+def virtual_p99s(
+    rows: Sequence[Row],
+    trace: list[TraceRequest],
+    profile: EngineProfile,
+    scale: float,
+    args: argparse.Namespace,
+    capacity: float,
+) -> dict[str, float]:
+    """p99 TTFT of each strategy in virtual time."""
+    strategies = sorted({row.virtual_strategy for row in rows} | {"interactive"})
+    return {s: virtual(s, trace, profile, scale, args, capacity).ttft_quantile(0.99) for s in strategies}
+
+
+def best_virtual_cap(
+    trace: list[TraceRequest], profile: EngineProfile, scale: float, args: argparse.Namespace, capacity: float
+) -> int:
+    """The largest fixed cap whose virtual p99 stays within +10% of interactive only on this slice."""
+    reference = virtual("interactive", trace, profile, scale, args, capacity).ttft_quantile(0.99)
+    best = VIRTUAL_CAPS[0]
+    for cap in VIRTUAL_CAPS:
+        if virtual(f"cap:{cap}", trace, profile, scale, args, capacity).ttft_quantile(0.99) <= 1.10 * reference:
+            best = cap
+    return best
+
+
+# --- the report --------------------------------------------------------------------------------------------------
+
+
+def report(results: list[RowResult], capacity: float, virtual: dict[str, float], grace_s: float) -> None:
+    for route in ("proxy", "direct"):
+        mine = [r for r in results if r.row.route == route]
+        if not mine:
+            continue
+        ref = next((r for r in mine if r.row.strategy == "interactive"), None)
+        ref50 = quantile(ref.ttfts(grace_s), 0.5) if ref else float("nan")
+        ref99 = quantile(ref.ttfts(grace_s), 0.99) if ref else float("nan")
+        caps = [
+            r for r in mine if r.row.strategy.startswith("cap:") and quantile(r.ttfts(grace_s), 0.99) <= 1.1 * ref99
+        ]
+        best_cap = max(caps, key=lambda r: r.batch_output_per_s, default=None)
+        rows = []
+        for r in mine:
+            ttfts = r.ttfts(grace_s)
+            p50, p99 = quantile(ttfts, 0.5), quantile(ttfts, 0.99)
+            idle = capacity * r.duration_s - r.interactive_tokens
+            efficiency = r.batch_tokens / idle if r.row.strategy != "interactive" and idle > 0 else float("nan")
+            v_ref = virtual.get("interactive")
+            v = virtual.get(r.row.virtual_strategy)
+            v_ratio = f"{v / v_ref - 1:+.1%}" if v is not None and v_ref else "-"
+            lags = [s.lag_s for s in r.sent]
+            versus_cap = (
+                f"{r.batch_output_per_s / best_cap.batch_output_per_s:.2f}x"
+                if best_cap is not None and best_cap.batch_output_per_s > 0 and r.row.strategy != "interactive"
+                else "-"
+            )
+            rows.append([
+                r.row.label,
+                f"{p50 * 1000:.0f} ({p50 / ref50 - 1:+.1%})",
+                f"{p99 * 1000:.0f} ({p99 / ref99 - 1:+.1%})",
+                v_ratio,
+                f"{r.batch_output_per_s:,.0f}" if r.row.strategy != "interactive" else "-",
+                f"{efficiency:.1%}" if efficiency == efficiency else "-",
+                versus_cap,
+                f"{len(ttfts)}",
+                f"{quantile(lags, 0.99) * 1000:.1f}",
+                f"{r.generator_cpu_s / r.duration_s:.0%}",
+                "; ".join(r.notes) or "",
+            ])  # fmt: skip
+        best = f" (best fixed cap within +10%: {best_cap.row.strategy})" if best_cap else " (no fixed cap within +10%)"
+        print(f"\ninteractive {'through the proxy' if route == 'proxy' else 'straight to the engine'}{best}")
+        print(
+            table(
+                ["strategy", "TTFT p50 ms", "TTFT p99 ms", "virtual p99", "batch out tok/s", "harvest eff.",
+                 "x best cap", "requests", "gen lag p99 ms", "gen CPU", "notes"],
+                rows,
+            )
+        )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=45.0, help="wall-clock seconds measured per row")
+    parser.add_argument("--warmup", type=float, default=30.0, help="seconds of batch + interactive before measuring")
+    parser.add_argument("--offset-min", type=float, default=10.0, help="start this many trace minutes in")
+    parser.add_argument("--peak", type=float, default=0.9, help="share of the engine the trace's busiest minute needs")
+    parser.add_argument("--backlog", type=int, default=1500, help="batch lines waiting (more than a row can serve)")
+    parser.add_argument("--caps", type=int, nargs="*", help="fixed caps to run (default: the virtual best and next)")
+    parser.add_argument("--capacity-s", type=float, default=15.0, help="seconds of saturation to measure capacity")
+    parser.add_argument("--rows", nargs="*", help="only these rows, as route:strategy (proxy:backfill, direct:fifo)")
+    parser.add_argument("--engine-url", help="a real engine already running (its /v1 URL) instead of the simulator")
+    parser.add_argument("--model", help="the model the real engine serves")
+    parser.add_argument("--flavour", default="vllm", choices=("vllm", "llamacpp"))
+    parser.add_argument("--max-num-seqs", type=int, help="the real engine's sequence slots (llama-server -np)")
+    parser.add_argument("--trace", type=Path, default=TRACE)
+    parser.add_argument(
+        "--postgres",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="a PostgreSQL server (any database on it) for the api + worker row: a database is created there and"
+        " dropped after; 'none' skips that row",
+    )
+    args = parser.parse_args()
+
+    profile = EngineProfile()
+    if args.model:
+        profile = dataclasses.replace(profile, model=args.model)
+    if args.max_num_seqs:
+        profile = dataclasses.replace(profile, max_num_seqs=args.max_num_seqs)
+    whole = fit(load_trace(args.trace), profile)
+    start = args.offset_min * 60
+    trace = [dataclasses.replace(r, at_s=r.at_s - start) for r in whole if r.at_s >= start]
+    print(machine_line())
+
+    with tempfile.TemporaryDirectory(prefix="harvest-e2e-") as tmp, running() as children:
+        workdir = Path(tmp)
+        engine = Engine(args, profile, workdir)
+        began = time.monotonic()
+        capacity = measure_capacity(engine, children, whole, args.capacity_s)
+        modelled = capacity_tokens_per_s(profile, whole, seed=3)
+        # Compress so the busiest minute needs --peak of the capacity measured (scale_for_peak uses the model's
+        # cost of a request; the measured capacity corrects it for what the running engine really delivers).
+        scale = scale_for_peak(whole, profile, args.peak) * modelled / capacity
+        window = [r for r in trace if args.warmup <= r.at_s / scale < args.warmup + args.seconds]
+        load = sum(r.prompt_tokens + r.output_tokens for r in window) / args.seconds / capacity
+        print(
+            f"engine capacity {capacity:,.0f} tokens/s measured ({modelled:,.0f} modelled) with the trace mix at"
+            f" {profile.max_num_seqs + 16} in flight; trace compressed x{scale:.2f}; each row: the batch and the"
+            f" trace from the start, {args.warmup:g} s of warm-up, then {args.seconds:g} s measured ="
+            f" {(args.warmup + args.seconds) * scale / 60:.1f} trace minutes from minute {args.offset_min:g};"
+            f" {len(window)} interactive requests measured per row, {load:.0%} of the capacity\n",
+            flush=True,
+        )
+        if args.caps is None:
+            best = best_virtual_cap(trace, profile, scale, args, capacity)
+            following = [c for c in VIRTUAL_CAPS if c > best]
+            args.caps = [best, *following[:1]]
+            print(f"virtual-time search: best fixed cap {best}; running caps {args.caps}", flush=True)
+        rows = [
+            Row(strategy, route)
+            for route in ("proxy", "direct")
+            for strategy in ["interactive", "fifo", *(f"cap:{c}" for c in args.caps), "priority", "backfill"]
+        ]
+        if args.postgres != "none":
+            rows.insert(rows.index(Row("backfill", "proxy")) + 1, Row("backfill", "proxy", split=True))
+        if args.rows:
+            rows = [row for row in rows if row.key in args.rows]
+        p99s = virtual_p99s(rows, trace, profile, scale, args, capacity) if not args.engine_url else {}
+        backlog = batch_file(workdir / "backlog.jsonl", trace, args.backlog, profile.model, profile.chars_per_token)
+        results = []
+        for row in rows:
+            print(f"  {row.key} ...", end=" ", flush=True)
+            result = run_row(row, engine, children, workdir, trace, scale, args, backlog, capacity)
+            ttfts = result.ttfts(10.0)
+            print(f"p50 {quantile(ttfts, 0.5) * 1000:.0f} ms, p99 {quantile(ttfts, 0.99) * 1000:.0f} ms", flush=True)
+            results.append(result)
+        report(results, capacity, p99s, 10.0)
+        print(f"\n{time.monotonic() - began:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()
