@@ -6,7 +6,8 @@ like Prometheus's `histogram_quantile`. A continuous-batching engine is full exa
 a slot; the adaptive concurrency limit follows that (policy/limits.py, `on_engine_load`). Servers of flavour
 `openai` have no such metrics; nothing is scraped for them.
 
-Metric names, checked against each project's documentation and source:
+Metric names and meanings, checked against each project's documentation and source, and for llama.cpp against
+real `/metrics` text (tests/fixtures/metrics, each file's header says where it comes from):
 
 - vLLM (docs.vllm.ai "Production Metrics" and docs/design/metrics.md): gauges `vllm:num_requests_running`,
   `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` (0..1; `vllm:gpu_cache_usage_perc` in older releases,
@@ -17,9 +18,12 @@ Metric names, checked against each project's documentation and source:
   `sglang:num_running_reqs`, `sglang:num_queue_reqs`, `sglang:token_usage` (0..1), the histogram
   `sglang:time_to_first_token_seconds` and the counters `sglang:prompt_tokens_total`,
   `sglang:generation_tokens_total`, labelled `model_name` and, by version, `tp_rank`, `dp_rank`, ...
-- llama.cpp's server with `--metrics` (the server README's /metrics section): gauges `llamacpp:requests_processing` and
-  `llamacpp:requests_deferred` and the counters `llamacpp:prompt_tokens_total`, `llamacpp:tokens_predicted_total`,
-  unlabelled; no KV-cache gauge nor latency histogram.
+- llama.cpp's server with `--metrics` (captures of llama-server b11434; tools/server/server-task.cpp and
+  server-context.cpp): gauges `llamacpp:requests_processing` and `llamacpp:requests_deferred`, the counters
+  `llamacpp:prompt_tokens_total`, `llamacpp:tokens_predicted_total`, unlabelled. The prompt counter leaves out
+  prompt tokens reused from the slot's cache; b11434 counts those in `llamacpp:prompt_tokens_cached_total` (their
+  sum equals the prompt tokens in the responses' usage); older builds have no such counter. No KV-cache gauge (the
+  old `llamacpp:kv_cache_usage_ratio` went in ggml-org/llama.cpp#13660) and no latency histogram.
 
 Samples are matched by their exposed names, so the parser's habit of naming a counter's family without `_total`
 and a histogram's without `_bucket`/`_sum`/`_count` does not matter. Counts are summed over label sets (one per
@@ -48,7 +52,10 @@ class MetricNames:
     waiting: str
     kv_usage: tuple[str, ...] = ()  # the first one present is read
     ttft: str | None = None
-    tokens: tuple[str, ...] = ()  # counters added up: prompt tokens and generated tokens
+    tokens: tuple[str, ...] = ()  # counters added up, each one required: prompt tokens and generated tokens
+    # Counters of prompt tokens served from the cache where `tokens` leaves them out, added where reported: a
+    # release without one still has a token count, short of those tokens.
+    cached_tokens: tuple[str, ...] = ()
 
 
 METRIC_NAMES = {
@@ -70,6 +77,7 @@ METRIC_NAMES = {
         running="llamacpp:requests_processing",
         waiting="llamacpp:requests_deferred",
         tokens=("llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total"),
+        cached_tokens=("llamacpp:prompt_tokens_cached_total",),
     ),
 }
 WAITING_METRIC = {flavour: names.waiting for flavour, names in METRIC_NAMES.items()}
@@ -109,15 +117,17 @@ def parse_load(text: str, names: MetricNames) -> EngineLoad | None:
         waiting=_total(samples, names.waiting),
         kv_usage=kv_usage,
         ttft=_histogram(samples, names.ttft) if names.ttft is not None else None,
-        tokens=_counters(samples, names.tokens),
+        tokens=_counters(samples, names.tokens, names.cached_tokens),
     )
     return None if load == EngineLoad(None, None, None, None) else load
 
 
-def _counters(samples: Samples, names: tuple[str, ...]) -> int | None:
-    """The sum of the counters, or None unless every one of them is reported."""
-    totals = [_total(samples, name) for name in names]
-    return sum(t for t in totals if t is not None) if totals and None not in totals else None
+def _counters(samples: Samples, required: tuple[str, ...], optional: tuple[str, ...]) -> int | None:
+    """The sum of the counters, or None unless every required one is reported; an optional one adds where it is."""
+    totals = [_total(samples, name) for name in required]
+    if not totals or None in totals:
+        return None
+    return sum(t for t in totals + [_total(samples, name) for name in optional] if t is not None)
 
 
 def _total(samples: Samples, name: str) -> int | None:

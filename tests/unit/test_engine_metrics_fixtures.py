@@ -1,0 +1,41 @@
+"""Each flavour's metric names read against /metrics text of the real engine (tests/fixtures/metrics; each file's
+header says where it comes from). Expected values are read off the fixture text by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from backfill.backends.engine_metrics import METRIC_NAMES, EngineLoad, parse_load
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "metrics"
+
+
+def fixture(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+def test_llamacpp_under_load_reads_its_slots_queue_and_every_token() -> None:
+    # requests_processing 4, requests_deferred 1; prompt 6230 + cached prompt 19685 + predicted 154
+    expected = EngineLoad(running=4, waiting=1, kv_usage=None, ttft=None, tokens=6230 + 19685 + 154)
+    assert expected == parse_load(fixture("llamacpp.txt"), METRIC_NAMES["llamacpp"])
+
+
+def test_llamacpp_idle_reads_zeros() -> None:
+    assert EngineLoad(0, 0, None, None, tokens=0) == parse_load(fixture("llamacpp-idle.txt"), METRIC_NAMES["llamacpp"])
+
+
+def test_llamacpp_tokens_include_the_prompt_tokens_served_from_its_cache() -> None:
+    load = parse_load(fixture("llamacpp-after.txt"), METRIC_NAMES["llamacpp"])
+
+    assert load is not None
+    # The 18 responses' usage objects reported 27465 prompt tokens (21199 of them cached) and 216 completion tokens;
+    # prompt_tokens_total alone is 6266.
+    assert 27465 + 216 == load.tokens
+
+
+def test_a_llamacpp_build_without_the_cached_counter_still_has_a_token_count() -> None:
+    text = "".join(line for line in fixture("llamacpp-after.txt").splitlines(keepends=True) if "cached" not in line)
+    load = parse_load(text, METRIC_NAMES["llamacpp"])
+
+    assert load is not None
+    assert 6266 + 216 == load.tokens
