@@ -3,9 +3,10 @@ header says where it comes from). Expected values are read off the fixture text 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from backfill.backends.engine_metrics import METRIC_NAMES, EngineLoad, parse_load
+from backfill.backends.engine_metrics import METRIC_NAMES, EngineLoad, Histogram, parse_load
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "metrics"
 
@@ -39,3 +40,21 @@ def test_a_llamacpp_build_without_the_cached_counter_still_has_a_token_count() -
 
     assert load is not None
     assert 6266 + 216 == load.tokens
+
+
+def test_sglang_reads_every_signal_from_its_published_capture() -> None:
+    load = parse_load(fixture("sglang.txt"), METRIC_NAMES["sglang"])
+
+    assert load is not None
+    assert (162, 2826, 0.28) == (load.running, load.waiting, load.kv_usage)
+    assert 8128902 + 7557572 == load.tokens  # cache_hit_rate and num_used_tokens are not counters of work
+    ttft = Histogram(
+        (
+            (0.001, 0.0), (0.005, 0.0), (0.01, 0.0), (0.02, 0.0), (0.04, 1.0), (0.06, 3.0), (0.08, 6.0), (0.1, 6.0),
+            (0.25, 6.0), (0.5, 6.0), (0.75, 6.0), (1.0, 27.0), (2.5, 140.0), (5.0, 314.0), (7.5, 941.0),
+            (10.0, 1330.0), (15.0, 1970.0), (20.0, 2326.0), (25.0, 2417.0), (30.0, 2513.0), (math.inf, 11008.0),
+        ),
+        11008.0,
+        2.3518979474117756e06,
+    )  # fmt: skip
+    assert ttft == load.ttft

@@ -6,18 +6,20 @@ like Prometheus's `histogram_quantile`. A continuous-batching engine is full exa
 a slot; the adaptive concurrency limit follows that (policy/limits.py, `on_engine_load`). Servers of flavour
 `openai` have no such metrics; nothing is scraped for them.
 
-Metric names and meanings, checked against each project's documentation and source, and for llama.cpp against
-real `/metrics` text (tests/fixtures/metrics, each file's header says where it comes from):
+Metric names and meanings, checked against each project's documentation and source, and for SGLang and llama.cpp
+against real `/metrics` text (tests/fixtures/metrics, each file's header says where it comes from):
 
 - vLLM (docs.vllm.ai "Production Metrics" and docs/design/metrics.md): gauges `vllm:num_requests_running`,
   `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` (0..1; `vllm:gpu_cache_usage_perc` in older releases,
   the V0 engine's), the histogram `vllm:time_to_first_token_seconds` and the counters `vllm:prompt_tokens_total`,
   `vllm:generation_tokens_total`, labelled `model_name` (and `engine` under
   data parallelism).
-- SGLang with `--enable-metrics` (docs.sglang.io "Production Metrics"; sglang/srt/metrics/collector.py): gauges
-  `sglang:num_running_reqs`, `sglang:num_queue_reqs`, `sglang:token_usage` (0..1), the histogram
-  `sglang:time_to_first_token_seconds` and the counters `sglang:prompt_tokens_total`,
-  `sglang:generation_tokens_total`, labelled `model_name` and, by version, `tp_rank`, `dp_rank`, ...
+- SGLang with `--enable-metrics` (a capture published in its docs/references/production_metrics.md;
+  sglang/srt/metrics/collector.py): gauges `sglang:num_running_reqs`, `sglang:num_queue_reqs`, `sglang:token_usage`
+  (0..1), the histogram `sglang:time_to_first_token_seconds` and the counters `sglang:prompt_tokens_total`,
+  `sglang:generation_tokens_total` (whole prompts, counted when a request finishes; `sglang:cached_tokens_total` is
+  a part of the prompt count, not added), labelled `model_name` and, in newer releases, `engine_type`, `tp_rank`,
+  `pp_rank`, `moe_ep_rank`, `dp_rank`.
 - llama.cpp's server with `--metrics` (captures of llama-server b11434; tools/server/server-task.cpp and
   server-context.cpp): gauges `llamacpp:requests_processing` and `llamacpp:requests_deferred`, the counters
   `llamacpp:prompt_tokens_total`, `llamacpp:tokens_predicted_total`, unlabelled. The prompt counter leaves out
