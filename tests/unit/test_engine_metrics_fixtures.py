@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+
 from backfill.backends.engine_metrics import METRIC_NAMES, EngineLoad, Histogram, parse_load
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "metrics"
@@ -58,3 +60,28 @@ def test_sglang_reads_every_signal_from_its_published_capture() -> None:
         2.3518979474117756e06,
     )  # fmt: skip
     assert ttft == load.ttft
+
+
+def test_vllm_sums_its_two_engines_and_takes_the_fuller_cache() -> None:
+    load = parse_load(fixture("vllm.txt"), METRIC_NAMES["vllm"])
+
+    assert load is not None
+    assert (24 + 19, 3 + 0, 0.6112) == (load.running, load.waiting, load.kv_usage)
+    assert load.ttft is not None
+    # engine 0 + engine 1, bucket by bucket
+    assert (
+        (0.001, 0.0), (0.005, 0.0), (0.01, 0.0), (0.02, 4.0), (0.04, 78.0), (0.06, 368.0), (0.08, 768.0),
+        (0.1, 1201.0), (0.25, 2975.0), (0.5, 3673.0), (0.75, 3821.0), (1.0, 3880.0), (2.5, 3913.0), (5.0, 3916.0),
+        (7.5, 3916.0), (10.0, 3916.0), (20.0, 3916.0), (40.0, 3916.0), (80.0, 3916.0), (160.0, 3916.0),
+        (640.0, 3916.0), (2560.0, 3916.0), (math.inf, 3916.0),
+    ) == load.ttft.buckets  # fmt: skip
+    assert 2004.0 + 1912.0 == load.ttft.count
+    assert pytest.approx(712.43 + 655.08) == load.ttft.sum
+
+
+def test_vllm_tokens_are_whole_prompts_and_generations_without_adding_the_cached_ones_again() -> None:
+    load = parse_load(fixture("vllm.txt"), METRIC_NAMES["vllm"])
+
+    assert load is not None
+    # prompt_tokens_total already holds the cached tokens (its by-source split adds up to it): 880845 + 794352 of them
+    assert 1283456 + 1190233 + 402117 + 377920 == load.tokens

@@ -6,14 +6,16 @@ like Prometheus's `histogram_quantile`. A continuous-batching engine is full exa
 a slot; the adaptive concurrency limit follows that (policy/limits.py, `on_engine_load`). Servers of flavour
 `openai` have no such metrics; nothing is scraped for them.
 
-Metric names and meanings, checked against each project's documentation and source, and for SGLang and llama.cpp
-against real `/metrics` text (tests/fixtures/metrics, each file's header says where it comes from):
+Metric names and meanings, checked against each engine's source and real `/metrics` text (tests/fixtures/metrics,
+each file's header says where it comes from):
 
-- vLLM (docs.vllm.ai "Production Metrics" and docs/design/metrics.md): gauges `vllm:num_requests_running`,
-  `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` (0..1; `vllm:gpu_cache_usage_perc` in older releases,
-  the V0 engine's), the histogram `vllm:time_to_first_token_seconds` and the counters `vllm:prompt_tokens_total`,
-  `vllm:generation_tokens_total`, labelled `model_name` (and `engine` under
-  data parallelism).
+- vLLM V1 (vllm/v1/metrics/loggers.py and docs/design/metrics.md; real 0.10 output pasted in vllm-project/vllm#22227
+  and vllm-project/production-stack#617): gauges `vllm:num_requests_running`, `vllm:num_requests_waiting`,
+  `vllm:kv_cache_usage_perc` (0..1; `vllm:gpu_cache_usage_perc` in older releases, the V0 engine's), the histogram
+  `vllm:time_to_first_token_seconds` and the counters `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`,
+  labelled `engine` and `model_name`. The prompt counter counts whole prompts, cached tokens included (newer releases
+  split it by source in `vllm:prompt_tokens_by_source_total`, vllm-project/vllm#33290), so the cached-token counter
+  they also export must not be added to it. No capture with every one of these was found: vllm.txt is assembled.
 - SGLang with `--enable-metrics` (a capture published in its docs/references/production_metrics.md;
   sglang/srt/metrics/collector.py): gauges `sglang:num_running_reqs`, `sglang:num_queue_reqs`, `sglang:token_usage`
   (0..1), the histogram `sglang:time_to_first_token_seconds` and the counters `sglang:prompt_tokens_total`,
