@@ -6,20 +6,28 @@ like Prometheus's `histogram_quantile`. A continuous-batching engine is full exa
 a slot; the adaptive concurrency limit follows that (policy/limits.py, `on_engine_load`). Servers of flavour
 `openai` have no such metrics; nothing is scraped for them.
 
-Metric names, checked against each project's documentation and source:
+Metric names and meanings, checked against each engine's source and real `/metrics` text (tests/fixtures/metrics,
+each file's header says where it comes from):
 
-- vLLM (docs.vllm.ai "Production Metrics" and docs/design/metrics.md): gauges `vllm:num_requests_running`,
-  `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` (0..1; `vllm:gpu_cache_usage_perc` in older releases,
-  the V0 engine's), the histogram `vllm:time_to_first_token_seconds` and the counters `vllm:prompt_tokens_total`,
-  `vllm:generation_tokens_total`, labelled `model_name` (and `engine` under
-  data parallelism).
-- SGLang with `--enable-metrics` (docs.sglang.io "Production Metrics"; sglang/srt/metrics/collector.py): gauges
-  `sglang:num_running_reqs`, `sglang:num_queue_reqs`, `sglang:token_usage` (0..1), the histogram
-  `sglang:time_to_first_token_seconds` and the counters `sglang:prompt_tokens_total`,
-  `sglang:generation_tokens_total`, labelled `model_name` and, by version, `tp_rank`, `dp_rank`, ...
-- llama.cpp's server with `--metrics` (the server README's /metrics section): gauges `llamacpp:requests_processing` and
-  `llamacpp:requests_deferred` and the counters `llamacpp:prompt_tokens_total`, `llamacpp:tokens_predicted_total`,
-  unlabelled; no KV-cache gauge nor latency histogram.
+- vLLM V1 (vllm/v1/metrics/loggers.py and docs/design/metrics.md; real 0.10 output pasted in vllm-project/vllm#22227
+  and vllm-project/production-stack#617): gauges `vllm:num_requests_running`, `vllm:num_requests_waiting`,
+  `vllm:kv_cache_usage_perc` (0..1; `vllm:gpu_cache_usage_perc` in older releases, the V0 engine's), the histogram
+  `vllm:time_to_first_token_seconds` and the counters `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`,
+  labelled `engine` and `model_name`. The prompt counter counts whole prompts, cached tokens included (newer releases
+  split it by source in `vllm:prompt_tokens_by_source_total`, vllm-project/vllm#33290), so the cached-token counter
+  they also export must not be added to it. No capture with every one of these was found: vllm.txt is assembled.
+- SGLang with `--enable-metrics` (a capture published in its docs/references/production_metrics.md;
+  sglang/srt/metrics/collector.py): gauges `sglang:num_running_reqs`, `sglang:num_queue_reqs`, `sglang:token_usage`
+  (0..1), the histogram `sglang:time_to_first_token_seconds` and the counters `sglang:prompt_tokens_total`,
+  `sglang:generation_tokens_total` (whole prompts, counted when a request finishes; `sglang:cached_tokens_total` is
+  a part of the prompt count, not added), labelled `model_name` and, in newer releases, `engine_type`, `tp_rank`,
+  `pp_rank`, `moe_ep_rank`, `dp_rank`.
+- llama.cpp's server with `--metrics` (captures of llama-server b11434; tools/server/server-task.cpp and
+  server-context.cpp): gauges `llamacpp:requests_processing` and `llamacpp:requests_deferred`, the counters
+  `llamacpp:prompt_tokens_total`, `llamacpp:tokens_predicted_total`, unlabelled. The prompt counter leaves out
+  prompt tokens reused from the slot's cache; b11434 counts those in `llamacpp:prompt_tokens_cached_total` (their
+  sum equals the prompt tokens in the responses' usage); older builds have no such counter. No KV-cache gauge (the
+  old `llamacpp:kv_cache_usage_ratio` went in ggml-org/llama.cpp#13660) and no latency histogram.
 
 Samples are matched by their exposed names, so the parser's habit of naming a counter's family without `_total`
 and a histogram's without `_bucket`/`_sum`/`_count` does not matter. Counts are summed over label sets (one per
@@ -48,7 +56,10 @@ class MetricNames:
     waiting: str
     kv_usage: tuple[str, ...] = ()  # the first one present is read
     ttft: str | None = None
-    tokens: tuple[str, ...] = ()  # counters added up: prompt tokens and generated tokens
+    tokens: tuple[str, ...] = ()  # counters added up, each one required: prompt tokens and generated tokens
+    # Counters of prompt tokens served from the cache where `tokens` leaves them out, added where reported: a
+    # release without one still has a token count, short of those tokens.
+    cached_tokens: tuple[str, ...] = ()
 
 
 METRIC_NAMES = {
@@ -70,6 +81,7 @@ METRIC_NAMES = {
         running="llamacpp:requests_processing",
         waiting="llamacpp:requests_deferred",
         tokens=("llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total"),
+        cached_tokens=("llamacpp:prompt_tokens_cached_total",),
     ),
 }
 WAITING_METRIC = {flavour: names.waiting for flavour, names in METRIC_NAMES.items()}
@@ -109,15 +121,17 @@ def parse_load(text: str, names: MetricNames) -> EngineLoad | None:
         waiting=_total(samples, names.waiting),
         kv_usage=kv_usage,
         ttft=_histogram(samples, names.ttft) if names.ttft is not None else None,
-        tokens=_counters(samples, names.tokens),
+        tokens=_counters(samples, names.tokens, names.cached_tokens),
     )
     return None if load == EngineLoad(None, None, None, None) else load
 
 
-def _counters(samples: Samples, names: tuple[str, ...]) -> int | None:
-    """The sum of the counters, or None unless every one of them is reported."""
-    totals = [_total(samples, name) for name in names]
-    return sum(t for t in totals if t is not None) if totals and None not in totals else None
+def _counters(samples: Samples, required: tuple[str, ...], optional: tuple[str, ...]) -> int | None:
+    """The sum of the counters, or None unless every required one is reported; an optional one adds where it is."""
+    totals = [_total(samples, name) for name in required]
+    if not totals or None in totals:
+        return None
+    return sum(t for t in totals + [_total(samples, name) for name in optional] if t is not None)
 
 
 def _total(samples: Samples, name: str) -> int | None:
