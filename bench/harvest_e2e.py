@@ -9,7 +9,7 @@ What runs, per row (each row starts both servers afresh, so no row inherits anot
   in priority mode for the rows that use engine priority;
 - backfill: `backfill serve --role all` (SQLite), one `[[backends]]` entry for the engine, flavour vllm, as a
   user would configure it: a fixed `max_concurrency` (no limit: 4 x the engine's sequences; or a cap), or
-  `harvest = true` with `max_concurrency = 128`; `priority` on where the engine runs in priority mode;
+  `harvest = true` with `max_concurrency` half the engine's sequences (128 of 256, as in bench/harvest.py); `priority` on where the engine runs in priority mode;
 - the batch: a backlog of lines drawn from the trace's own (prompt, output) pairs, uploaded and created through
   the Batch API at the start of the row;
 - interactive traffic: the trace's requests at their (compressed) arrival times, streamed, open loop, through
@@ -17,8 +17,8 @@ What runs, per row (each row starts both servers afresh, so no row inherits anot
   (the controller then reads only the engine's /metrics).
 
 First the engine's capacity is measured with the trace's request mix at a concurrency above its `max_num_seqs`
-(prompt + output tokens/s from its counters), and the trace is compressed so that its busiest minute needs
-`--peak` of that capacity. Rows: interactive only; batch with no limit; fixed caps (by default the best one the
+(prompt + output tokens/s from its counters), and the trace is compressed so that its busiest minute's tokens
+are `--peak` of that capacity. Rows: interactive only; batch with no limit; fixed caps (by default the best one the
 virtual-time search finds and the next one up); engine priority alone; backfill. Columns: interactive p50 / p99
 time to first token relative to interactive only on the same route, batch output tokens/s, harvest efficiency =
 batch tokens served / (capacity x duration - interactive tokens served), all tokens from the engine's own
@@ -41,7 +41,7 @@ import dataclasses
 import json
 import random
 import resource
-import string
+import shlex
 import sys
 import tempfile
 import time
@@ -62,13 +62,11 @@ from backfill.sim.shared_engine import (
     capacity_tokens_per_s,
     load_trace,
     run,
-    scale_for_peak,
 )
 from backfill.testing.processes import free_port, wait_http
 
 TRACE = REPO / "bench" / "data" / "azure_llm_2023_conv.csv"
 SEED = 11  # the batch backlog's draw (shared_engine.run's default)
-HARVEST_CEILING = 128  # backfill's max_concurrency on the harvested endpoint (as in bench/harvest.py)
 VIRTUAL_CAPS = (8, 12, 16, 20, 24, 28, 32, 40, 48, 64)
 BATCH_PRIORITY = 10
 TEMPLATE_TOKENS = 8  # what the simulator's chat template adds to a one-message prompt (sim/tokens.py)
@@ -104,7 +102,7 @@ class Row:
         if self.strategy.startswith("cap:"):
             limit = int(self.strategy.split(":", 1)[1])
         elif self.strategy == "backfill":
-            limit = HARVEST_CEILING
+            limit = max(1, profile.max_num_seqs // 2)
         else:
             limit = 4 * profile.max_num_seqs
         entry = {
@@ -169,11 +167,63 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def prompt_text(rng: random.Random, tokens: int, chars_per_token: int) -> str:
-    """Text the simulator counts as `tokens` prompt tokens once templated, shared with no other prompt (random
-    letters: no prefix-cache hits between requests, as between unrelated conversations)."""
-    length = max(1, tokens - TEMPLATE_TOKENS) * chars_per_token
-    return "".join(rng.choices(string.ascii_lowercase + " ", k=length))
+# Common words that are one token each, space included, in the simulator's tokenizer (4 characters) and in the
+# BPE vocabularies of real models (SmolLM2's, Llama's): a prompt of n of them is about n tokens on either.
+WORDS = tuple(
+    f" {word}"
+    for word in [
+        "the",
+        "and",
+        "for",
+        "you",
+        "are",
+        "was",
+        "not",
+        "but",
+        "his",
+        "all",
+        "can",
+        "her",
+        "one",
+        "our",
+        "out",
+        "day",
+        "get",
+        "has",
+        "him",
+        "how",
+        "man",
+        "new",
+        "now",
+        "old",
+        "see",
+        "two",
+        "way",
+        "who",
+        "boy",
+        "did",
+        "its",
+        "let",
+        "put",
+        "say",
+        "she",
+        "too",
+        "use",
+    ]
+)
+
+
+def prompt_text(rng: random.Random, tokens: int) -> str:
+    """Text of about `tokens` prompt tokens once templated, shared with no other prompt beyond its first words
+    (drawn at random: no prefix-cache hits between requests, as between unrelated conversations)."""
+    return "".join(rng.choices(WORDS, k=max(1, tokens - TEMPLATE_TOKENS)))
+
+
+def busiest_minute_tokens(trace: list[TraceRequest]) -> int:
+    minutes: dict[int, int] = {}
+    for r in trace:
+        minutes[int(r.at_s // 60)] = minutes.get(int(r.at_s // 60), 0) + r.prompt_tokens + r.output_tokens
+    return max(minutes.values())
 
 
 def fit(trace: list[TraceRequest], profile: EngineProfile) -> list[TraceRequest]:
@@ -200,15 +250,19 @@ class Engine:
         return self.url.removesuffix("/v1")
 
     def start(self, children: Children, priority: bool) -> None:
+        """A fresh engine (nothing queued, nothing cached from the row before), unless one runs elsewhere."""
         if self.args.engine_url:
             return
         port = free_port()
-        profile = self.workdir / f"profile-{'priority' if priority else 'fcfs'}.toml"
-        profile.write_text(f'scheduling_policy = "{"priority" if priority else "fcfs"}"\n')
-        argv = [sys.executable, "-m", "backfill", "sim", "serve", "--port", str(port), "--profile", str(profile)]
-        self.process = children.start(argv, self.workdir / "sim.log")
+        if self.args.engine_command:  # a real engine: its command line, "{port}" filled in
+            argv = shlex.split(self.args.engine_command.replace("{port}", str(port)))
+        else:
+            profile = self.workdir / f"profile-{'priority' if priority else 'fcfs'}.toml"
+            profile.write_text(f'scheduling_policy = "{"priority" if priority else "fcfs"}"\n')
+            argv = [sys.executable, "-m", "backfill", "sim", "serve", "--port", str(port), "--profile", str(profile)]
+        self.process = children.start(argv, self.workdir / "engine.log")
         self.url = f"http://127.0.0.1:{port}/v1"
-        wait_http(f"{self.root}/metrics", self.process)
+        wait_http(f"{self.root}/metrics", self.process, timeout_s=300)
 
     def stop(self, children: Children) -> None:
         if self.process is not None:
@@ -217,7 +271,7 @@ class Engine:
 
     def counters(self) -> tuple[int, int]:
         """(prompt + output tokens, output tokens) the engine has processed so far."""
-        samples = parse_samples(httpx.get(f"{self.root}/metrics", timeout=10).text) or {}
+        samples = parse_samples(httpx.get(f"{self.root}/metrics", timeout=120).text) or {}
         names = {
             "vllm": ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"),
             "llamacpp": ("llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total"),
@@ -244,13 +298,13 @@ def body(model: str, text: str, output_tokens: int, *, stream: bool) -> dict[str
 
 
 async def replay(
-    url: str, model: str, trace: list[TraceRequest], scale: float, seconds: float, cpt: int, measure_from: float
+    url: str, model: str, trace: list[TraceRequest], scale: float, seconds: float, measure_from: float
 ) -> list[Sent]:
     """Send the trace's requests due in the first `seconds` (compressed by `scale`) to `url`, streamed, each at its
     time whatever the others do; return what each one saw (its tokens counted from `measure_from` on)."""
     rng = random.Random(5)
     due = [(r.at_s / scale, r) for r in trace if r.at_s / scale < seconds]
-    texts = [prompt_text(rng, r.prompt_tokens, cpt) for _, r in due]
+    texts = [prompt_text(rng, r.prompt_tokens) for _, r in due]
     sent = [Sent(at) for at, _ in due]
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
@@ -296,7 +350,7 @@ async def replay(
     return sent
 
 
-async def saturate(url: str, model: str, trace: list[TraceRequest], concurrency: int, seconds: float, cpt: int) -> None:
+async def saturate(url: str, model: str, trace: list[TraceRequest], concurrency: int, seconds: float) -> None:
     """Keep `concurrency` requests of the trace's mix in the engine for `seconds` (non-streamed)."""
     rng = random.Random(3)
     deadline = time.monotonic() + seconds
@@ -306,7 +360,7 @@ async def saturate(url: str, model: str, trace: list[TraceRequest], concurrency:
         async def worker() -> None:
             while time.monotonic() < deadline:
                 request = rng.choice(trace)
-                payload = body(model, prompt_text(rng, request.prompt_tokens, cpt), request.output_tokens, stream=False)
+                payload = body(model, prompt_text(rng, request.prompt_tokens), request.output_tokens, stream=False)
                 with contextlib.suppress(httpx.HTTPError):
                     await client.post(f"{url}/chat/completions", json=payload, timeout=deadline - time.monotonic() + 1)
 
@@ -321,16 +375,7 @@ def measure_capacity(engine: Engine, children: Children, trace: list[TraceReques
         warmup = min(10.0, seconds / 3)
 
         async def go() -> tuple[float, int, float]:
-            load = asyncio.create_task(
-                saturate(
-                    engine.url,
-                    engine.profile.model,
-                    trace,
-                    concurrency,
-                    warmup + seconds,
-                    engine.profile.chars_per_token,
-                )
-            )
+            load = asyncio.create_task(saturate(engine.url, engine.profile.model, trace, concurrency, warmup + seconds))
             await asyncio.sleep(warmup)
             before, t0 = engine.counters()[0], time.monotonic()
             await asyncio.sleep(seconds)
@@ -347,7 +392,7 @@ def measure_capacity(engine: Engine, children: Children, trace: list[TraceReques
 # --- one row -----------------------------------------------------------------------------------------------------
 
 
-def batch_file(path: Path, trace: list[TraceRequest], count: int, model: str, cpt: int) -> Path:
+def batch_file(path: Path, trace: list[TraceRequest], count: int, model: str) -> Path:
     """The backlog: `count` lines drawn from the trace's (prompt, output) pairs, as shared_engine.batch_backlog."""
     rng, text_rng = random.Random(SEED), random.Random(SEED + 1)
     with path.open("w") as out:
@@ -357,9 +402,7 @@ def batch_file(path: Path, trace: list[TraceRequest], count: int, model: str, cp
                 "custom_id": f"line-{n}",
                 "method": "POST",
                 "url": "/v1/chat/completions",
-                "body": body(
-                    model, prompt_text(text_rng, request.prompt_tokens, cpt), request.output_tokens, stream=False
-                ),
+                "body": body(model, prompt_text(text_rng, request.prompt_tokens), request.output_tokens, stream=False),
             }
             out.write(json.dumps(line) + "\n")
     return path
@@ -386,9 +429,7 @@ async def drive(
             created.raise_for_status()
             batch_id = created.json()["id"]
     total = args.warmup + args.seconds
-    traffic = asyncio.create_task(
-        replay(target, profile.model, trace, scale, total, profile.chars_per_token, args.warmup)
-    )
+    traffic = asyncio.create_task(replay(target, profile.model, trace, scale, total, args.warmup))
     await asyncio.sleep(args.warmup)
     counted = await asyncio.to_thread(engine.counters)
     return await traffic, counted, batch_id
@@ -623,9 +664,14 @@ def main() -> None:
     parser.add_argument("--capacity-s", type=float, default=15.0, help="seconds of saturation to measure capacity")
     parser.add_argument("--rows", nargs="*", help="only these rows, as route:strategy (proxy:backfill, direct:fifo)")
     parser.add_argument("--engine-url", help="a real engine already running (its /v1 URL) instead of the simulator")
+    parser.add_argument(
+        "--engine-command", help="a real engine started afresh for every row instead of the simulator ('{port}')"
+    )
     parser.add_argument("--model", help="the model the real engine serves")
     parser.add_argument("--flavour", default="vllm", choices=("vllm", "llamacpp"))
     parser.add_argument("--max-num-seqs", type=int, help="the real engine's sequence slots (llama-server -np)")
+    parser.add_argument("--token-scale", type=float, default=1.0, help="multiply every prompt and output length")
+    parser.add_argument("--max-model-len", type=int, help="the real engine's context per sequence (prompts are cut)")
     parser.add_argument("--trace", type=Path, default=TRACE)
     parser.add_argument(
         "--postgres",
@@ -640,7 +686,18 @@ def main() -> None:
         profile = dataclasses.replace(profile, model=args.model)
     if args.max_num_seqs:
         profile = dataclasses.replace(profile, max_num_seqs=args.max_num_seqs)
+    if args.max_model_len:
+        profile = dataclasses.replace(profile, max_model_len=args.max_model_len)
     whole = fit(load_trace(args.trace), profile)
+    if args.token_scale != 1.0:  # a small engine: the same arrivals and mix, every request shorter
+        whole = [
+            dataclasses.replace(
+                r,
+                prompt_tokens=max(TEMPLATE_TOKENS + 1, round(r.prompt_tokens * args.token_scale)),
+                output_tokens=max(1, round(r.output_tokens * args.token_scale)),
+            )
+            for r in whole
+        ]
     start = args.offset_min * 60
     trace = [dataclasses.replace(r, at_s=r.at_s - start) for r in whole if r.at_s >= start]
     print(machine_line())
@@ -650,14 +707,14 @@ def main() -> None:
         engine = Engine(args, profile, workdir)
         began = time.monotonic()
         capacity = measure_capacity(engine, children, whole, args.capacity_s)
-        modelled = capacity_tokens_per_s(profile, whole, seed=3)
-        # Compress so the busiest minute needs --peak of the capacity measured (scale_for_peak uses the model's
-        # cost of a request; the measured capacity corrects it for what the running engine really delivers).
-        scale = scale_for_peak(whole, profile, args.peak) * modelled / capacity
+        real = args.engine_url or args.engine_command
+        modelled = "" if real else f" ({capacity_tokens_per_s(profile, whole, seed=3):,.0f} in the simulator's model)"
+        # Compress so that the busiest minute's tokens are --peak of the capacity measured.
+        scale = args.peak * capacity * 60 / busiest_minute_tokens(whole)
         window = [r for r in trace if args.warmup <= r.at_s / scale < args.warmup + args.seconds]
         load = sum(r.prompt_tokens + r.output_tokens for r in window) / args.seconds / capacity
         print(
-            f"engine capacity {capacity:,.0f} tokens/s measured ({modelled:,.0f} modelled) with the trace mix at"
+            f"engine capacity {capacity:,.0f} tokens/s measured{modelled} with the trace mix at"
             f" {profile.max_num_seqs + 16} in flight; trace compressed x{scale:.2f}; each row: the batch and the"
             f" trace from the start, {args.warmup:g} s of warm-up, then {args.seconds:g} s measured ="
             f" {(args.warmup + args.seconds) * scale / 60:.1f} trace minutes from minute {args.offset_min:g};"
@@ -678,8 +735,8 @@ def main() -> None:
             rows.insert(rows.index(Row("backfill", "proxy")) + 1, Row("backfill", "proxy", split=True))
         if args.rows:
             rows = [row for row in rows if row.key in args.rows]
-        p99s = virtual_p99s(rows, trace, profile, scale, args, capacity) if not args.engine_url else {}
-        backlog = batch_file(workdir / "backlog.jsonl", trace, args.backlog, profile.model, profile.chars_per_token)
+        p99s = virtual_p99s(rows, trace, profile, scale, args, capacity) if not real else {}
+        backlog = batch_file(workdir / "backlog.jsonl", trace, args.backlog, profile.model)
         results = []
         for row in rows:
             print(f"  {row.key} ...", end=" ", flush=True)
