@@ -55,6 +55,7 @@ class Sample:
     n: int  # the request's place in the slice: the same n in the other arm is its twin
     arm: str
     ttft_s: float | None  # None: no content arrived (an error)
+    headers_s: float  # until the answer's headers arrived
     lag_s: float  # how late the request went out, behind its schedule
 
 
@@ -119,10 +120,11 @@ def has_content(buffer: bytes) -> bool:
 async def one_request(client: httpx.AsyncClient, url: str, body: bytes, n: int, arm: str, due: float) -> Sample:
     lag = time.perf_counter() - due
     started = time.perf_counter()
-    ttft = None
+    ttft, headers = None, float("nan")
     buffer = b""
     try:
         async with client.stream("POST", url, content=body) as response:
+            headers = time.perf_counter() - started
             async for chunk in response.aiter_raw():
                 if ttft is None:
                     buffer += chunk
@@ -130,11 +132,12 @@ async def one_request(client: httpx.AsyncClient, url: str, body: bytes, n: int, 
                         ttft = time.perf_counter() - started
                         buffer = b""
             if response.status_code != 200:
+                print(f"  {arm} request answered {response.status_code}: {buffer[:300]!r}", file=sys.stderr)
                 ttft = None
     except httpx.HTTPError as exc:
         print(f"  {arm} request failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         ttft = None
-    return Sample(n, arm, ttft, lag)
+    return Sample(n, arm, ttft, headers, lag)
 
 
 async def replay(
@@ -261,14 +264,19 @@ def report(phases: list[Phase], rate: float) -> None:
         lags = sorted(s.lag_s for s in phase.samples)
         stalls = sorted(phase.stalls_s)
         cpu = ", ".join(f"{name} {seconds / phase.wall_s:.0%}" for name, seconds in phase.cpu.items())
+        headers = {arm: sorted(s.headers_s for s in phase.samples if s.arm == arm) for arm in ARMS}
         rows.append([
             phase.name,
+            f"{quantile(headers['direct'], 0.5) * 1000:.1f} / {quantile(headers['proxy'], 0.5) * 1000:.1f}",
             f"{quantile(lags, 0.5) * 1000:.1f} / {quantile(lags, 0.99) * 1000:.1f} / {lags[-1] * 1000:.1f}",
             f"{quantile(stalls, 0.99) * 1000:.1f} / {stalls[-1] * 1000:.1f}",
             str(phase.errors()),
             cpu,
         ])  # fmt: skip
-    header = ["phase", "send lag p50/p99/max ms", "loop stall p99/max ms", "errors", "CPU (of one core)"]
+    header = [
+        "phase", "headers p50 direct/proxy ms", "send lag p50/p99/max ms", "loop stall p99/max ms", "errors",
+        "CPU (of one core)",
+    ]  # fmt: skip
     print(table(header, rows))
     for phase in phases:
         if phase.note:
@@ -287,6 +295,7 @@ def main() -> None:
     parser.add_argument("--profile-dir", type=Path, help="write py-spy flame graphs of backfill serve here")
     parser.add_argument("--profile-format", choices=("svg", "txt", "json"), default="svg", help="txt: collapsed stacks")
     parser.add_argument("--replays", type=int, default=2, help="of the slice per phase, each arm swapped every time")
+    parser.add_argument("--workdir", type=Path, help="keep the servers' logs and data here (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--trace", type=Path, default=TRACE)
     args = parser.parse_args()
@@ -305,7 +314,8 @@ def main() -> None:
     )
     phases = []
     with running() as children, tempfile.TemporaryDirectory(prefix="proxy-overhead-") as tmp:
-        workdir = Path(tmp)
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         sim_pid, sim_url = start_sim(children, workdir)
         model = EngineProfile().model
         backend = {
@@ -319,6 +329,10 @@ def main() -> None:
             "proxy": f"http://127.0.0.1:{server.port}/v1/chat/completions",
         }
         pids = {"backfill serve": server.pid, "sim": sim_pid}
+        # A fresh server builds each route's state on its first request (FastAPI: ~0.1 s, the loop stopped): not
+        # what a running server's users see, so a few requests each way go first, unmeasured.
+        warmup = [TraceRequest(n * 0.05, 100, 4) for n in range(8)]
+        uvloop.run(replay(Phase("warm-up"), warmup, [ARMS[n % 2] for n in range(8)], 1.0, targets, model))
         if "no-batch" in args.phases:
             phases.append(run_phase("no batch", args, trace, targets, pids, children))
             print(f"  no batch: done in {phases[-1].wall_s:.0f} s", flush=True)
