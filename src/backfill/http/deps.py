@@ -21,7 +21,10 @@ from backfill.usecases import idempotency
 MAX_JSON_BODY_BYTES = 1024 * 1024
 
 
-def services_of(request: Request) -> Services:
+# Dependencies are `async def` even where they do not await: FastAPI runs a plain `def` one in a worker thread,
+# a hand-off to another thread and back on every request (milliseconds of an interactive request's TTFT on a busy
+# machine).
+async def services_of(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -36,7 +39,7 @@ async def tenant_of(
     return await authenticator.tenant_for(presented_key(authorization, x_api_key))
 
 
-def idempotency_key_of(
+async def idempotency_key_of(
     idempotency_key: Annotated[
         str | None,
         Header(description="Repeat a create safely: a repeat within 24 h gets the first answer (docs/clients.md)."),
