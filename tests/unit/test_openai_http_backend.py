@@ -265,3 +265,33 @@ NOW = 1_700_000_000.0
 )
 def test_retry_after_parses_seconds_and_http_dates(value: str | None, expected: float | None) -> None:
     assert expected == parse_retry_after(value, NOW)
+
+
+async def test_interactive_streams_go_to_the_least_busy_pool_until_their_answer_is_closed() -> None:
+    backend = OpenAIHttpBackend(BackendSettings(name="up", url="http://upstream:8000", models=["m"]))
+    served: list[int] = []
+
+    def pool(index: int) -> httpx.AsyncClient:
+        def handler(request: httpx.Request) -> httpx.Response:
+            served.append(index)
+            return httpx.Response(200, content=b"data: [DONE]\n\n", headers={"content-type": "text/event-stream"})
+
+        return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+
+    for index, client in enumerate(backend._interactive):
+        await client.aclose()
+        backend._interactive[index] = pool(index)
+    try:
+        first = await backend.open_stream(CHAT, REQUEST, 5.0)
+        second = await backend.open_stream(CHAT, REQUEST, 5.0)
+        await first.aclose()
+        await first.aclose()  # a second close frees nothing more
+        third = await backend.open_stream(CHAT, REQUEST, 5.0)
+
+        assert [0, 1, 0] == served
+        assert [1, 1, 0, 0] == backend._interactive_busy
+        for answer in (second, third):
+            await answer.aclose()
+        assert [0, 0, 0, 0] == backend._interactive_busy
+    finally:
+        await backend.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import email.utils
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import httpx
@@ -37,7 +37,7 @@ _PRIORITY_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1
 _PRIORITY_REFUSED = b"priority scheduling is not enabled"
 
 log = structlog.get_logger(__name__)
-_INTERACTIVE_KEEPALIVE = 32
+_INTERACTIVE_POOLS = 4  # of _CONNECTIONS_PER_POOL idle connections each
 _PROBE_TIMEOUT_S = 5.0
 
 
@@ -91,11 +91,13 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
 class UpstreamAnswer:
     """A backend's answer to an interactive request: status and headers now, the body as it arrives."""
 
-    def __init__(self, backend: str, response: httpx.Response) -> None:
+    def __init__(self, backend: str, response: httpx.Response, on_close: Callable[[], None] | None = None) -> None:
+        """`on_close`: called once, when the answer is closed."""
         self.backend = backend
         self.status_code = response.status_code
         self.headers: dict[str, str] = dict(response.headers)
         self._response = response
+        self._on_close = on_close
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes exactly as sent (no decoding); raises BackendTimeout or BackendUnavailable."""
@@ -115,7 +117,12 @@ class UpstreamAnswer:
 
     async def aclose(self) -> None:
         """Close the connection if the body was not read to its end: the server sees the client leave."""
-        await self._response.aclose()
+        try:
+            await self._response.aclose()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+                self._on_close = None
 
 
 class OpenAIHttpBackend:
@@ -155,16 +162,23 @@ class OpenAIHttpBackend:
                 for _ in range(shards)
             ]
         self._busy = [0] * len(self._clients)
-        # Interactive requests get a client of their own: they never wait for a connection held by a batch line.
+        # Interactive requests get clients of their own: they never wait for a connection held by a batch line. These
+        # are small pools too, for the reason above, each stream on the least busy one: in one pool of 32 the
+        # bookkeeping (a readability check of every idle connection, each request) was on every stream's way to its
+        # first token. None limits how many connections it opens.
         self._interactive = (
-            client
+            [client]
             if client is not None
-            else httpx.AsyncClient(
-                headers=headers,
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=_INTERACTIVE_KEEPALIVE),
-                timeout=httpx.Timeout(600.0, connect=10.0),
-            )
+            else [
+                httpx.AsyncClient(
+                    headers=headers,
+                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=_CONNECTIONS_PER_POOL),
+                    timeout=httpx.Timeout(600.0, connect=10.0),
+                )
+                for _ in range(_INTERACTIVE_POOLS)
+            ]
         )
+        self._interactive_busy = [0] * len(self._interactive)
 
     async def _post(self, url: str, body: bytes, timeout_s: float) -> httpx.Response:
         shard = min(range(len(self._clients)), key=self._busy.__getitem__)
@@ -265,26 +279,38 @@ class OpenAIHttpBackend:
         whole of a stream. The caller must `aclose()` the answer. Raises BackendTimeout or BackendUnavailable.
         """
         timeout = self.request_timeout_s or timeout_s
-        request = self._interactive.build_request(
+        shard = min(range(len(self._interactive)), key=self._interactive_busy.__getitem__)
+        client = self._interactive[shard]
+        request = client.build_request(
             "POST",
             self._base + endpoint,
             content=body,
             headers={"accept-encoding": "identity"},  # passed on to the client as it comes
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
         )
+        self._interactive_busy[shard] += 1
+        opened = False
         try:
-            response = await self._interactive.send(request, stream=True)
+            response = await client.send(request, stream=True)
+            opened = True
         except httpx.TimeoutException:
             raise BackendTimeout(f"The backend {self.name} did not answer within {timeout:g}s.") from None
         except httpx.RequestError as exc:
             raise BackendUnavailable(f"The backend {self.name} could not be reached: {type(exc).__name__}.") from None
-        return UpstreamAnswer(self.name, response)
+        finally:
+            if not opened:
+                self._interactive_busy[shard] -= 1
+
+        def done() -> None:
+            self._interactive_busy[shard] -= 1
+
+        return UpstreamAnswer(self.name, response, on_close=done)
 
     async def probe(self) -> str | None:
         """Whether the server answers at all (any answer below 500 to GET /v1/models): None if it does, else
-        why not. It runs on the interactive client, never waiting behind batch lines."""
+        why not. It runs on an interactive client, never waiting behind batch lines."""
         try:
-            response = await self._interactive.get(self._base + "/v1/models", timeout=_PROBE_TIMEOUT_S)
+            response = await self._interactive[0].get(self._base + "/v1/models", timeout=_PROBE_TIMEOUT_S)
         except httpx.TimeoutException:
             return f"The backend {self.name} did not answer within {_PROBE_TIMEOUT_S:g}s."
         except httpx.HTTPError as exc:
@@ -296,5 +322,6 @@ class OpenAIHttpBackend:
     async def close(self) -> None:
         for client in self._clients:
             await client.aclose()
-        if self._interactive not in self._clients:
-            await self._interactive.aclose()
+        for client in self._interactive:
+            if client not in self._clients:
+                await client.aclose()

@@ -70,6 +70,8 @@ def create_app(
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
     if serves_api:
-        for routes in (files, batches, message_batches, models, proxy):
+        # The proxy's routes first: a request is matched against the routes in order, and only interactive requests
+        # wait for their answer's first token (~0.1 ms a request when they came last).
+        for routes in (proxy, files, batches, message_batches, models):
             app.include_router(routes.router)
     return app
