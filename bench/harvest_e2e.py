@@ -9,7 +9,8 @@ What runs, per row (each row starts both servers afresh, so no row inherits anot
   in priority mode for the rows that use engine priority;
 - backfill: `backfill serve --role all` (SQLite), one `[[backends]]` entry for the engine, flavour vllm, as a
   user would configure it: a fixed `max_concurrency` (no limit: 4 x the engine's sequences; or a cap), or
-  `harvest = true` with `max_concurrency` half the engine's sequences (128 of 256, as in bench/harvest.py); `priority` on where the engine runs in priority mode;
+  `harvest = true` with `max_concurrency` half the engine's sequences (128 of 256, as in bench/harvest.py);
+  `priority` on where the engine runs in priority mode;
 - the batch: a backlog of lines drawn from the trace's own (prompt, output) pairs, uploaded and created through
   the Batch API at the start of the row;
 - interactive traffic: the trace's requests at their (compressed) arrival times, streamed, open loop, through
@@ -18,16 +19,18 @@ What runs, per row (each row starts both servers afresh, so no row inherits anot
 
 First the engine's capacity is measured with the trace's request mix at a concurrency above its `max_num_seqs`
 (prompt + output tokens/s from its counters), and the trace is compressed so that its busiest minute's tokens
-are `--peak` of that capacity. Rows: interactive only; batch with no limit; fixed caps (by default the best one the
-virtual-time search finds and the next one up); engine priority alone; backfill. Columns: interactive p50 / p99
-time to first token relative to interactive only on the same route, batch output tokens/s, harvest efficiency =
-batch tokens served / (capacity x duration - interactive tokens served), all tokens from the engine's own
-counters; and the virtual-time p99 ratio of the same strategy and slice.
+are `--peak` of that capacity. Rows: interactive only; batch with no limit; fixed caps (by default the best one
+the virtual-time search finds); engine priority alone; backfill (role all, and an API replica + a worker on
+PostgreSQL). Straight to the engine: interactive only and backfill (metrics only); `--every-row` adds the rest.
+Columns: interactive p50 / p99 time to first token relative to interactive only on the same route, batch output
+tokens/s, harvest efficiency = batch tokens served / (capacity x duration - interactive tokens served), all
+tokens from the engine's own counters; and the virtual-time p99 ratio of the same strategy and slice.
 
 The load generator runs in this process (asyncio, one HTTP/1.1 connection per request in flight); its lag
 behind the trace's schedule and its CPU share are printed, so a row whose generator could not keep up says so.
 
-    .venv/bin/python bench/harvest_e2e.py                      # ~10 minutes
+    .venv/bin/python bench/harvest_e2e.py                      # 8 rows, ~10 minutes
+    .venv/bin/python bench/harvest_e2e.py --every-row --caps 8 12 --seconds 45 --warmup 30   # 13 rows, ~22 minutes
     .venv/bin/python bench/harvest_e2e.py --seconds 20 --rows proxy:interactive proxy:backfill   # a smoke run
     .venv/bin/python bench/harvest_e2e.py --engine-url http://127.0.0.1:8081/v1 --flavour llamacpp ...  # a real engine
 """
@@ -655,13 +658,14 @@ def report(results: list[RowResult], capacity: float, virtual: dict[str, float],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=45.0, help="wall-clock seconds measured per row")
-    parser.add_argument("--warmup", type=float, default=30.0, help="seconds of batch + interactive before measuring")
+    parser.add_argument("--seconds", type=float, default=40.0, help="wall-clock seconds measured per row")
+    parser.add_argument("--warmup", type=float, default=20.0, help="seconds of batch + interactive before measuring")
     parser.add_argument("--offset-min", type=float, default=10.0, help="start this many trace minutes in")
     parser.add_argument("--peak", type=float, default=0.9, help="share of the engine the trace's busiest minute needs")
     parser.add_argument("--backlog", type=int, default=1500, help="batch lines waiting (more than a row can serve)")
     parser.add_argument("--caps", type=int, nargs="*", help="fixed caps to run (default: the virtual best and next)")
     parser.add_argument("--capacity-s", type=float, default=15.0, help="seconds of saturation to measure capacity")
+    parser.add_argument("--every-row", action="store_true", help="also fifo, caps and priority straight to the engine")
     parser.add_argument("--rows", nargs="*", help="only these rows, as route:strategy (proxy:backfill, direct:fifo)")
     parser.add_argument("--engine-url", help="a real engine already running (its /v1 URL) instead of the simulator")
     parser.add_argument(
@@ -723,14 +727,13 @@ def main() -> None:
         )
         if args.caps is None:
             best = best_virtual_cap(trace, profile, scale, args, capacity)
-            following = [c for c in VIRTUAL_CAPS if c > best]
-            args.caps = [best, *following[:1]]
+            args.caps = [best]
             print(f"virtual-time search: best fixed cap {best}; running caps {args.caps}", flush=True)
-        rows = [
-            Row(strategy, route)
-            for route in ("proxy", "direct")
-            for strategy in ["interactive", "fifo", *(f"cap:{c}" for c in args.caps), "priority", "backfill"]
-        ]
+        strategies = ["interactive", "fifo", *(f"cap:{c}" for c in args.caps), "priority", "backfill"]
+        rows = [Row(strategy, "proxy") for strategy in strategies]
+        # Straight to the engine, the rows without a controller are the same work on another route: by default
+        # only the reference and the metrics-only controller (the 10-minute budget), all of them with --every-row.
+        rows += [Row(s, "direct") for s in strategies if args.every_row or s in ("interactive", "backfill")]
         if args.postgres != "none":
             rows.insert(rows.index(Row("backfill", "proxy")) + 1, Row("backfill", "proxy", split=True))
         if args.rows:
