@@ -141,6 +141,7 @@ class OpenAIHttpBackend:
         self.priority_enabled: bool | None = {"on": True, "off": False, "auto": None}[self._priority_mode]
         base = settings.url.rstrip("/")
         self._base = base.removesuffix("/v1")
+        self._urls: dict[str, httpx.URL] = {}  # parsed once: httpx parses a str URL twice a request (~50 us)
         headers = {"content-type": "application/json"}
         if (key := settings.api_key()) is not None:
             headers["authorization"] = f"Bearer {key}"
@@ -281,9 +282,11 @@ class OpenAIHttpBackend:
         timeout = self.request_timeout_s or timeout_s
         shard = min(range(len(self._interactive)), key=self._interactive_busy.__getitem__)
         client = self._interactive[shard]
+        if (url := self._urls.get(endpoint)) is None:
+            url = self._urls[endpoint] = httpx.URL(self._base + endpoint)
         request = client.build_request(
             "POST",
-            self._base + endpoint,
+            url,
             content=body,
             headers={"accept-encoding": "identity"},  # passed on to the client as it comes
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),

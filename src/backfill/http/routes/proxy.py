@@ -110,17 +110,19 @@ async def _unless_gone(receive: Receive, work: Awaitable[T]) -> tuple[T | None, 
     """(result, False), or (None, True) with `work` cancelled if the client disconnects before it is done."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_client_gone(receive))
+    # Not awaited once cancelled: that would hold the work's result back for a turn or two of the event loop, on
+    # an interactive request's way to its first token. A receive that failed means the client is gone too.
+    watcher.add_done_callback(lambda done: done.cancelled() or done.exception())
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
     finally:
         # Work that finished wins, even if the client left meanwhile (the server reports a finished response as a
         # disconnect too); only unfinished work is given up.
         gone = not task.done()
-        for pending in (task, watcher):
-            pending.cancel()  # a no-op on one that is done
-        await asyncio.wait((task, watcher))  # let the work unwind: closing its connection is what frees the slot
-    if not watcher.cancelled():
-        watcher.exception()  # retrieved: a receive that failed means the client is gone too
+        watcher.cancel()  # a no-op if it is done
+        if gone:
+            task.cancel()
+            await asyncio.wait((task,))  # let the work unwind: closing its connection is what frees the slot
     if gone:
         if not task.cancelled():
             task.exception()  # nobody is left to tell
