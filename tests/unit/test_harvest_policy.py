@@ -218,7 +218,8 @@ def test_the_baseline_keeps_learning_one_noisy_quiet_period_cannot_switch_protec
         controller.tick(float(t), calm(0.1, batch=8))
     before = controller.current
     controller.tick(150.0, calm(1.0, batch=before))  # 10x the baseline with batch running: protection acts
-    assert controller.shed and controller.current < before
+    assert controller.shed
+    assert controller.current < before
 
 
 def test_the_baseline_forgets_periods_older_than_the_last_few() -> None:
@@ -257,7 +258,8 @@ def test_an_engine_whose_metrics_cannot_be_read_is_harvested_blind_at_half_the_e
     controller = HarvestController(max_limit=64, step=64, shared=False)
     limits = [controller.tick(float(t), Signals(engine_unread=True)) for t in range(5)]
     assert limits == [32] * 5
-    assert controller.shared and controller.state is HarvestState.THROTTLED
+    assert controller.shared
+    assert controller.state is HarvestState.THROTTLED
     with_baseline(controller)
     controller.tick(10.0, Signals(interactive_ttft_s=[0.1] * 10, engine_unread=True, batch_in_flight=4))
     assert controller.current == 32
