@@ -154,14 +154,7 @@ class OpenAIHttpBackend:
             # pools, each request on the least busy one, keep the scan short.
             shards = max(1, math.ceil(settings.max_concurrency / _CONNECTIONS_PER_POOL))
             per_pool = math.ceil(settings.max_concurrency / shards)
-            self._clients = [
-                httpx.AsyncClient(
-                    headers=headers,
-                    limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool),
-                    timeout=httpx.Timeout(600.0, connect=10.0),
-                )
-                for _ in range(shards)
-            ]
+            self._clients = [_pool(headers, per_pool, per_pool) for _ in range(shards)]
         self._busy = [0] * len(self._clients)
         # Interactive requests get clients of their own: they never wait for a connection held by a batch line. These
         # are small pools too, for the reason above, each stream on the least busy one: in one pool of 32 the
@@ -170,14 +163,7 @@ class OpenAIHttpBackend:
         self._interactive = (
             [client]
             if client is not None
-            else [
-                httpx.AsyncClient(
-                    headers=headers,
-                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=_CONNECTIONS_PER_POOL),
-                    timeout=httpx.Timeout(600.0, connect=10.0),
-                )
-                for _ in range(_INTERACTIVE_POOLS)
-            ]
+            else [_pool(headers, None, _CONNECTIONS_PER_POOL) for _ in range(_INTERACTIVE_POOLS)]
         )
         self._interactive_busy = [0] * len(self._interactive)
 
@@ -328,3 +314,9 @@ class OpenAIHttpBackend:
         for client in self._interactive:
             if client not in self._clients:
                 await client.aclose()
+
+
+def _pool(headers: dict[str, str], connections: int | None, keepalive: int) -> httpx.AsyncClient:
+    """One small connection pool to a backend (`connections` None: no limit on how many it opens)."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=keepalive)
+    return httpx.AsyncClient(headers=headers, limits=limits, timeout=httpx.Timeout(600.0, connect=10.0))
