@@ -6,19 +6,24 @@ message_batch_max_bytes (256 MiB). It is streamed from the file by each client, 
 
 For each N in --concurrency (default 1 and 4): a fresh `backfill serve` (SQLite, default limits) takes N creates of
 that body at once while this process GETs /healthz every 50 ms. Reported: the server's peak RSS growth (VmHWM, reset
-with /proc/PID/clear_refs just before, minus VmRSS when idle), its ratio to the baseline -- N bodies held in memory
-once each, what any server that reads a body whole needs at the least -- and the slowest /healthz answer.
+with /proc/PID/clear_refs just before, minus VmRSS when idle) plus the peak RSS of the processes it started meanwhile
+(the worker process that translates large bodies, and multiprocessing's resource tracker), its ratio to the
+baseline -- N bodies held in memory once each, what any server that reads a body whole needs at the least -- and
+the slowest /healthz answer. `--threads-too` adds, side by side, the same N with the translation in threads of the
+server process (message_batch_offload_bytes above the body's size), as it was before the worker process.
 
 The backend points at the fake upstream with a 1 s delay and max_concurrency 1, and each batch is cancelled once
 created, so running the batches costs next to nothing.
 
     .venv/bin/python bench/message_batch_memory.py                 # N = 1 and 4, ~250 MB bodies
     .venv/bin/python bench/message_batch_memory.py --quick         # N = 1 and 2, 10,000 requests (~25 MB)
+    .venv/bin/python bench/message_batch_memory.py --concurrency 4 --threads-too   # worker process vs threads
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import random
 import shutil
@@ -78,19 +83,48 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
+def children_peak_kib(pid: int) -> int:
+    """The summed peak RSS of `pid`'s child processes now (those started since the server's idle reading)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):  # it has just exited
+                total += memory_kib(int(child)).get("VmHWM", 0)
+    return total
+
+
+class ChildrenPeak(threading.Thread):
+    """The largest summed peak RSS of `pid`'s child processes, read every 20 ms: the server replaces its worker
+    process after each task, so the worker that did the work is gone by the end."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak_kib, self.done = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            with contextlib.suppress(OSError):
+                self.peak_kib = max(self.peak_kib, children_peak_kib(self.pid))
+
+
 @dataclass
 class Run:
+    path: str  # where the body was translated: "process" or "threads"
     concurrency: int
     idle_kib: int
-    peak_kib: int
+    peak_kib: int  # the server's, plus its child processes'
+    workers_kib: int  # of which its child processes'
     seconds: float
     slowest_healthz_s: float
     healthz_answers: int
 
 
-def create_at_once(children: Children, upstream: Upstream, body: Path, workdir: Path, concurrency: int) -> Run:
+def create_at_once(
+    children: Children, upstream: Upstream, body: Path, workdir: Path, concurrency: int, path: str
+) -> Run:
     """A fresh server takes `concurrency` creates of `body` at once while /healthz is polled."""
-    server = Server.start(children, workdir, {"url": upstream.url, "max_concurrency": 1})
+    settings = {"message_batch_offload_bytes": 2 * MAX_BODY_BYTES} if path == "threads" else {}
+    server = Server.start(children, workdir, {"url": upstream.url, "max_concurrency": 1}, settings)
     base = f"http://127.0.0.1:{server.port}"
     try:
         time.sleep(0.5)  # let startup settle before taking the idle RSS
@@ -113,6 +147,8 @@ def create_at_once(children: Children, upstream: Upstream, body: Path, workdir: 
         done = multiprocessing.Event()
         poller = multiprocessing.Process(target=poll_health, args=(f"{base}/healthz", done, send))
         creators = [threading.Thread(target=create) for _ in range(concurrency)]
+        children_peak = ChildrenPeak(server.pid)
+        children_peak.start()
         started = time.perf_counter()
         poller.start()
         for thread in creators:
@@ -120,7 +156,10 @@ def create_at_once(children: Children, upstream: Upstream, body: Path, workdir: 
         for thread in creators:
             thread.join()
         seconds = time.perf_counter() - started
-        peak = memory_kib(server.pid)["VmHWM"]
+        children_peak.done.set()
+        children_peak.join()
+        workers = max(children_peak.peak_kib, children_peak_kib(server.pid))
+        peak = memory_kib(server.pid)["VmHWM"] + workers
         done.set()
         latencies: list[float] = receive.recv()
         poller.join()
@@ -132,7 +171,7 @@ def create_at_once(children: Children, upstream: Upstream, body: Path, workdir: 
     finally:
         server.stop(children)
         shutil.rmtree(workdir, ignore_errors=True)
-    return Run(concurrency, idle, peak, seconds, max(latencies), len(latencies))
+    return Run(path, concurrency, idle, peak, workers, seconds, max(latencies), len(latencies))
 
 
 def _mb(kib: float) -> str:
@@ -148,9 +187,11 @@ def report(size: int, requests: int, runs: Sequence[Run]) -> None:
         rows.append(
             [
                 f"{run.concurrency} at once",
+                run.path,
                 f"{run.seconds:.1f}",
                 _mb(run.idle_kib),
                 _mb(growth_kib),
+                _mb(run.workers_kib),
                 _mb(baseline_kib),
                 f"{growth_kib / baseline_kib:.2f}",
                 f"{run.slowest_healthz_s * 1000:.0f}",
@@ -161,9 +202,11 @@ def report(size: int, requests: int, runs: Sequence[Run]) -> None:
         table(
             [
                 "creates",
+                "translated in",
                 "seconds",
                 "idle MB",
                 "peak growth MB",
+                "of which child processes MB",
                 "baseline MB",
                 "x baseline",
                 "slowest /healthz ms",
@@ -172,10 +215,20 @@ def report(size: int, requests: int, runs: Sequence[Run]) -> None:
             rows,
         )
     )
-    worst = max(runs, key=lambda run: run.concurrency)
+    shipped = [run for run in runs if run.path == "process"]
+    worst = max(shipped, key=lambda run: run.concurrency)
     growth_mb = (worst.peak_kib - worst.idle_kib) * KiB / MB
-    per_create = max((run.peak_kib - run.idle_kib) * KiB / MB / run.concurrency for run in runs)
-    slowest = max(run.slowest_healthz_s for run in runs)
+    per_create = max((run.peak_kib - run.idle_kib) * KiB / MB / run.concurrency for run in shipped)
+    slowest = max(run.slowest_healthz_s for run in shipped)
+    for run in runs:
+        if run.path == "threads":
+            twin = next((done for done in shipped if done.concurrency == run.concurrency), None)
+            if twin is not None:
+                print(
+                    f"{run.concurrency} at once, slowest /healthz: worker process "
+                    f"{twin.slowest_healthz_s * 1000:.0f} ms vs threads {run.slowest_healthz_s * 1000:.0f} ms "
+                    f"({twin.slowest_healthz_s / run.slowest_healthz_s:.2f}x)"
+                )
     print(
         f"\npeak RSS growth with {worst.concurrency} concurrent maximal creates: {growth_mb:.0f} MB "
         f"({per_create:.0f} MB a create at most)"
@@ -189,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=100_000, help="requests in the body (default 100,000)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4], help="creates at once (default 1 4)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: 10,000 requests, 1 and 2 at once")
+    parser.add_argument(
+        "--threads-too", action="store_true", help="also each N with the translation in threads, side by side"
+    )
     args = parser.parse_args(argv)
     requests, concurrency = (10_000, [1, 2]) if args.quick else (args.requests, args.concurrency)
     print(machine_line())
@@ -202,13 +258,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs: list[Run] = []
         with running() as children:
             upstream = Upstream.start(children, delay_ms=1000)
+            paths = ["process", "threads"] if args.threads_too else ["process"]
             for n in concurrency:
-                runs.append(create_at_once(children, upstream, body, tmp / f"server{n}", n))
-                run = runs[-1]
-                print(
-                    f"{n} at once: {run.seconds:.1f} s, peak RSS growth {_mb(run.peak_kib - run.idle_kib)} MB, "
-                    f"slowest /healthz {run.slowest_healthz_s * 1000:.0f} ms"
-                )
+                for path in paths:
+                    runs.append(create_at_once(children, upstream, body, tmp / f"server{n}-{path}", n, path))
+                    run = runs[-1]
+                    print(
+                        f"{n} at once ({path}): {run.seconds:.1f} s, peak RSS growth "
+                        f"{_mb(run.peak_kib - run.idle_kib)} MB, slowest /healthz {run.slowest_healthz_s * 1000:.0f} ms"
+                    )
         report(size, requests, runs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

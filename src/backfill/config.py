@@ -184,6 +184,8 @@ class Settings(BaseSettings):
     public_url: str | None = None
     message_batch_max_requests: int = Field(default=100_000, ge=1)
     message_batch_max_bytes: int = Field(default=256 * MiB, ge=1)
+    # A create body this large or larger is translated in a worker process, off the event loop's GIL.
+    message_batch_offload_bytes: int = Field(default=8 * MiB, ge=0)
     message_batch_window_s: int = Field(default=86400, ge=1)
     message_batch_retention_s: int = Field(default=29 * 86400, ge=1)
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import structlog
 
@@ -21,6 +24,7 @@ from backfill.store.engine import create_engine, migrate
 from backfill.store.sql import SqlStore
 
 DEFAULT_TENANT = "default"
+T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 
@@ -67,6 +71,8 @@ class Services:
     interactive: InteractiveMeter = field(init=False)
     # Batch lines in flight per backend, for the proxy's routing: this process's dispatcher's, or every worker's.
     batch_load: BatchLoad = field(init=False)
+    # One worker process for CPU-bound use-case work (`offload`), started at its first use.
+    _workers: ProcessPoolExecutor | None = None
 
     def __post_init__(self) -> None:
         self.interactive = InteractiveMeter(self.metrics)
@@ -118,6 +124,17 @@ class Services:
             raise RuntimeError("this process was opened without a dispatcher")
         self._run = asyncio.create_task(self.dispatcher.run(self._stop))
 
+    async def offload(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """`fn(*args)` in this process's worker process (spawned, not forked: this process runs threads). One
+        worker: work offloaded at once queues, which bounds its memory and leaves a core to the event loop; it is
+        replaced after each task, which gives back what the task's peak took."""
+        if self._workers is None:
+            self._workers = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
+            )
+        # Submitted from a thread: the first submit spawns the worker, which would hold up the event loop.
+        return await asyncio.wrap_future(await asyncio.to_thread(self._workers.submit, fn, *args))
+
     def stop_dispatcher(self) -> None:
         """Stop leasing now (SIGTERM); lines in flight get `shutdown_grace_s` while `close` waits for them."""
         self._stop.set()
@@ -129,5 +146,7 @@ class Services:
             await self._run
         for backend in self.backends:
             await backend.close()
+        if self._workers is not None:
+            await asyncio.to_thread(self._workers.shutdown, wait=True, cancel_futures=True)
         self.blobs.close()
         await self.store.close()

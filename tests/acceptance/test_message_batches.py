@@ -47,8 +47,12 @@ def connect() -> Iterator[AnthropicClients]:
 
 @pytest.fixture(scope="module")
 def server(start_module_server: StartServer) -> Server:
-    """A server in open mode, shared by the quick tests below; each leaves it as it found it."""
-    return start_module_server(message_batch_max_requests=MAX_REQUESTS, message_batch_max_bytes=MAX_BODY_BYTES)
+    """A server in open mode, shared by the quick tests below; each leaves it as it found it. Every create body
+    is translated in the worker process here (offload from 0 bytes), as maximal ones are; the other modules' small
+    creates take the thread path."""
+    return start_module_server(
+        message_batch_max_requests=MAX_REQUESTS, message_batch_max_bytes=MAX_BODY_BYTES, message_batch_offload_bytes=0
+    )
 
 
 def reply_to(text: str) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO
+from typing import Annotated, Any, BinaryIO, cast
 
 import orjson
 from fastapi import Depends, Header, Request
@@ -19,6 +21,7 @@ from backfill.services import Services
 from backfill.usecases import idempotency
 
 MAX_JSON_BODY_BYTES = 1024 * 1024
+STALE_SPOOL_S = 86400
 
 
 # Dependencies are `async def` even where they do not await: FastAPI runs a plain `def` one in a worker thread,
@@ -77,19 +80,29 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 
 def _open_spool(directory: Path) -> BinaryIO:
+    """A named file (a worker process may read it by name), removed when closed; should the process die first,
+    the next spool opened in the directory removes it (and any other file there) once it is a day old."""
     directory.mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryFile(dir=directory, prefix="body-")
+    stale = time.time() - STALE_SPOOL_S
+    for path in directory.iterdir():
+        with contextlib.suppress(OSError):  # another process's, removed meanwhile
+            if path.stat().st_mtime < stale:
+                path.unlink()
+    return cast(BinaryIO, tempfile.NamedTemporaryFile(dir=directory, prefix="body-"))
 
 
 @asynccontextmanager
 async def spooled_body(request: Request, max_bytes: int, directory: Path) -> AsyncIterator[BinaryIO]:
     """The whole body in a temporary file under `directory` (gone once closed, or should the process die), for
     bodies too large to hold in memory."""
-    with await asyncio.to_thread(_open_spool, directory) as spool:
+    spool = await asyncio.to_thread(_open_spool, directory)
+    try:
         async for chunk in body_chunks(request, max_bytes):
             spool.write(chunk)  # into the page cache: too quick to be worth a thread
         spool.flush()
         yield spool
+    finally:
+        await asyncio.to_thread(spool.close)  # freeing a 256 MB file's blocks took 0.2 s in the event loop
 
 
 async def json_body(request: Request, max_bytes: int = MAX_JSON_BODY_BYTES) -> Any:

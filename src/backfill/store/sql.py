@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -272,8 +273,7 @@ class SqlStore(LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueri
         under a lock on the tenant row, so two batches validated at once cannot both slip under the limit;
         over it, raises TokenLimitExceeded and changes nothing.
         """
-        est = sum(line.est_prompt_tokens for line in lines)
-        est_output = sum(expected_output_tokens(line.max_output_tokens) for line in lines)
+        est, est_output = await asyncio.to_thread(_estimated_tokens, lines)  # 100,000 lines: not in the event loop
         async with self.engine.begin() as conn:
             if token_limit is not None and model is not None:
                 tenant_id = await conn.scalar(
@@ -413,6 +413,14 @@ def _file_values(record: FileRecord) -> dict[str, Any]:
         "created_at": record.created_at,
         "expires_at": record.expires_at,
     }
+
+
+def _estimated_tokens(lines: Sequence[ValidLine]) -> tuple[int, int]:
+    """The lines' estimated prompt tokens and expected output tokens."""
+    return (
+        sum(line.est_prompt_tokens for line in lines),
+        sum(expected_output_tokens(line.max_output_tokens) for line in lines),
+    )
 
 
 async def _insert_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[ValidLine]) -> None:

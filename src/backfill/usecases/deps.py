@@ -5,10 +5,12 @@ clock), and no use case can reach the dispatcher, the metrics or the event loop.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from backfill.config import Settings
 from backfill.ports import Backend, BlobStore, Store
+
+T = TypeVar("T")
 
 
 class BatchDeps(Protocol):
@@ -42,3 +44,8 @@ class MessageBatchDeps(FileDeps, Protocol):
     def clock(self) -> Callable[[], float]: ...
 
     def is_served(self, model: str) -> bool: ...
+
+    async def offload(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """`fn(*args)` in a worker process, for CPU-bound work that would hold the event loop's GIL for long;
+        `fn`, its arguments and its result (or exception) must pickle."""
+        ...

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import tempfile
+from array import array
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import orjson
 
@@ -61,11 +64,47 @@ def features_of(backends: Sequence[Backend], model: str) -> frozenset[Feature]:
 
 
 @dataclass(frozen=True)
+class _Rules:
+    """What translating a create body needs to know of this server, in a form a worker process can be sent."""
+
+    served: frozenset[str]
+    features: dict[str, frozenset[Feature]]  # of each served model: what every backend serving it accepts
+    max_requests: int
+    max_line_bytes: int
+
+    @classmethod
+    def of(cls, deps: MessageBatchDeps) -> _Rules:
+        served = frozenset(model for backend in deps.backends for model in backend.models if deps.is_served(model))
+        return cls(
+            served=served,
+            features={model: features_of(deps.backends, model) for model in served},
+            max_requests=deps.settings.message_batch_max_requests,
+            max_line_bytes=deps.settings.max_line_bytes,
+        )
+
+
+@dataclass(frozen=True)
 class _Survey:
     """What the first pass over a create body learns: the batch's model, and where each request lies."""
 
     model: str | None  # the first served model a request names (None: no request can run)
     places: list[tuple[int, int]]  # (offset, length) of each request in the body
+
+
+@dataclass(frozen=True)
+class _Translation:
+    """A create body translated: its model, the input lines that can run, the requests that cannot."""
+
+    model: str | None
+    lines: list[ValidLine]
+    refused: list[RefusedRequest]
+
+
+class _Sink(Protocol):
+    @property
+    def size(self) -> int: ...
+
+    def write(self, data: bytes) -> None: ...
 
 
 def _chunks(body: BinaryIO) -> Iterator[bytes]:
@@ -88,57 +127,155 @@ def _parsed(raw: RawRequest, max_request_bytes: int) -> Any:
         ) from None
 
 
-def _survey(deps: MessageBatchDeps, body: BinaryIO) -> _Survey:
+def _survey(rules: _Rules, body: BinaryIO) -> _Survey:
     """First pass, one request at a time: the envelope is checked (400, before anything is stored)."""
-    settings = deps.settings
-    max_requests = settings.message_batch_max_requests
     seen: set[str] = set()
     places: list[tuple[int, int]] = []
     model: str | None = None
     count = 0
-    for raw in split_requests(_chunks(body), settings.max_line_bytes):
+    for raw in split_requests(_chunks(body), rules.max_line_bytes):
         count += 1
-        if count > max_requests:
+        if count > rules.max_requests:
             continue  # only counted, for the message
-        request = parse_request(raw.index, _parsed(raw, settings.max_line_bytes), seen)
+        request = parse_request(raw.index, _parsed(raw, rules.max_line_bytes), seen)
         if model is None:
-            model = served_model(request, deps.is_served)
+            model = served_model(request, rules.served.__contains__)
         places.append((raw.offset, raw.length))
-    check_count(count, max_requests)
+    check_count(count, rules.max_requests)
     return _Survey(model, places)
 
 
-def _write_lines(
-    deps: MessageBatchDeps, body: BinaryIO, survey: _Survey, writer: BlobWriter
-) -> tuple[list[ValidLine], list[RefusedRequest]]:
+def _write_lines(rules: _Rules, body: BinaryIO, survey: _Survey, sink: _Sink) -> _Translation:
     """Second pass: write line i+1 for request i, its input line or an empty line in the place of a request that
     cannot run. Each written line goes through the validator OpenAI batch files go through; a line it refuses is a
     request that cannot run either."""
-    settings = deps.settings
-    features = features_of(deps.backends, survey.model) if survey.model is not None else frozenset()
+    is_served = rules.served.__contains__
+    features = rules.features.get(survey.model, frozenset()) if survey.model is not None else frozenset()
     limits = ValidationLimits(
-        max_lines=max(1, len(survey.places)), max_line_bytes=settings.max_line_bytes, max_reported_errors=1
+        max_lines=max(1, len(survey.places)), max_line_bytes=rules.max_line_bytes, max_reported_errors=1
     )
-    validator = FileValidator(CHAT_ENDPOINT, deps.is_served, limits)
+    validator = FileValidator(CHAT_ENDPOINT, is_served, limits)
     refused: list[RefusedRequest] = []
     seen: set[str] = set()
     for index, (offset, length) in enumerate(survey.places):
         body.seek(offset)
         request = parse_request(index, orjson.loads(body.read(length)), seen)
-        planned = plan_request(index, request, survey.model, deps.is_served, features)
-        number, line_offset = index + 1, writer.size
+        planned = plan_request(index, request, survey.model, is_served, features)
+        number, line_offset = index + 1, sink.size
         if planned.line is None:
-            writer.write(b"\n")
+            sink.write(b"\n")
             refused.append(RefusedRequest(number, request.custom_id, line_offset, planned.refusal or "Cannot run."))
             continue
-        writer.write(planned.line + b"\n")
+        sink.write(planned.line + b"\n")
         size = len(planned.line)
         error = validator.feed(
             RawLine(number, line_offset, size, planned.line if size <= limits.max_line_bytes else None)
         )
         if error is not None:
             refused.append(RefusedRequest(number, request.custom_id, line_offset, f"params: {error.message}"))
-    return validator.passed(), refused
+    return _Translation(survey.model, validator.passed(), refused)
+
+
+def _translate(rules: _Rules, body: BinaryIO, sink: _Sink) -> _Translation:
+    """Both passes (a 400 from the first leaves the sink untouched)."""
+    return _write_lines(rules, body, _survey(rules, body), sink)
+
+
+class _FileSink:
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.size += len(data)
+
+
+_NO_LIMIT = -1  # max_output_tokens None, packed
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """A `_Translation` in columns, to come back from the worker process: a list of 100,000 objects unpickles in
+    one C call that holds the GIL (and so the event loop) for a fifth of a second, these arrays in a few
+    milliseconds; `unpack` then builds the objects in Python, in a thread the event loop can interrupt."""
+
+    model: str | None
+    numbers: array[int]  # per valid line: number, offset, length, est_prompt_tokens, max_output_tokens,
+    offsets: array[int]  # prefix_key, prefix_group
+    lengths: array[int]
+    prompt_tokens: array[int]
+    output_limits: array[int]
+    prefix_keys: array[int]
+    prefix_groups: array[int]
+    custom_ids: list[str]
+    refused: list[tuple[int, str, int, str]]
+
+    @classmethod
+    def of(cls, translation: _Translation) -> _Packed:
+        lines = translation.lines
+        return cls(
+            model=translation.model,
+            numbers=array("q", (line.number for line in lines)),
+            offsets=array("q", (line.offset for line in lines)),
+            lengths=array("q", (line.length for line in lines)),
+            prompt_tokens=array("q", (line.est_prompt_tokens for line in lines)),
+            output_limits=array(
+                "q", (_NO_LIMIT if line.max_output_tokens is None else line.max_output_tokens for line in lines)
+            ),
+            prefix_keys=array("q", (line.prefix_key for line in lines)),
+            prefix_groups=array("q", (line.prefix_group for line in lines)),
+            custom_ids=[line.custom_id for line in lines],
+            refused=[(r.number, r.custom_id, r.offset, r.message) for r in translation.refused],
+        )
+
+    def unpack(self) -> _Translation:
+        lines = [
+            ValidLine(number, custom_id, offset, length, tokens, None if limit == _NO_LIMIT else limit, key, group)
+            for number, custom_id, offset, length, tokens, limit, key, group in zip(
+                self.numbers,
+                self.custom_ids,
+                self.offsets,
+                self.lengths,
+                self.prompt_tokens,
+                self.output_limits,
+                self.prefix_keys,
+                self.prefix_groups,
+                strict=True,
+            )
+        ]
+        return _Translation(self.model, lines, [RefusedRequest(*refused) for refused in self.refused])
+
+
+def translate_file(rules: _Rules, body_path: str, lines_path: str) -> _Packed:
+    """`_translate` in a worker process: the body read from its spool file, the input lines written to a file of
+    their own, that the calling process copies to the blob store."""
+    with open(body_path, "rb") as body, open(lines_path, "wb") as lines:
+        return _Packed.of(_translate(rules, body, _FileSink(lines)))
+
+
+def _copy(path: str, writer: BlobWriter) -> None:
+    with open(path, "rb") as lines:
+        while chunk := lines.read(_READ_BYTES):
+            writer.write(chunk)
+
+
+async def _translated(deps: MessageBatchDeps, body: BinaryIO, writer: BlobWriter) -> _Translation:
+    """The body translated, its input lines written to `writer`. A body of `message_batch_offload_bytes` or more
+    is translated in a worker process: the walk is CPU-bound for seconds, and in a thread it would share the GIL
+    with the event loop (four maximal creates at once held /healthz for 0.7 s); smaller ones in a thread."""
+    rules = _Rules.of(deps)
+    size = body.seek(0, os.SEEK_END)
+    name = getattr(body, "name", None)
+    if size < deps.settings.message_batch_offload_bytes or not isinstance(name, str):
+        return await asyncio.to_thread(_translate, rules, body, writer)
+    lines = await asyncio.to_thread(tempfile.NamedTemporaryFile, dir=os.path.dirname(name), prefix="lines-")
+    try:
+        packed = await deps.offload(translate_file, rules, name, lines.name)
+        await asyncio.to_thread(_copy, lines.name, writer)
+    finally:
+        await asyncio.to_thread(lines.close)  # removing a file this large blocks for a while
+    return await asyncio.to_thread(packed.unpack)
 
 
 async def create_message_batch(deps: MessageBatchDeps, tenant_id: str, body: BinaryIO) -> Shown:
@@ -146,17 +283,17 @@ async def create_message_batch(deps: MessageBatchDeps, tenant_id: str, body: Bin
 
     `body` is the create call's body in a file: read twice, one request at a time, so that memory holds one
     request and not the whole body (which may be `message_batch_max_bytes`)."""
-    survey = await asyncio.to_thread(_survey, deps, body)
     settings, store = deps.settings, deps.store
     now = deps.now()
     batch_id, file_id = ids.message_batch_id(), ids.file_id()
     writer = deps.blobs.open_writer(f"files/{file_id}")
     try:
-        lines, refused = await asyncio.to_thread(_write_lines, deps, body, survey, writer)
+        translation = await _translated(deps, body, writer)
         await writer.commit()
     except BaseException:
         await writer.abort()
         raise
+    model, lines, refused = translation.model, translation.lines, translation.refused
     record = FileRecord(
         id=file_id,
         tenant_id=tenant_id,
@@ -176,7 +313,7 @@ async def create_message_batch(deps: MessageBatchDeps, tenant_id: str, body: Bin
         status=BatchStatus.VALIDATING,
         created_at=now,
         expires_at=now + settings.message_batch_window_s,
-        model=survey.model,
+        model=model,
         api=BatchApi.ANTHROPIC,
     )
     # Claimed while it is started here, so no dispatcher validates it meanwhile; should this process die before
@@ -185,9 +322,7 @@ async def create_message_batch(deps: MessageBatchDeps, tenant_id: str, body: Bin
     try:
         await store.add_file(record)
         await store.add_message_batch(batch, refused, owner, deps.clock() + settings.lease_ttl_s)
-        await store.start_batch(
-            batch_id, owner, survey.model, lines, now, token_limit=await _token_limit(deps, tenant_id)
-        )
+        await store.start_batch(batch_id, owner, model, lines, now, token_limit=await _token_limit(deps, tenant_id))
     except BaseException as exc:
         with contextlib.suppress(Exception):  # best effort: what is left is swept when the file expires
             await store.discard_batch(batch_id)
