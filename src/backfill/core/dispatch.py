@@ -237,9 +237,10 @@ class DispatchCore:
         actions: list[Action] = []
         while not self.stopping:
             start = pool.next_start(now)
-            if isinstance(start, Start):
-                self.flights[start.line.id] = Flight(start, pool)
-                actions.append(start)
+            if isinstance(start, list):
+                for one in start:
+                    self.flights[one.line.id] = Flight(one, pool)
+                actions += start
                 continue
             if start != float("inf"):
                 actions.append(WakeAt(start))
