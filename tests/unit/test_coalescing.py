@@ -211,3 +211,9 @@ def test_chat_lines_still_start_one_by_one() -> None:
     starts = pool.next_start(0.0)
     assert isinstance(starts, list)
     assert [(1, 0)] == [(start.line.id, start.request) for start in starts if isinstance(start, Start)]
+
+
+def test_an_embeddings_batch_leases_enough_lines_to_fill_its_requests() -> None:
+    pool = Pool.build([Endpoint("a", 2)], {})
+    assert 2 * 2 * 32 == pool.lease_wanted("b1", 1, pool.lines_per_request(EMBEDDINGS))
+    assert 4 == pool.lease_wanted("b1", 1, pool.lines_per_request("/v1/chat/completions"))

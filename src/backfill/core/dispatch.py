@@ -218,7 +218,7 @@ class DispatchCore:
             pool = self.pools.get(batch.model)
             if pool is None or batch.id in self._closing or batch.id in self._dry:
                 continue
-            want = pool.lease_wanted(batch.id, active[batch.model])
+            want = pool.lease_wanted(batch.id, active[batch.model], pool.lines_per_request(batch.endpoint))
             if want > 0:
                 leases.append(Lease(batch, want))
         return leases

@@ -166,16 +166,24 @@ class Pool:
     def buffered(self) -> int:
         return sum(len(lines) for lines in self.ready.values())
 
-    def lease_wanted(self, batch_id: str, active_batches: int) -> int:
+    def lease_wanted(self, batch_id: str, active_batches: int, lines_per_slot: int = 1) -> int:
         """How many more lines of a batch to lease now (0: enough buffered).
 
         About two rounds of the pool's current capacity stay leased, shared out among its active batches, so a
         new batch finds lines of its own ready at the next free slot and no batch hoards the buffer; topped up
-        once half is used, so leases go out in chunks rather than one statement per line.
+        once half is used, so leases go out in chunks rather than one statement per line. A slot takes
+        `lines_per_slot` lines of a batch whose lines are coalesced (`lines_per_request`).
         """
-        target = max(2, math.ceil(2 * self.capacity / max(active_batches, 1)))
+        target = max(2, math.ceil(2 * self.capacity * lines_per_slot / max(active_batches, 1)))
         have = len(self.ready.get(batch_id, ()))
         return 0 if have > target // 2 else target - have
+
+    def lines_per_request(self, endpoint: str) -> int:
+        """How many lines of a batch of `endpoint` (the API path) one request may carry: the most any endpoint of
+        the pool takes, for embeddings and moderations; else 1."""
+        if endpoint not in COALESCED_ENDPOINTS:
+            return 1
+        return max((self.request_size.get(name, (_REQUEST_LINES, 0))[0] for name in self.limits), default=1)
 
     def add(self, batch: DispatchBatch, lines: list[LeasedLine]) -> None:
         self.batches[batch.id] = batch
