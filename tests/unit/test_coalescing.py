@@ -217,3 +217,9 @@ def test_an_embeddings_batch_leases_enough_lines_to_fill_its_requests() -> None:
     pool = Pool.build([Endpoint("a", 2)], {})
     assert 2 * 2 * 32 == pool.lease_wanted("b1", 1, pool.lines_per_request(EMBEDDINGS))
     assert 4 == pool.lease_wanted("b1", 1, pool.lines_per_request("/v1/chat/completions"))
+
+
+def test_tokens_the_backend_counted_per_input_share_the_usage_out() -> None:
+    parts = [p for p in (part_of(EMBEDDINGS, body("aaaa")), part_of(EMBEDDINGS, body(["b", "c"]))) if p]
+    answers = split_answer(EMBEDDINGS, embeddings_answer(3, 10), parts, input_tokens=(6, 2, 2))
+    assert [6, 4] == [tokens for _, tokens in answers]

@@ -78,7 +78,7 @@ def _split(endpoint: str, outcome: Outcome, parts: Sequence[Part]) -> list[Outco
     if outcome.kind is not OutcomeKind.SUCCESS or outcome.body is None:
         return [outcome] * len(parts)
     try:
-        answers = split_answer(endpoint, orjson.loads(outcome.body), parts)
+        answers = split_answer(endpoint, orjson.loads(outcome.body), parts, outcome.input_tokens)
     except (SplitError, orjson.JSONDecodeError) as exc:
         unreadable = Outcome(
             OutcomeKind.UNAVAILABLE,

@@ -9,8 +9,9 @@ indexed 0..k-1 as if it had been sent alone. Anything else (moderations' image p
 no known kind) is sent alone, unchanged.
 
 Usage: an engine reports one `prompt_tokens` for the whole request. It is shared out over the lines in proportion
-to each line's token count — exact for token ids, else `estimate_text_tokens` — by largest remainder, so the
-lines' usage always sums to exactly what the engine reported.
+to each line's token count — the model's tokenizer's where the backend counted each input (the embedded engine),
+else exact for token ids and `estimate_text_tokens` for text — by largest remainder, so the lines' usage always sums
+to exactly what the engine reported.
 """
 
 from __future__ import annotations
@@ -128,9 +129,12 @@ class SplitError(ValueError):
     """The engine's answer does not have one entry per input: it cannot be given back line by line."""
 
 
-def split_answer(endpoint: str, answer: Json, parts: Sequence[Part]) -> list[tuple[Json, int]]:
+def split_answer(
+    endpoint: str, answer: Json, parts: Sequence[Part], input_tokens: Sequence[int] = ()
+) -> list[tuple[Json, int]]:
     """One (body, prompt tokens) per part from the engine's answer to their merged request: each body the answer
-    the line would have had alone (its entries indexed from 0, its own usage). Raises SplitError."""
+    the line would have had alone (its entries indexed from 0, its own usage). `input_tokens`: each input's tokens
+    as the backend counted them, when it did (else the parts' weights share the usage out). Raises SplitError."""
     entries = answer.get(_ITEMS[endpoint])
     counts = [len(part.items) for part in parts]
     if not isinstance(entries, list) or len(entries) != sum(counts):
@@ -139,7 +143,11 @@ def split_answer(endpoint: str, answer: Json, parts: Sequence[Part]) -> list[tup
         entries = _in_input_order(entries)
     usage = answer.get("usage")
     reported = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-    shares = apportion(reported, [p.weight for p in parts]) if isinstance(reported, int) and reported >= 0 else None
+    weights = [p.weight for p in parts]
+    if len(input_tokens) == len(entries):
+        bounds = [sum(counts[:n]) for n in range(len(counts) + 1)]
+        weights = [sum(input_tokens[bounds[n] : bounds[n + 1]]) for n in range(len(parts))]
+    shares = apportion(reported, weights) if isinstance(reported, int) and reported >= 0 else None
     head = {k: v for k, v in answer.items() if k not in ("data", "results", "usage")}
     bodies: list[tuple[Json, int]] = []
     at = 0
