@@ -179,7 +179,7 @@ def test_the_pool_starts_an_embeddings_request_of_several_lines_in_one_slot() ->
     first = pool.next_start(0.0)
     assert isinstance(first, list)
     assert 32 == len(first)  # the default size of a request to an in-process engine
-    assert {1} == {start.request for start in first}
+    assert {2} == {start.request for start in first}  # named after its first line (id 1)
     assert 1 == pool.limits["a"].in_flight
 
 

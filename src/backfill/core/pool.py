@@ -224,7 +224,7 @@ class Pool:
             start = Start(lines[0], batch, name, chosen.cost)
             self.running[lines[0].id] = (start, now)
             return [start]
-        request = lines[0].id  # a line is in one request at a time: its id names the request
+        request = lines[0].id + 1  # a line is in one request at a time: its id names it (never 0: "alone")
         self.requests[request] = _Request(name, len(lines), sum(line.est_prompt_tokens for line in lines))
         starts = [Start(line, batch, name, _line_cost(line), request) for line in lines]
         for start in starts:
