@@ -156,8 +156,8 @@ class Server:
             )
         return _json(response)
 
-    def create_batch(self, file_id: str) -> dict[str, Any]:
-        payload = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    def create_batch(self, file_id: str, endpoint: str = "/v1/chat/completions") -> dict[str, Any]:
+        payload = {"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h"}
         return _json(self.client.post("/batches", json=payload))
 
     def batch(self, batch_id: str) -> dict[str, Any]:

@@ -70,6 +70,13 @@ class BackendSettings(BaseModel):
     harvest_target: float = Field(default=0.78, gt=0, le=1)
     harvest_fill_below: float = Field(default=0.4, ge=0, lt=1)
     capacity_tokens_per_s: float | None = Field(default=None, gt=0)
+    # Embeddings and moderations lines of one batch go to this server several to a request, with an array `input`
+    # (domain/coalescing.py): at most this many inputs a request, and lines whose estimated tokens (bytes / 4 of
+    # the line) sum to at most `max_tokens_per_request` (one line larger than that still goes, alone). The
+    # defaults suit text-embeddings-inference (whose `--max-client-batch-size` defaults to 32, `--max-batch-tokens`
+    # to 16384), vLLM and llama.cpp's server (no limit on inputs); 1 sends every line alone.
+    max_inputs_per_request: int = Field(default=32, ge=1, le=2048)
+    max_tokens_per_request: int = Field(default=16384, ge=1)
 
     @model_validator(mode="after")
     def _check_harvest_band(self) -> BackendSettings:

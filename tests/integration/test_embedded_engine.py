@@ -197,3 +197,16 @@ async def test_an_empty_prompt_is_a_400_and_the_engine_keeps_serving(chat: Any) 
 
     assert (400, "prompt") == (empty.status_code, orjson.loads(empty.body)["error"]["param"])
     assert 200 == after.status_code
+
+
+async def test_lines_sent_together_get_the_tokens_and_vectors_each_gets_alone(embeddings: Any) -> None:
+    from backfill.dispatch.coalesced import send_together
+
+    texts = ["hello", "A considerably longer sentence about sending embeddings lines together.", "short one"]
+    bodies = [{"model": "all-minilm-l6-v2", "input": text} for text in texts]
+    alone = [orjson.loads((await embeddings.send("/v1/embeddings", orjson.dumps(b), 60)).body) for b in bodies]
+    together = await send_together(embeddings, "/v1/embeddings", bodies, 60, 32)
+
+    assert [a["usage"]["prompt_tokens"] for a in alone] == [o.usage.input_tokens for o in together]
+    vectors = [orjson.loads(o.body or b"{}")["data"][0]["embedding"] for o in together]
+    assert all(cosine(a["data"][0]["embedding"], v) > 0.999 for a, v in zip(alone, vectors, strict=True))

@@ -64,7 +64,7 @@ class Harness:
     stop: asyncio.Event
     running: asyncio.Task[None]
 
-    async def submit(self, *lines: dict[str, Any] | bytes, window: str = "24h") -> Batch:
+    async def submit(self, *lines: dict[str, Any] | bytes, window: str = "24h", endpoint: str = CHAT) -> Batch:
         data = b"".join((line if isinstance(line, bytes) else orjson.dumps(line)) + b"\n" for line in lines)
         file_id = ids.file_id()
         writer = self.services.blobs.open_writer(f"files/{file_id}")
@@ -74,7 +74,9 @@ class Harness:
         record = FileRecord(file_id, self.tenant_id, "input.jsonl", "batch", len(data), f"files/{file_id}", now, None)
         await self.services.store.add_file(record)
         batch = await create_batch(
-            self.services, self.tenant_id, CreateBatch(input_file_id=file_id, endpoint=CHAT, completion_window=window)
+            self.services,
+            self.tenant_id,
+            CreateBatch(input_file_id=file_id, endpoint=endpoint, completion_window=window),
         )
         self.services.work_changed()
         return batch

@@ -218,7 +218,7 @@ class DispatchCore:
             pool = self.pools.get(batch.model)
             if pool is None or batch.id in self._closing or batch.id in self._dry:
                 continue
-            want = pool.lease_wanted(batch.id, active[batch.model])
+            want = pool.lease_wanted(batch.id, active[batch.model], pool.lines_per_request(batch.endpoint))
             if want > 0:
                 leases.append(Lease(batch, want))
         return leases
@@ -237,9 +237,10 @@ class DispatchCore:
         actions: list[Action] = []
         while not self.stopping:
             start = pool.next_start(now)
-            if isinstance(start, Start):
-                self.flights[start.line.id] = Flight(start, pool)
-                actions.append(start)
+            if isinstance(start, list):
+                for one in start:
+                    self.flights[one.line.id] = Flight(one, pool)
+                actions += start
                 continue
             if start != float("inf"):
                 actions.append(WakeAt(start))

@@ -14,15 +14,20 @@ from typing import Protocol
 
 from backfill.config import BackendSettings
 from backfill.domain.batches import ScheduleState
+from backfill.domain.coalescing import COALESCED_ENDPOINTS
 from backfill.domain.estimates import expected_output_tokens
 from backfill.domain.leases import DispatchBatch, LeasedLine
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.policy.estimate import WorkItem, estimate_completions, outlook
 from backfill.policy.fair import Candidate, FairScheduler, Scheduler, line_cost, share_gap
 from backfill.policy.harvest import HarvestState
-from backfill.policy.limits import EndpointLimits
+from backfill.policy.limits import EndpointLimits, is_overload
 from backfill.policy.routing import next_start_at, pick_endpoint
 
+# How big a request of coalesced lines (embeddings, moderations) may get on an in-process engine, which has no
+# `[[backends]]` entry: the configured defaults.
+_REQUEST_LINES = 32
+_REQUEST_TOKENS = 16384
 _FAST_HALF_LIFE_S = 30.0
 _SLOW_HALF_LIFE_S = 3600.0
 
@@ -39,12 +44,28 @@ class Endpoint(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Start:
-    """Send `line` of `batch` to `endpoint` now; `cost` is its fair-share price."""
+    """Send `line` of `batch` to `endpoint` now; `cost` is its fair-share price. `request`: when not 0, the line
+    goes in one upstream request with the other lines of that `request` started at the same time (coalesced
+    embeddings or moderations lines; they take one slot of the endpoint together)."""
 
     line: LeasedLine
     batch: DispatchBatch
     endpoint: str
     cost: float
+    request: int = 0
+
+
+@dataclass
+class _Request:
+    """Lines started together in one upstream request: the endpoint slot is theirs until the last one leaves."""
+
+    endpoint: str
+    open: int
+    counted: int  # the prompt tokens `on_start` counted
+    tokens: int = 0  # what the endpoint reported for the lines answered so far
+    outcome: Outcome | None = None  # the answer the limits learn from (an overload one if any line had it)
+    latency_s: float = 0.0
+    answered_at: float = 0.0
 
 
 @dataclass
@@ -102,6 +123,9 @@ class Pool:
     running: dict[int, tuple[Start, float]] = field(default_factory=dict)  # line id -> (start, when)
     preempting: set[int] = field(default_factory=set)  # line ids handed back, their slots not yet free
     harvest: dict[str, HarvestState] = field(default_factory=dict)  # harvested endpoints' states, for users
+    # endpoint name -> (lines, estimated tokens) one coalesced request may carry at most
+    request_size: dict[str, tuple[int, int]] = field(default_factory=dict)
+    requests: dict[int, _Request] = field(default_factory=dict)  # coalesced requests in flight, by id
 
     @classmethod
     def build(
@@ -116,11 +140,18 @@ class Pool:
         several models is one endpoint with one set of limits)."""
         shared = {} if shared is None else shared
         names = []
+        sizes = {}
         for endpoint in endpoints:
+            settings = configured.get(endpoint.name)
             if endpoint.name not in shared:
-                shared[endpoint.name] = limits_for(endpoint, configured.get(endpoint.name))
+                shared[endpoint.name] = limits_for(endpoint, settings)
             names.append(endpoint.name)
-        return cls({name: shared[name] for name in names}, preemption=preemption)
+            sizes[endpoint.name] = (
+                (settings.max_inputs_per_request, settings.max_tokens_per_request)
+                if settings is not None
+                else (_REQUEST_LINES, _REQUEST_TOKENS)
+            )
+        return cls({name: shared[name] for name in names}, preemption=preemption, request_size=sizes)
 
     @property
     def capacity(self) -> int:
@@ -135,16 +166,24 @@ class Pool:
     def buffered(self) -> int:
         return sum(len(lines) for lines in self.ready.values())
 
-    def lease_wanted(self, batch_id: str, active_batches: int) -> int:
+    def lease_wanted(self, batch_id: str, active_batches: int, lines_per_slot: int = 1) -> int:
         """How many more lines of a batch to lease now (0: enough buffered).
 
         About two rounds of the pool's current capacity stay leased, shared out among its active batches, so a
         new batch finds lines of its own ready at the next free slot and no batch hoards the buffer; topped up
-        once half is used, so leases go out in chunks rather than one statement per line.
+        once half is used, so leases go out in chunks rather than one statement per line. A slot takes
+        `lines_per_slot` lines of a batch whose lines are coalesced (`lines_per_request`).
         """
-        target = max(2, math.ceil(2 * self.capacity / max(active_batches, 1)))
+        target = max(2, math.ceil(2 * self.capacity * lines_per_slot / max(active_batches, 1)))
         have = len(self.ready.get(batch_id, ()))
         return 0 if have > target // 2 else target - have
+
+    def lines_per_request(self, endpoint: str) -> int:
+        """How many lines of a batch of `endpoint` (the API path) one request may carry: the most any endpoint of
+        the pool takes, for embeddings and moderations; else 1."""
+        if endpoint not in COALESCED_ENDPOINTS:
+            return 1
+        return max((self.request_size.get(name, (_REQUEST_LINES, 0))[0] for name in self.limits), default=1)
 
     def add(self, batch: DispatchBatch, lines: list[LeasedLine]) -> None:
         self.batches[batch.id] = batch
@@ -160,25 +199,52 @@ class Pool:
         """Remove every buffered line of a batch (cancelled, expired, or shutting down)."""
         return list(self.ready.pop(batch_id, ()))
 
-    def next_start(self, now: float) -> Start | float:
-        """The line to start now and where; or, when nothing may start, the time to look again (inf: when a
-        line finishes or more are leased)."""
-        candidates = [self._candidate(batch_id, lines[0]) for batch_id, lines in self.ready.items() if lines]
-        if not candidates:
+    def next_start(self, now: float) -> list[Start] | float:
+        """The line to start now and where (several lines of one batch, for one coalesced request); or, when
+        nothing may start, the time to look again (inf: when a line finishes or more are leased)."""
+        if not any(self.ready.values()):
             return math.inf
         # tokens/min buckets count tokens as providers do (prompt + output cap), not the scheduler's price
         typical = min(_tokens(lines[0]) for lines in self.ready.values() if lines)
         name = pick_endpoint(now, self.limits, typical)
         if name is None:
             return next_start_at(now, self.limits, typical)
+        taken = {batch_id: self._request_lines(batch_id, name) for batch_id, lines in self.ready.items() if lines}
+        candidates = [self._candidate(batch_id, taken[batch_id]) for batch_id in taken]
         chosen = self.scheduler.pick(candidates, self.tenant_in_flight)
         assert chosen is not None
-        line = self.ready[chosen.batch_id].popleft()
-        self.limits[name].on_start(now, _tokens(line), line.est_prompt_tokens)
+        ready = self.ready[chosen.batch_id]
+        lines = [ready.popleft() for _ in range(taken[chosen.batch_id])]
+        self.limits[name].on_start(
+            now, sum(_tokens(line) for line in lines), sum(line.est_prompt_tokens for line in lines)
+        )
         self.tenant_in_flight[chosen.tenant_id] = self.tenant_in_flight.get(chosen.tenant_id, 0.0) + chosen.cost
-        start = Start(line, self.batches[chosen.batch_id], name, chosen.cost)
-        self.running[line.id] = (start, now)
-        return start
+        batch = self.batches[chosen.batch_id]
+        if len(lines) == 1:
+            start = Start(lines[0], batch, name, chosen.cost)
+            self.running[lines[0].id] = (start, now)
+            return [start]
+        request = lines[0].id + 1  # a line is in one request at a time: its id names it (never 0: "alone")
+        self.requests[request] = _Request(name, len(lines), sum(line.est_prompt_tokens for line in lines))
+        starts = [Start(line, batch, name, _line_cost(line), request) for line in lines]
+        for start in starts:
+            self.running[start.line.id] = (start, now)
+        return starts
+
+    def _request_lines(self, batch_id: str, endpoint: str) -> int:
+        """How many of a batch's next lines go in one request to `endpoint`: 1, or for embeddings and moderations
+        as many as its request size allows (domain/coalescing.py)."""
+        if self.batches[batch_id].endpoint not in COALESCED_ENDPOINTS:
+            return 1
+        max_lines, max_tokens = self.request_size.get(endpoint, (_REQUEST_LINES, _REQUEST_TOKENS))
+        ready = self.ready[batch_id]
+        count, tokens = 1, ready[0].est_prompt_tokens
+        while count < min(max_lines, len(ready)):
+            tokens += ready[count].est_prompt_tokens
+            if tokens > max_tokens:
+                break
+            count += 1
+        return count
 
     def preempt(self, now: float) -> list[Start]:
         """Lines to hand back (uncharged) so that a tenant short of its fair share gets slots now, when every
@@ -194,7 +260,7 @@ class Pool:
         for line_id in self.preempting:
             start = self.running[line_id][0]
             held[start.batch.tenant_id] = held.get(start.batch.tenant_id, 0.0) - start.cost
-        candidates = [self._candidate(batch_id, lines[0]) for batch_id, lines in self.ready.items() if lines]
+        candidates = [self._candidate(batch_id) for batch_id, lines in self.ready.items() if lines]
         gap = share_gap(candidates, held)
         if gap is None:
             return []
@@ -208,6 +274,7 @@ class Pool:
                 (started, start)
                 for line_id, (start, started) in self.running.items()
                 if line_id not in self.preempting
+                and not start.request  # coalesced lines are short, and one alone frees no slot
                 and start.batch.tenant_id == gap.over_tenant
                 and now - started < 0.25 * self.limits[start.endpoint].typical_latency_s
             ),
@@ -230,38 +297,62 @@ class Pool:
         finishing them costs the engine less than doing that again later."""
         victims: list[Start] = []
         for name, limits in self.limits.items():
-            mine = [
-                (started, start)
-                for line_id, (start, started) in self.running.items()
-                if start.endpoint == name and line_id not in self.preempting
-            ]
             if limits.ceiling is None:
                 continue
-            excess = len(mine) - limits.ceiling
+            slots: dict[int, tuple[float, list[Start]]] = {}  # a coalesced request's lines share one slot
+            for line_id, (start, started) in self.running.items():
+                if start.endpoint == name and line_id not in self.preempting:
+                    slots.setdefault(start.request or -line_id, (started, []))[1].append(start)
+            excess = len(slots) - limits.ceiling
             if excess <= 0:
                 continue
-            mine.sort(key=lambda item: -item[0])
-            for started, start in mine[:excess]:
+            for started, starts in sorted(slots.values(), key=lambda item: -item[0])[:excess]:
                 if now - started > max_age_s:
                     break
-                self.preempting.add(start.line.id)
-                victims.append(start)
+                for start in starts:
+                    self.preempting.add(start.line.id)
+                    victims.append(start)
         return victims
 
     def finish(self, start: Start, now: float, latency_s: float, outcome: Outcome) -> None:
         """The endpoint answered (whatever it said)."""
         usage = outcome.usage
-        self.limits[start.endpoint].on_finish(
-            now, latency_s, outcome, usage.input_tokens + usage.output_tokens, start.line.est_prompt_tokens
-        )
         if outcome.kind is OutcomeKind.SUCCESS:
             self.meter.add(line_cost(usage.input_tokens, usage.output_tokens))
+        request = self.requests.get(start.request) if start.request else None
+        if request is None:
+            self.limits[start.endpoint].on_finish(
+                now, latency_s, outcome, usage.input_tokens + usage.output_tokens, start.line.est_prompt_tokens
+            )
+        else:
+            request.tokens += usage.input_tokens + usage.output_tokens
+            if request.outcome is None or is_overload(outcome):
+                request.outcome = outcome
+            request.latency_s = max(request.latency_s, latency_s)
+            request.answered_at = now
+            self._leave_request(start.request, request)
         self._leave(start)
 
     def release(self, start: Start) -> None:
         """The line never got an answer (aborted, or crashed before sending): its slot goes back."""
-        self.limits[start.endpoint].release(start.line.est_prompt_tokens)
+        request = self.requests.get(start.request) if start.request else None
+        if request is None:
+            self.limits[start.endpoint].release(start.line.est_prompt_tokens)
+        else:
+            self._leave_request(start.request, request)
         self._leave(start)
+
+    def _leave_request(self, request_id: int, request: _Request) -> None:
+        """One line of a coalesced request is done; the last one frees the request's slot, as one request."""
+        request.open -= 1
+        if request.open > 0:
+            return
+        del self.requests[request_id]
+        limits = self.limits[request.endpoint]
+        if request.outcome is None:
+            limits.release(request.counted)
+        else:
+            limits.on_finish(request.answered_at, request.latency_s, request.outcome, request.tokens, request.counted)
 
     def _leave(self, start: Start) -> None:
         self.running.pop(start.line.id, None)
@@ -273,16 +364,13 @@ class Pool:
         else:
             self.tenant_in_flight.pop(tenant, None)
 
-    def _candidate(self, batch_id: str, line: LeasedLine) -> Candidate:
+    def _candidate(self, batch_id: str, count: int = 1) -> Candidate:
+        """The batch's next `count` lines (one request) as a candidate for the scheduler: priced together."""
         batch = self.batches[batch_id]
+        ready = self.ready[batch_id]
+        cost = sum(_line_cost(ready[i]) for i in range(count)) if count > 1 else _line_cost(ready[0])
         return Candidate(
-            batch_id,
-            batch.tenant_id,
-            float(batch.expires_at),
-            line_cost(line.est_prompt_tokens, expected_output_tokens(line.max_output_tokens)),
-            batch.weight,
-            batch_id in self.promoted,
-            batch.seq,
+            batch_id, batch.tenant_id, float(batch.expires_at), cost, batch.weight, batch_id in self.promoted, batch.seq
         )
 
     def measure(self, now: float) -> float:
@@ -356,6 +444,10 @@ def limits_for(endpoint: Endpoint, configured: BackendSettings | None) -> Endpoi
         # interactive load it has not yet read.
         ceiling=0 if configured.harvest is True else None,
     )
+
+
+def _line_cost(line: LeasedLine) -> float:
+    return line_cost(line.est_prompt_tokens, expected_output_tokens(line.max_output_tokens))
 
 
 def _tokens(line: LeasedLine) -> int:

@@ -49,18 +49,32 @@ from backfill.core.events import (
     WakeAt,
 )
 from backfill.core.pool import Start
+from backfill.dispatch.coalesced import read_lines, send_together
 from backfill.dispatch.endpoints import EndpointMonitor
 from backfill.dispatch.housekeeper import Housekeeper
 from backfill.dispatch.lifecycle import Lifecycle
 from backfill.dispatch.recorder import Recorder
 from backfill.dispatch.watcher import EngineWatcher
+from backfill.domain.leases import LeasedLine
 from backfill.domain.lines import ValidationLimits
+from backfill.domain.outcomes import Outcome
 from backfill.errors import BlobStoreUnavailable
 from backfill.interactive import InteractiveMeter
 from backfill.metrics import Metrics, outcome_label
 from backfill.ports import Backend, BlobStore, WorkerStore
 
 log = structlog.get_logger(__name__)
+_MAX_INPUTS = 32  # inputs a coalesced request may carry to an in-process engine (config.py has the reasons)
+
+
+class _Request:
+    """Lines in flight together in one upstream request (coalesced embeddings or moderations lines)."""
+
+    def __init__(self, starts: list[Start]) -> None:
+        self.starts = starts
+        self.aborted: set[int] = set()  # line ids the core aborted: they end unsent, whatever the answer says
+        self.answered = False  # the answer is being handed out: too late to cancel
+        self.task: asyncio.Task[None] | None = None
 
 
 class Dispatcher:
@@ -107,6 +121,8 @@ class Dispatcher:
         self.running = False  # `run` has started (an API-only process never runs its dispatcher)
         self._transport = metrics_transport
         self._lines: dict[int, asyncio.Task[None]] = {}
+        self._requests: dict[int, _Request] = {}  # by line id, each line of a coalesced request in flight
+        self._max_inputs = {backend.name: backend.max_inputs_per_request for backend in settings.backends}
         self._wake = asyncio.Event()
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0  # the loop time `_timer` fires at
@@ -186,21 +202,17 @@ class Dispatcher:
                     log.exception("dispatcher.outlooks_failed")
 
     def _perform(self, actions: Sequence[Action]) -> None:
+        together: dict[int, list[Start]] = {}  # a coalesced request's lines come one after another
         for action in actions:
             match action:
+                case Start(request=request) if request:
+                    together.setdefault(request, []).append(action)
                 case Start():
                     line_task = asyncio.create_task(self._run_line(action))
                     line_task.add_done_callback(functools.partial(self._line_ended, action.line.id))
                     self._lines[action.line.id] = line_task
-                case Abort(line_id, endpoint, reason):
-                    running = self._lines.get(line_id)
-                    if running is None:
-                        continue
-                    running.cancel()  # closing the request's connection makes the server drop it
-                    if reason is AbortReason.PREEMPTED:
-                        self.metrics.lines_preempted.labels(endpoint).inc()
-                    elif reason is AbortReason.SHED:
-                        self.metrics.lines_shed.labels(endpoint).inc()
+                case Abort():
+                    self._abort(action)
                 case Record(update):
                     self.recorder.add(update)
                 case WakeAt(when):
@@ -213,6 +225,43 @@ class Dispatcher:
                     self.endpoints.changed(action)
                 case _:
                     raise TypeError(f"{type(action).__name__} is not performed here")
+        for starts in together.values():
+            self._start_request(starts)
+
+    def _start_request(self, starts: list[Start]) -> None:
+        request = _Request(starts)
+        task = request.task = asyncio.create_task(self._run_request(request))
+        for start in starts:
+            self._lines[start.line.id] = task
+            self._requests[start.line.id] = request
+        task.add_done_callback(functools.partial(self._request_ended, request))
+
+    def _abort(self, abort: Abort) -> None:
+        running = self._lines.get(abort.line_id)
+        if running is None:
+            return
+        if not self._abort_in_request(abort.line_id):
+            running.cancel()  # closing the request's connection makes the server drop it
+        if abort.reason is AbortReason.PREEMPTED:
+            self.metrics.lines_preempted.labels(abort.endpoint).inc()
+        elif abort.reason is AbortReason.SHED:
+            self.metrics.lines_shed.labels(abort.endpoint).inc()
+
+    def _abort_in_request(self, line_id: int) -> bool:
+        """An aborted line of a coalesced request: the request is cancelled once every line of it is aborted,
+        else it runs on for the others and this line ends unsent. False: the line is not in such a request."""
+        request = self._requests.get(line_id)
+        if request is None:
+            return False
+        request.aborted.add(line_id)
+        if len(request.aborted) == len(request.starts) and not request.answered and request.task is not None:
+            request.task.cancel()
+        return True
+
+    def _request_ended(self, request: _Request, task: asyncio.Task[None]) -> None:
+        for start in request.starts:
+            self._requests.pop(start.line.id, None)
+            self._line_ended(start.line.id, task)
 
     def _line_ended(self, line_id: int, task: asyncio.Task[None]) -> None:
         """A line's task is done. One cancelled before it ever ran (aborted in the tick that started it) never
@@ -259,13 +308,7 @@ class Dispatcher:
             latency_s = max(0.0, self.clock() - started)
             self.metrics.backend_seconds.labels(backend.name).observe(latency_s)
             self.metrics.backend_requests.labels(backend.name, outcome_label(outcome)).inc()
-            actions = self.core.handle(Answered(line.id, outcome, latency_s), self.clock())
-            for action in actions:
-                if isinstance(action, Record) and action.update.is_final:
-                    self.metrics.lines_finished.labels(action.update.state.value).inc()
-                elif isinstance(action, Record) and action.update.attempts > line.attempts:
-                    self.metrics.line_retries.labels(backend.name).inc()  # not a hand-back in an outage
-            self._perform(actions)
+            self._answer(line, backend.name, outcome, latency_s)
         except asyncio.CancelledError:
             self._perform(self.core.handle(Unsent(line.id, Unanswered.ABORTED), self.clock()))
             raise
@@ -279,6 +322,63 @@ class Dispatcher:
         finally:
             self._lines.pop(line.id, None)
             self._wake.set()
+
+    async def _run_request(self, request: _Request) -> None:
+        """Run the lines of one coalesced request (dispatch/coalesced.py) and tell the core, line by line, what each
+        got — as `_run_line` does for one line."""
+        first = request.starts[0]
+        batch, backend = first.batch, self.backends[first.endpoint]
+        lines = [start.line for start in request.starts]
+        try:
+            raws = await read_lines(self.blobs, batch.input_blob_key, lines)
+            bodies = [orjson.loads(raw)["body"] for raw in raws]
+            left_s = batch.expires_at - self.clock() + self.settings.cancel_grace_s
+            timeout = max(1.0, min(self.settings.request_timeout_s, left_s))
+            self.metrics.in_flight.labels(backend.name).inc()
+            started = self.clock()
+            try:
+                outcomes = await send_together(
+                    backend, batch.endpoint, bodies, timeout, self._max_inputs.get(backend.name, _MAX_INPUTS)
+                )
+            finally:
+                self.metrics.in_flight.labels(backend.name).dec()
+            latency_s = max(0.0, self.clock() - started)
+            self.metrics.backend_seconds.labels(backend.name).observe(latency_s)
+            request.answered = True
+            for line, outcome in zip(lines, outcomes, strict=True):
+                if line.id in request.aborted:
+                    self._perform(self.core.handle(Unsent(line.id, Unanswered.ABORTED), self.clock()))
+                    continue
+                self.metrics.backend_requests.labels(backend.name, outcome_label(outcome)).inc()
+                self._answer(line, backend.name, outcome, latency_s)
+        except asyncio.CancelledError:
+            self._unsend(lines, Unanswered.ABORTED)
+            raise
+        except BlobStoreUnavailable:
+            log.warning("dispatcher.line_unreadable", line_id=lines[0].id, batch_id=batch.id, lines=len(lines))
+            self._unsend(lines, Unanswered.UNREADABLE)
+        except Exception as exc:
+            log.exception("dispatcher.line_crashed", line_id=lines[0].id, batch_id=batch.id, lines=len(lines))
+            self._unsend(lines, Unanswered.CRASHED, type(exc).__name__)
+        finally:
+            for line in lines:
+                self._lines.pop(line.id, None)
+            self._wake.set()
+
+    def _answer(self, line: LeasedLine, backend: str, outcome: Outcome, latency_s: float) -> None:
+        actions = self.core.handle(Answered(line.id, outcome, latency_s), self.clock())
+        for action in actions:
+            if isinstance(action, Record) and action.update.is_final:
+                self.metrics.lines_finished.labels(action.update.state.value).inc()
+            elif isinstance(action, Record) and action.update.attempts > line.attempts:
+                self.metrics.line_retries.labels(backend).inc()  # not a hand-back in an outage
+        self._perform(actions)
+
+    def _unsend(self, lines: Sequence[LeasedLine], why: Unanswered, message: str = "") -> None:
+        """Lines of a request that got no answer: each still in flight with the core is told so (once)."""
+        for line in lines:
+            if line.id in self.core.flights:
+                self._perform(self.core.handle(Unsent(line.id, why, message), self.clock()))
 
     async def _watch_batches(self, now: float) -> None:
         """Cancelling or expired batches among those this worker holds lines of: the core closes and aborts."""

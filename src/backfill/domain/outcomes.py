@@ -28,6 +28,9 @@ class Outcome:
     usage: Usage = field(default_factory=Usage)
     message: str = ""
     unreachable: bool = False  # the request never reached the server: no connection could be made
+    # Each input's prompt tokens, where the backend counted them with the model's tokenizer (the embedded engine):
+    # how a coalesced request's usage is shared out among its lines (domain/coalescing.py).
+    input_tokens: tuple[int, ...] = ()
 
     @property
     def is_retryable(self) -> bool:

@@ -5,14 +5,16 @@ A request's *key* is its prompt text: the last chat message, the completion ``pr
 
     #fail429:N:RA   the first N requests with this exact key get 429 with ``Retry-After: RA`` (seconds)
     #fail500:N      the first N requests with this exact key get 500; ``#fail500:always`` always does
-    #bad400         always 400 (invalid_request_error)
+    #bad400         always 400 (invalid_request_error); in any input of an embeddings or moderations request with
+                    an array ``input``, the whole request gets it, as an engine refuses a request for one bad input
     #garbage        200 whose body is not JSON
     #hang:S         sleep S seconds, then answer 200
     #slow:MS        sleep MS milliseconds, then answer 200
     #gate:NAME      wait until gate NAME is opened (at most GATE_MAX_S), then answer 200
 
 Other words starting with ``#`` are ordinary text. ``GET /_stats`` reports what arrived and how it was
-answered (``?log=0`` leaves out the per-request log); ``POST /_reset`` forgets it. ``GET /_gates/NAME`` says
+answered (``?log=0`` leaves out the per-request log), and for embeddings and
+moderations the requests, inputs and prompt tokens answered 200; ``POST /_reset`` forgets it. ``GET /_gates/NAME`` says
 how many requests wait at a gate (``{"waiting": n, "open": false}``) and ``POST /_gates/NAME`` opens it, for
 them and for any that come later: a test holds lines in flight for exactly as long as it needs, whatever the
 machine's speed, instead of guessing a duration. Run it with ``python -m backfill.testing.upstream --port P``.
@@ -282,6 +284,7 @@ def build_moderation(body: Json, key: str) -> Json:
     }
 
 
+_ARRAY_INPUT_PATHS = frozenset({"/v1/embeddings", "/v1/moderations"})
 KeyFn = Callable[[Json], str]
 BuildFn = Callable[[Json, str], Json]
 
@@ -324,6 +327,8 @@ class FakeUpstream:
         self.by_key: dict[str, int] = {}
         self.by_status: dict[int, int] = {}
         self.log: list[tuple[float, str, str, int]] = []
+        # embeddings and moderations: path -> requests, inputs and prompt tokens answered 200
+        self.answered: dict[str, dict[str, int]] = {}
 
     def stats(self, with_log: bool = True) -> Json:
         """Counts of requests received (total, by key) and answered (by status), and a log of the answers.
@@ -335,6 +340,8 @@ class FakeUpstream:
             "by_key": dict(self.by_key),
             "by_status": {str(status): n for status, n in self.by_status.items()},
         }
+        if self.answered:
+            stats["answered"] = {path: dict(counts) for path, counts in self.answered.items()}
         if with_log:
             stats["log"] = [{"t": t, "path": path, "key": key, "status": status} for t, path, key, status in self.log]
         return stats
@@ -374,15 +381,19 @@ class FakeUpstream:
         key = endpoint[0](body) if isinstance(body, dict) else ""
         self.total += 1
         count = self.by_key[key] = self.by_key.get(key, 0) + 1
-        status, payload, headers = await self._answer(key, count, body, endpoint[1])
+        status, payload, headers = await self._answer(key, count, body, endpoint[1], path)
         self.by_status[status] = self.by_status.get(status, 0) + 1
         self.log.append((arrived_at, path, key, status))
         await _send(send, status, payload, headers)
 
-    async def _answer(self, key: str, count: int, body: object, build: BuildFn) -> tuple[int, bytes, Headers]:
+    async def _answer(
+        self, key: str, count: int, body: object, build: BuildFn, path: str
+    ) -> tuple[int, bytes, Headers]:
         if not isinstance(body, dict):
             message = "We could not parse the JSON body of your request."
             return 400, orjson.dumps(error_envelope(message, "invalid_request_error")), []
+        if path in _ARRAY_INPUT_PATHS and any("#bad400" in text for text in input_texts(body.get("input"))[1:]):
+            return 400, _ERRORS[400], []
         try:
             script = read_script(key, count)
         except ValueError:
@@ -398,7 +409,15 @@ class FakeUpstream:
             await asyncio.sleep(sleep_s)
         if script.is_garbage:
             return 200, _GARBAGE, []
-        return 200, orjson.dumps(build(body, key)), []
+        answer = build(body, key)
+        if path not in _ARRAY_INPUT_PATHS:
+            return 200, orjson.dumps(answer), []
+        counts = self.answered.setdefault(path, {"requests": 0, "inputs": 0, "prompt_tokens": 0})
+        counts["requests"] += 1
+        counts["inputs"] += len(answer.get("data") or answer.get("results") or ())
+        usage = answer.get("usage")
+        counts["prompt_tokens"] += usage.get("prompt_tokens", 0) if isinstance(usage, dict) else 0
+        return 200, orjson.dumps(answer), []
 
     def _gate(self, name: str) -> _Gate:
         return self.gates.setdefault(name, _Gate())

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import importlib.util
 import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -154,7 +155,8 @@ class EmbeddedEmbeddingBackend:
         result = await _within(timeout_s, "embedding", self.engine.embed(request.inputs))
         if isinstance(result, Outcome):
             return result
-        vectors, tokens = result
+        vectors, counts = result
+        tokens = sum(counts)
         data = [
             {
                 "object": "embedding",
@@ -169,7 +171,8 @@ class EmbeddedEmbeddingBackend:
             "model": EMBEDDING_MODEL,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
-        return _ok(payload, Usage(tokens, 0, 0, 0))
+        # Each input's tokens, counted by the model's own tokenizer: what a line's share of a coalesced request is.
+        return replace(_ok(payload, Usage(tokens, 0, 0, 0)), input_tokens=tuple(counts))
 
     async def close(self) -> None:
         return None

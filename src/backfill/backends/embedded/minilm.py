@@ -19,7 +19,7 @@ DIMENSIONS = 384
 @dataclass
 class _Pending:
     texts: list[str]
-    future: asyncio.Future[tuple[list[list[float]], int]]
+    future: asyncio.Future[tuple[list[list[float]], list[int]]]
 
 
 class MiniLMEngine:
@@ -43,8 +43,8 @@ class MiniLMEngine:
                 self._model = SentenceTransformer(str(self.model_dir), device="cpu", local_files_only=True)
         return self._model
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Unit-normalised vectors for `texts`, and the number of tokens they took."""
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
+        """Unit-normalised vectors for `texts`, and the number of tokens each took."""
         loop = asyncio.get_running_loop()
         pending = _Pending(texts, loop.create_future())
         self._queue.append(pending)
@@ -75,7 +75,7 @@ class MiniLMEngine:
             for item in group:
                 end = start + len(item.texts)
                 if not item.future.done():
-                    item.future.set_result((vectors[start:end], sum(tokens[start:end])))
+                    item.future.set_result((vectors[start:end], tokens[start:end]))
                 start = end
 
     def _encode(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
