@@ -7,6 +7,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +16,7 @@ import pytest
 
 from tests.acceptance.conftest import StartServer
 from tests.acceptance.helpers import Clients, chat_line, error_of, start_batch, wait_terminal
-from tests.support.processes import Server, Upstream, child_env
+from tests.support.processes import Server, Upstream, child_env, sim_serve
 
 REVOKED_WITHIN_S = 5.0
 
@@ -188,3 +189,45 @@ def test_a_batch_over_a_token_quota_fails_with_token_limit_exceeded(
 
     assert batch.errors is not None
     assert [("failed", "token_limit_exceeded")] == [(batch.status, error.code) for error in batch.errors.data]
+
+
+FAIR_MODEL = "fair-sim"
+# Four sequences at a time, 20 tokens each at ~10 ms a step: the engine, not the tenants, is the bottleneck.
+FAIR_PROFILE = f"""
+model = "{FAIR_MODEL}"
+max_num_seqs = 4
+output_len_dist = "fixed"
+output_len_mean = 20
+iteration_base_s = 0.01
+"""
+
+
+def test_weights_3_to_1_share_a_simulated_engine_about_3_to_1(
+    connect: Clients, start_server: StartServer, tmp_path: Path
+) -> None:
+    profile = tmp_path / "sim.toml"
+    profile.write_text(FAIR_PROFILE)
+    with sim_serve(profile) as simulator:
+        backend = {"name": "sim", "url": simulator, "models": [FAIR_MODEL], "max_concurrency": 4, "harvest": False}
+        server = start_server(backends=[backend], poll_interval_s=0.1)
+        cli(server, "tenants", "create", "heavy", "--weight", "3")
+        cli(server, "tenants", "create", "light", "--weight", "1")
+        clients = {name: connect(server, new_key(server, "--tenant", name)) for name in ("heavy", "light")}
+        lines = [chat_line(f"line-{n}", f"line {n}", model=FAIR_MODEL) for n in range(150)]
+        batches = {name: start_batch(client, lines).id for name, client in clients.items()}
+
+        def done() -> dict[str, int]:
+            found = {name: clients[name].batches.retrieve(batch_id) for name, batch_id in batches.items()}
+            assert all(batch.status in ("validating", "in_progress") for batch in found.values())
+            return {name: (b.request_counts.completed if b.request_counts else 0) for name, b in found.items()}
+
+        deadline = time.monotonic() + 60
+        start = done()
+        while min(start.values()) == 0 and time.monotonic() < deadline:  # from when both are running
+            time.sleep(0.05)
+            start = done()
+        while (now := done())["heavy"] - start["heavy"] < 90 and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    heavy, light = now["heavy"] - start["heavy"], now["light"] - start["light"]
+    assert 2.0 <= heavy / max(light, 1) <= 4.5, f"heavy {heavy} lines, light {light} lines"
