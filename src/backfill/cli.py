@@ -7,20 +7,19 @@ import functools
 import ipaddress
 import logging
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import click
 import structlog
 from rich.console import Console
 
-from backfill import __version__
+from backfill import __version__, cli_options
+from backfill.cli_admin import keys, tenants
 from backfill.cli_client import COMMANDS as CLIENT_COMMANDS
 from backfill.cli_client import CommandFailed
+from backfill.cli_options import common_options
 from backfill.config import Settings, load_settings, parse_duration_s
 from backfill.domain.batches import ENDPOINTS, BatchStatus
-from backfill.domain.keys import make_key
 from backfill.errors import BackfillError, ConfigError
 from backfill.offline import RunRequest, RunResult, run_offline, state_dir_for
 from backfill.progress import ExitCode, ProgressDisplay, make_console
@@ -29,12 +28,7 @@ from backfill.sim.cli import sim
 from backfill.store.engine import create_engine, migrate
 from backfill.store.sql import SqlStore
 
-
-def _settings(config: Path | None, **overrides: Any) -> Settings:
-    try:
-        return load_settings(config, **overrides)
-    except ConfigError as exc:
-        raise click.ClickException(exc.message) from exc
+_settings = cli_options.load
 
 
 def is_loopback(host: str) -> bool:
@@ -59,19 +53,6 @@ def _configure_logging(level: str) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
     )
-
-
-_common = [
-    click.option("--data-dir", type=click.Path(path_type=Path), help="Where the SQLite file and blobs live."),
-    click.option("--config", type=click.Path(path_type=Path, dir_okay=False), help="TOML config file."),
-    click.option("--database-url", help="sqlite:///PATH or postgresql://user@host:port/db."),
-]
-
-
-def common_options(func: Any) -> Any:
-    for option in reversed(_common):
-        func = option(func)
-    return func
 
 
 @click.group()
@@ -128,33 +109,6 @@ def migrate_command(data_dir: Path | None, config: Path | None, database_url: st
     settings = _settings(config, data_dir=data_dir, database_url=database_url)
     migrate(settings.effective_database_url)
     click.echo("database is up to date")
-
-
-@main.group()
-def keys() -> None:
-    """Manage API keys."""
-
-
-@keys.command(name="create")
-@click.option("--tenant", required=True, help="Tenant the key belongs to (created if new).")
-@common_options
-def create_key(tenant: str, data_dir: Path | None, config: Path | None, database_url: str | None) -> None:
-    """Create an API key and print it (it is shown only once)."""
-    settings = _settings(config, data_dir=data_dir, database_url=database_url)
-    migrate(settings.effective_database_url)
-    click.echo(asyncio.run(_create_key(settings, tenant)))
-
-
-async def _create_key(settings: Settings, tenant: str) -> str:
-    store = SqlStore(create_engine(settings.effective_database_url))
-    try:
-        now = int(time.time())
-        tenant_id = await store.ensure_tenant(tenant, now, settings.default_enqueued_token_limit)
-        key = make_key()
-        await store.add_api_key(tenant_id, key, now)
-        return key.plaintext
-    finally:
-        await store.close()
 
 
 def _check_window(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -271,3 +225,5 @@ def _report_run(console: Console, request: RunRequest, result: RunResult) -> Non
 for _command in CLIENT_COMMANDS:
     main.add_command(_command)
 main.add_command(sim)
+main.add_command(keys)
+main.add_command(tenants)

@@ -3,6 +3,7 @@
     BackfillError
      ├── ConfigError                 bad settings or config file; the process refuses to start
      ├── TokenLimitExceeded          a batch would take its tenant over the enqueued-token limit (SPEC §3)
+     │    └── TokenRateExceeded      ... or over its batch tokens per minute
      ├── RunStateError               `backfill run`: its state directory is busy or belongs to another input
      ├── BlobStoreUnavailable        the blob store (S3) failed or did not answer: retry later, nothing is lost
      ├── ClientError                 a client command (`backfill submit`, …) got no answer it can use
@@ -11,11 +12,12 @@
      ├── ApiError                    a client mistake or state conflict, shown in the error envelope
      │    ├── InvalidRequest         400  the request itself is wrong (`param` names the field)
      │    ├── AuthenticationFailed   401  missing or unknown API key
+     │    ├── PermissionDenied       403  a tenant key on the admin API
      │    ├── NotFound               404  unknown id, or one that belongs to another tenant
      │    ├── Conflict               409  legal request, wrong state (cancel a finished batch, …)
      │    │    └── IdempotencyKeyInUse     a create with this Idempotency-Key is still being served: retry
      │    ├── PayloadTooLarge        413  upload or body over its size limit
-     │    └── QuotaExceeded          429  a message batch would take its tenant over the enqueued-token limit
+     │    └── QuotaExceeded          429  a create would take its tenant over a quota (docs/tenants.md)
      └── BackendError                a backend call went wrong without a usable HTTP answer
           ├── BackendTimeout         no answer within the per-request timeout
           └── BackendUnavailable     connection refused/reset, or an answer that is not a JSON object
@@ -51,6 +53,18 @@ class TokenLimitExceeded(BackfillError):
             f"enqueued, the limit is {limit}. Wait for batches to finish and retry."
         )
         self.enqueued, self.wanted, self.limit = enqueued, wanted, limit
+
+
+class TokenRateExceeded(TokenLimitExceeded):
+    """The tenant's batch tokens per minute would be exceeded."""
+
+    def __init__(self, *, started: int, wanted: int, limit: int) -> None:
+        BackfillError.__init__(
+            self,
+            f"Batch token rate limit reached: this batch needs about {wanted} prompt tokens, batches started in the "
+            f"last minute hold {started}, the limit is {limit} a minute. Retry in a minute.",
+        )
+        self.enqueued, self.wanted, self.limit = started, wanted, limit
 
 
 class RunStateError(BackfillError):
@@ -101,6 +115,13 @@ class AuthenticationFailed(ApiError):
     error_type = "authentication_error"
 
 
+class PermissionDenied(ApiError):
+    """This operation needs an admin API key."""
+
+    status_code = 403
+    error_type = "permission_error"
+
+
 class NotFound(ApiError):
     """No such object."""
 
@@ -130,6 +151,12 @@ class QuotaExceeded(ApiError):
 
     status_code = 429
     error_type = "rate_limit_error"
+
+    def __init__(
+        self, message: str | None = None, *, code: str | None = None, retry_after_s: int | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
 
 
 class BackendError(BackfillError):

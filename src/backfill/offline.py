@@ -25,11 +25,12 @@ from backfill import ids
 from backfill.config import Settings
 from backfill.domain.batches import Batch, BatchStatus, LineError
 from backfill.domain.files import FileRecord
+from backfill.domain.tenants import DEFAULT_TENANT
 from backfill.errors import RunStateError
 from backfill.ports import BlobWriter
 from backfill.progress import Snapshot
 from backfill.result_files import write_atomically
-from backfill.services import DEFAULT_TENANT, Services
+from backfill.services import Services
 from backfill.usecases.batches import CreateBatch, create_batch
 
 STATE_SUFFIX = ".backfill"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from backfill.domain.batches import Batch, BatchApi, BatchStatus, LineError, RequestState
@@ -15,6 +15,7 @@ from backfill.domain.lines import ValidLine
 from backfill.domain.message_batches import RefusedRequest, UnrunCounts
 from backfill.domain.outcomes import Outcome
 from backfill.domain.results import StoredResult
+from backfill.domain.tenants import KeyInfo, KeyMatch, Tenant, TenantChange
 
 
 class Clock(Protocol):
@@ -89,21 +90,57 @@ class DeclaresFeatures(Protocol):
 
 
 class TenantStore(Protocol):
-    """Tenants and their API keys: what authentication and the admin commands need."""
+    """Tenants and their API keys: what authentication and the admin API need."""
 
     async def ensure_tenant(self, name: str, now: int, enqueued_token_limit: int | None = None) -> str:
         """The id of the tenant called `name`, created if it does not exist."""
         ...
 
-    async def add_api_key(self, tenant_id: str, key: NewKey, now: int) -> None: ...
+    async def tenant_token_limit(self, tenant_id: str) -> int | None: ...
 
-    async def key_candidates(self, prefix: str) -> list[tuple[str, str, str]]:
-        """(salt, key_hash, tenant_id) of live keys with this prefix."""
+    async def create_tenant(self, tenant: Tenant) -> None:
+        """Insert the tenant; Conflict if one has its name."""
+        ...
+
+    async def get_tenant(self, name_or_id: str) -> Tenant | None: ...
+
+    async def list_tenants(self) -> list[Tenant]: ...
+
+    async def update_tenant(self, tenant_id: str, change: TenantChange) -> Tenant:
+        """Set its weight and quotas; NotFound if there is no such tenant."""
+        ...
+
+    async def move_tenant_data(self, from_tenant_id: str, to_tenant_id: str) -> tuple[int, int]:
+        """Give every file and batch of one tenant to another, at once; (files, batches) moved."""
+        ...
+
+    async def add_api_key(self, tenant_id: str, key: NewKey, now: int, *, admin: bool = False) -> str:
+        """Store the key (its prefix and salted hash); its id."""
+        ...
+
+    async def key_candidates(self, prefix: str) -> list[KeyMatch]:
+        """Live keys with this prefix."""
         ...
 
     async def count_api_keys(self) -> int: ...
 
-    async def tenant_token_limit(self, tenant_id: str) -> int | None: ...
+    async def revoked_among(self, key_ids: Collection[str]) -> set[str]:
+        """Which of these keys are revoked (or gone)."""
+        ...
+
+    async def record_key_use(self, last_used: Mapping[str, int]) -> None:
+        """Set each key's `last_used_at` (never back in time)."""
+        ...
+
+    async def list_keys(self, tenant_id: str | None = None) -> list[KeyInfo]: ...
+
+    async def find_key(self, key_id: str) -> KeyInfo | None:
+        """The key with this id, or this prefix (`bf-` and the 12 characters after it)."""
+        ...
+
+    async def revoke_key(self, key_id: str, now: int) -> bool:
+        """Revoke the key; False if it was revoked already."""
+        ...
 
 
 class FileStore(Protocol):

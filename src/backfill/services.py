@@ -23,7 +23,6 @@ from backfill.ports import Backend, Store
 from backfill.store.engine import create_engine, migrate
 from backfill.store.sql import SqlStore
 
-DEFAULT_TENANT = "default"
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
 

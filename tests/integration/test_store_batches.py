@@ -13,6 +13,7 @@ from backfill import ids
 from backfill.domain.batches import BatchStatus, LineError
 from backfill.domain.files import FileRecord
 from backfill.domain.keys import make_key
+from backfill.domain.tenants import KeyMatch
 from backfill.errors import Conflict, NotFound
 from backfill.ports import Store
 from backfill.testing import ConstraintViolation
@@ -58,9 +59,9 @@ async def test_api_keys_are_found_by_prefix(store: Store) -> None:
     tenant_id = await add_tenant(store)
     key = make_key()
 
-    await store.add_api_key(tenant_id, key, NOW)
+    key_id = await store.add_api_key(tenant_id, key, NOW)
 
-    assert [(key.salt, key.key_hash, tenant_id)] == await store.key_candidates(key.prefix)
+    assert [KeyMatch(key_id, key.salt, key.key_hash, tenant_id, False)] == await store.key_candidates(key.prefix)
     assert [] == await store.key_candidates("000000000000")
     assert 1 == await store.count_api_keys()
 

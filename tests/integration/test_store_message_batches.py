@@ -8,7 +8,8 @@ import pytest
 from backfill import ids
 from backfill.domain.batches import Batch, BatchApi, BatchStatus, RequestState
 from backfill.domain.message_batches import REFUSED, RefusedRequest, UnrunCounts
-from backfill.errors import Conflict, NotFound
+from backfill.domain.tenants import TenantChange
+from backfill.errors import Conflict, NotFound, QuotaExceeded
 from backfill.ports import Store
 from tests.support.store_data import DAY_S, MODEL, NOW, add_batch, add_file, add_tenant, current, failed, valid_lines
 
@@ -185,3 +186,15 @@ async def test_a_batch_whose_creation_failed_is_discarded_with_its_lines(store: 
     assert await store.get_batch(None, batch.id) is None
     assert {} == await store.line_state_counts(batch.id)
     assert ([], False) == ids_of(await store.list_message_batches(tenant_id, limit=5, before_id=None, after_id=None))
+
+
+async def test_message_batches_count_towards_the_batches_in_progress_quota(store: Store) -> None:
+    tenant_id = await add_tenant(store)
+    await store.update_tenant(tenant_id, TenantChange(quotas={"max_batches_in_progress": 2}))
+    await add_batch(store, tenant_id)
+    await add_message_batch(store, tenant_id)
+
+    with pytest.raises(QuotaExceeded):
+        await add_message_batch(store, tenant_id)
+    with pytest.raises(QuotaExceeded):
+        await add_batch(store, tenant_id)

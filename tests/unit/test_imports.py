@@ -40,7 +40,15 @@ def test_the_in_memory_store_is_public_and_pure() -> None:
     """`from backfill.testing import InMemoryStore` works, and the fake needs no database library."""
     assert "backfill.testing.memory_store" == InMemoryStore.__module__
     fake = [name for name in MODULES if name.startswith("backfill.testing.memory_")]
-    expected = ["memory_blobs", "memory_idempotency", "memory_lines", "memory_store", "memory_tables", "memory_workers"]
+    expected = [
+        "memory_blobs",
+        "memory_idempotency",
+        "memory_lines",
+        "memory_store",
+        "memory_tables",
+        "memory_tenants",
+        "memory_workers",
+    ]
     assert expected == [name.split(".")[-1] for name in fake]
     for name in fake:
         source = importlib.import_module(name).__file__

@@ -18,7 +18,7 @@ from backfill.http.auth import Authenticator
 from backfill.http.errors import install_error_handlers
 from backfill.http.openapi import install_document, operation_id
 from backfill.http.request_ids import RequestIdMiddleware
-from backfill.http.routes import batches, files, health, message_batches, models, proxy
+from backfill.http.routes import admin, batches, files, health, message_batches, models, proxy
 from backfill.ports import Backend
 from backfill.services import Services
 
@@ -48,11 +48,15 @@ def create_app(
         )
         app.state.services = services
         app.state.started_at = int(clock())  # `created` of the models listed at /v1/models
-        app.state.authenticator = Authenticator(services)
+        app.state.authenticator = authenticator = Authenticator(services)
         if dispatching:
             services.start_dispatcher()
         try:
-            yield
+            if serves_api:
+                async with authenticator.running():
+                    yield
+            else:
+                yield
         finally:
             await services.close()
 
@@ -72,6 +76,6 @@ def create_app(
     if serves_api:
         # The proxy's routes first: a request is matched against the routes in order, and only interactive requests
         # wait for their answer's first token (~0.1 ms a request when they came last).
-        for routes in (proxy, files, batches, message_batches, models):
+        for routes in (proxy, files, batches, message_batches, models, admin):
             app.include_router(routes.router)
     return app

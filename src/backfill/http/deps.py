@@ -15,8 +15,8 @@ import orjson
 from fastapi import Depends, Header, Request
 from fastapi.responses import Response
 
-from backfill.errors import InvalidRequest, PayloadTooLarge
-from backfill.http.auth import Authenticator, presented_key
+from backfill.errors import InvalidRequest, PayloadTooLarge, PermissionDenied
+from backfill.http.auth import Authenticator, Caller, presented_key
 from backfill.services import Services
 from backfill.usecases import idempotency
 
@@ -42,6 +42,21 @@ async def tenant_of(
     return await authenticator.tenant_for(presented_key(authorization, x_api_key))
 
 
+async def admin_of(
+    request: Request,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Caller:
+    """The caller, if it may use the admin API: an admin key, or anyone in open mode (loopback only)."""
+    authenticator: Authenticator = request.app.state.authenticator
+    caller = await authenticator.caller_for(presented_key(authorization, x_api_key))
+    if not caller.admin:
+        raise PermissionDenied(
+            "This operation needs an admin API key (`backfill keys create --admin`).", code="admin_key_required"
+        )
+    return caller
+
+
 async def idempotency_key_of(
     idempotency_key: Annotated[
         str | None,
@@ -53,6 +68,7 @@ async def idempotency_key_of(
 
 ServicesDep = Annotated[Services, Depends(services_of)]
 TenantDep = Annotated[str, Depends(tenant_of)]
+AdminDep = Annotated[Caller, Depends(admin_of)]
 IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key_of)]
 
 

@@ -16,7 +16,7 @@ from starlette.routing import Match
 
 from backfill import ids
 from backfill.domain.message_batches import error_type as anthropic_error_type
-from backfill.errors import ApiError, BlobStoreUnavailable
+from backfill.errors import ApiError, BlobStoreUnavailable, QuotaExceeded
 from backfill.http.request_ids import request_id_of
 from backfill.usecases import params
 
@@ -118,10 +118,12 @@ def _route_error(request: Request, exc: StarletteHTTPException) -> Response:
 def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
+        retry_after_s = exc.retry_after_s if isinstance(exc, QuotaExceeded) else None
         return _answer(
             request,
             exc.status_code,
             exc.message,
+            headers={"retry-after": str(retry_after_s)} if retry_after_s is not None else None,
             error_type=exc.error_type,
             param=exc.param,
             code=exc.code,

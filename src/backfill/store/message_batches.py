@@ -13,6 +13,7 @@ from backfill.domain.message_batches import REFUSED, RefusedRequest, UnrunCounts
 from backfill.errors import Conflict, NotFound
 from backfill.store.rows import batch_from_row, batch_to_row
 from backfill.store.tables import batches, requests
+from backfill.store.tenants import check_create_quota
 
 _MESSAGE_BATCH = batches.c.api == BatchApi.ANTHROPIC.value
 
@@ -26,6 +27,7 @@ class MessageBatchQueries:
         """Insert a message batch still `validating` and claimed by `owner`, who starts it next (`start_batch`
         adds the lines that run). Its refused requests are stored at once as failed lines, counted from the start."""
         async with self.engine.begin() as conn:
+            await check_create_quota(conn, batch.tenant_id, batch.created_at)
             row = batch_to_row(batch)
             row.update(total=len(refused), failed=len(refused), claimed_by=owner, claim_expires_at=claim_until)
             await conn.execute(insert(batches).values(**row))

@@ -24,7 +24,6 @@ from backfill.domain.batches import (
 )
 from backfill.domain.estimates import expected_output_tokens
 from backfill.domain.files import MESSAGE_BATCH_PURPOSE, FileRecord
-from backfill.domain.keys import NewKey
 from backfill.domain.lines import ValidLine
 from backfill.errors import Conflict, NotFound, TokenLimitExceeded
 from backfill.ports import Store
@@ -32,14 +31,15 @@ from backfill.store.idempotency import IdempotencyQueries
 from backfill.store.lines import LineQueries
 from backfill.store.message_batches import MessageBatchQueries
 from backfill.store.rows import batch_from_row, batch_to_row, file_from_row
-from backfill.store.tables import api_keys, batches, files, requests, tenants
+from backfill.store.tables import batches, files, requests, tenants
+from backfill.store.tenants import TenantQueries, check_create_quota, check_start_rate, locked_tenant
 from backfill.store.workers import WorkerQueries
 
 _TERMINAL = [status.value for status in TERMINAL]
 _INSERT_CHUNK = 1_000
 
 
-class SqlStore(LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueries):
+class SqlStore(TenantQueries, LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueries):
     """Every query backfill runs, by name. Construct with an engine from `store.engine.create_engine`."""
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -73,33 +73,6 @@ class SqlStore(LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueri
                 return tenant_id
         async with self.engine.connect() as conn:
             return str(await conn.scalar(select(tenants.c.id).where(tenants.c.name == name)))
-
-    async def add_api_key(self, tenant_id: str, key: NewKey, now: int) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                insert(api_keys).values(
-                    id=ids.new_id("key_", 8),
-                    tenant_id=tenant_id,
-                    prefix=key.prefix,
-                    salt=key.salt,
-                    key_hash=key.key_hash,
-                    created_at=now,
-                )
-            )
-
-    async def key_candidates(self, prefix: str) -> list[tuple[str, str, str]]:
-        """(salt, key_hash, tenant_id) of live keys with this prefix."""
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                select(api_keys.c.salt, api_keys.c.key_hash, api_keys.c.tenant_id).where(
-                    api_keys.c.prefix == prefix, api_keys.c.revoked_at.is_(None)
-                )
-            )
-            return [(row.salt, row.key_hash, row.tenant_id) for row in rows]
-
-    async def count_api_keys(self) -> int:
-        async with self.engine.connect() as conn:
-            return int(await conn.scalar(select(func.count()).select_from(api_keys)) or 0)
 
     async def tenant_token_limit(self, tenant_id: str) -> int | None:
         async with self.engine.connect() as conn:
@@ -166,7 +139,9 @@ class SqlStore(LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueri
     # --- batches ----------------------------------------------------------------------------------------------
 
     async def create_batch(self, batch: Batch) -> None:
+        """Insert the batch; QuotaExceeded if it would take its tenant over a create quota."""
         async with self.engine.begin() as conn:
+            await check_create_quota(conn, batch.tenant_id, batch.created_at)
             await conn.execute(insert(batches).values(**batch_to_row(batch)))
 
     async def get_batch(self, tenant_id: str | None, batch_id: str, api: BatchApi | None = None) -> Batch | None:
@@ -271,21 +246,26 @@ class SqlStore(LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueri
 
         With a `token_limit`, the tenant's enqueued tokens for the model are checked in the same transaction,
         under a lock on the tenant row, so two batches validated at once cannot both slip under the limit;
-        over it, raises TokenLimitExceeded and changes nothing.
+        over it, raises TokenLimitExceeded and changes nothing. So is the tenant's batch tokens per minute
+        (TokenRateExceeded).
         """
         est, est_output = await asyncio.to_thread(_estimated_tokens, lines)  # 100,000 lines: not in the event loop
         async with self.engine.begin() as conn:
-            if token_limit is not None and model is not None:
-                tenant_id = await conn.scalar(
-                    select(tenants.c.id)
-                    .where(
-                        tenants.c.id == select(batches.c.tenant_id).where(batches.c.id == batch_id).scalar_subquery()
-                    )
-                    .with_for_update()
+            tenant_id, rate_limit = (
+                await conn.execute(
+                    select(batches.c.tenant_id, tenants.c.batch_tokens_per_minute)
+                    .select_from(batches.join(tenants, tenants.c.id == batches.c.tenant_id))
+                    .where(batches.c.id == batch_id)
                 )
-                enqueued = int(await conn.scalar(_enqueued_tokens_query(str(tenant_id), model)) or 0)
-                if enqueued + est > token_limit:
-                    raise TokenLimitExceeded(enqueued=enqueued, wanted=est, limit=token_limit)
+            ).first() or (None, None)
+            limited = (token_limit is not None and model is not None) or rate_limit is not None
+            # Locked only when limited: the lock serialises the validations of one tenant's batches.
+            if limited and (tenant := await locked_tenant(conn, str(tenant_id))) is not None:
+                if token_limit is not None and model is not None:
+                    enqueued = int(await conn.scalar(_enqueued_tokens_query(tenant.id, model)) or 0)
+                    if enqueued + est > token_limit:
+                        raise TokenLimitExceeded(enqueued=enqueued, wanted=est, limit=token_limit)
+                await check_start_rate(conn, tenant, est, now)
             result = await conn.execute(
                 update(batches)
                 .where(

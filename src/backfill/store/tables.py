@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Float,
     ForeignKey,
@@ -15,6 +16,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 metadata = MetaData(
@@ -37,6 +39,10 @@ tenants = Table(
     Column("weight", Float, nullable=False, default=1.0),
     Column("enqueued_token_limit", BigInteger, nullable=True),
     Column("created_at", BigInteger, nullable=False),
+    # Quotas (domain.tenants.QUOTAS); null: no limit.
+    Column("max_batches_in_progress", BigInteger, nullable=True),
+    Column("batch_creates_per_minute", BigInteger, nullable=True),
+    Column("batch_tokens_per_minute", BigInteger, nullable=True),
 )
 
 api_keys = Table(
@@ -49,6 +55,9 @@ api_keys = Table(
     Column("key_hash", String(128), nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("revoked_at", BigInteger, nullable=True),
+    Column("is_admin", Boolean, nullable=False, default=False, server_default=false()),
+    # Written by the API processes in the background, a few seconds late at most (http.auth).
+    Column("last_used_at", BigInteger, nullable=True),
 )
 
 files = Table(

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from backfill import ids
 from backfill.domain.batches import (
     CANCELLABLE,
     OPEN_STATES,
@@ -21,7 +20,6 @@ from backfill.domain.batches import (
 )
 from backfill.domain.estimates import expected_output_tokens
 from backfill.domain.files import MESSAGE_BATCH_PURPOSE, FileRecord
-from backfill.domain.keys import NewKey
 from backfill.domain.lines import ValidLine
 from backfill.domain.message_batches import REFUSED, RefusedRequest, UnrunCounts
 from backfill.errors import Conflict, NotFound, TokenLimitExceeded
@@ -31,17 +29,16 @@ from backfill.testing.memory_lines import MemoryLineQueue
 from backfill.testing.memory_tables import (
     BatchRow,
     ConstraintViolation,
-    KeyRow,
     MemoryTables,
     StoredLine,
-    TenantRow,
     copy_batch,
     page,
 )
+from backfill.testing.memory_tenants import MemoryTenants
 from backfill.testing.memory_workers import MemoryWorkerBoard
 
 
-class InMemoryStore(MemoryLineQueue, MemoryWorkerBoard, MemoryIdempotency):
+class InMemoryStore(MemoryTenants, MemoryLineQueue, MemoryWorkerBoard, MemoryIdempotency):
     """Everything backfill keeps, in dictionaries. One instance is one database; nothing is shared between two."""
 
     def __init__(self) -> None:
@@ -52,32 +49,6 @@ class InMemoryStore(MemoryLineQueue, MemoryWorkerBoard, MemoryIdempotency):
         pass
 
     # --- tenants and keys -------------------------------------------------------------------------------------
-
-    async def ensure_tenant(self, name: str, now: int, enqueued_token_limit: int | None = None) -> str:
-        for tenant in self.tables.tenants.values():
-            if tenant.name == name:
-                return tenant.id
-        tenant_id = ids.new_id("tenant_", 8)
-        self.tables.tenants[tenant_id] = TenantRow(tenant_id, name, 1.0, enqueued_token_limit, now)
-        return tenant_id
-
-    async def add_api_key(self, tenant_id: str, key: NewKey, now: int) -> None:
-        self.tables.require_tenant(tenant_id)
-        if key.prefix in self.tables.api_keys:
-            raise ConstraintViolation(f"an API key with prefix {key.prefix!r} exists")
-        row = KeyRow(ids.new_id("key_", 8), tenant_id, key.prefix, key.salt, key.key_hash, now)
-        self.tables.api_keys[key.prefix] = row
-
-    async def key_candidates(self, prefix: str) -> list[tuple[str, str, str]]:
-        key = self.tables.api_keys.get(prefix)
-        return [(key.salt, key.key_hash, key.tenant_id)] if key is not None and key.revoked_at is None else []
-
-    async def count_api_keys(self) -> int:
-        return len(self.tables.api_keys)
-
-    async def tenant_token_limit(self, tenant_id: str) -> int | None:
-        tenant = self.tables.tenants.get(tenant_id)
-        return tenant.enqueued_token_limit if tenant is not None else None
 
     # --- files ------------------------------------------------------------------------------------------------
 
@@ -132,6 +103,7 @@ class InMemoryStore(MemoryLineQueue, MemoryWorkerBoard, MemoryIdempotency):
     # --- batches ----------------------------------------------------------------------------------------------
 
     async def create_batch(self, batch: Batch) -> None:
+        self.check_create_quota(batch.tenant_id, batch.created_at)
         self.tables.insert_batch(_as_created(batch))
 
     async def get_batch(self, tenant_id: str | None, batch_id: str, api: BatchApi | None = None) -> Batch | None:
@@ -203,6 +175,8 @@ class InMemoryStore(MemoryLineQueue, MemoryWorkerBoard, MemoryIdempotency):
             enqueued = self._enqueued_tokens(row.batch.tenant_id, model) if row is not None else 0
             if enqueued + est > token_limit:
                 raise TokenLimitExceeded(enqueued=enqueued, wanted=est, limit=token_limit)
+        if row is not None:
+            self.check_start_rate(row.batch.tenant_id, est, now)
         if row is None or row.batch.status != BatchStatus.VALIDATING or row.claimed_by != owner:
             return False
         self.tables.insert_lines([_queued(batch_id, line) for line in lines])
@@ -279,6 +253,7 @@ class InMemoryStore(MemoryLineQueue, MemoryWorkerBoard, MemoryIdempotency):
     async def add_message_batch(
         self, batch: Batch, refused: Sequence[RefusedRequest], owner: str, claim_until: float
     ) -> None:
+        self.check_create_quota(batch.tenant_id, batch.created_at)
         stored = _as_created(batch)
         stored.total = stored.failed = len(refused)
         row = self.tables.insert_batch(stored)

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from backfill.domain.batches import Batch, RequestState
 from backfill.domain.files import FileRecord
+from backfill.domain.tenants import Tenant
 from backfill.domain.usage import Usage
 
 _Row = TypeVar("_Row")
@@ -49,15 +50,6 @@ class StoredLine:
     usage: Usage = field(default_factory=Usage)
 
 
-@dataclass
-class TenantRow:
-    id: str
-    name: str
-    weight: float
-    enqueued_token_limit: int | None
-    created_at: int
-
-
 @dataclass(frozen=True)
 class KeyRow:
     id: str
@@ -66,7 +58,9 @@ class KeyRow:
     salt: str
     key_hash: str
     created_at: int
+    admin: bool = False
     revoked_at: int | None = None
+    last_used_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +90,7 @@ class BatchRow:
 class MemoryTables:
     """Every table, keyed as the schema's unique constraints are. Sequences start at 1, like the databases'."""
 
-    tenants: dict[str, TenantRow] = field(default_factory=dict)
+    tenants: dict[str, Tenant] = field(default_factory=dict)
     api_keys: dict[str, KeyRow] = field(default_factory=dict)  # by prefix (unique)
     files: dict[str, FileRow] = field(default_factory=dict)
     batches: dict[str, BatchRow] = field(default_factory=dict)

@@ -38,7 +38,7 @@ from backfill.domain.message_batches import (
     rfc3339,
     served_model,
 )
-from backfill.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded, TokenLimitExceeded
+from backfill.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded, TokenLimitExceeded, TokenRateExceeded
 from backfill.ports import Backend, BlobWriter, DeclaresFeatures
 from backfill.usecases.deps import MessageBatchDeps
 
@@ -329,7 +329,8 @@ async def create_message_batch(deps: MessageBatchDeps, tenant_id: str, body: Bin
             await store.delete_file(tenant_id, file_id)
         await deps.blobs.delete(record.blob_key)
         if isinstance(exc, TokenLimitExceeded):
-            raise QuotaExceeded(exc.message) from None
+            retry_after_s = 60 if isinstance(exc, TokenRateExceeded) else None
+            raise QuotaExceeded(exc.message, code="token_limit_exceeded", retry_after_s=retry_after_s) from None
         raise
     await store.release_batch(batch_id, owner)
     return await get_message_batch(deps, tenant_id, batch_id)
