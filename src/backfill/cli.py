@@ -18,7 +18,7 @@ from backfill.cli_admin import keys, tenants
 from backfill.cli_client import COMMANDS as CLIENT_COMMANDS
 from backfill.cli_client import CommandFailed
 from backfill.cli_options import common_options
-from backfill.config import Settings, load_settings, parse_duration_s
+from backfill.config import Settings, config_warnings, load_settings, parse_duration_s
 from backfill.domain.batches import ENDPOINTS, BatchStatus
 from backfill.errors import BackfillError, ConfigError
 from backfill.offline import RunRequest, RunResult, run_offline, state_dir_for
@@ -185,6 +185,8 @@ def run_command(
         settings = load_settings(config)
     except ConfigError as exc:
         raise CommandFailed(exc.message) from None
+    for warning in config_warnings():
+        console.print(f"warning: {warning}", markup=False, style="yellow")
     _configure_logging("warning")  # the progress bar is the news; warnings and errors still show
     request = RunRequest(input_path, output, errors or default_errors_path(output), endpoint, window, keep_state)
     try:

@@ -7,15 +7,19 @@ from typing import Any
 
 import click
 
-from backfill.config import Settings, load_settings
+from backfill.config import Settings, config_warnings, load_settings
 from backfill.errors import ConfigError
 
 
 def load(config: Path | None, **overrides: Any) -> Settings:
+    """Settings, or the command fails with what is wrong in them; warnings (a misspelt variable) go to stderr."""
     try:
-        return load_settings(config, **overrides)
+        settings = load_settings(config, **overrides)
     except ConfigError as exc:
         raise click.ClickException(exc.message) from exc
+    for warning in config_warnings():
+        click.echo(f"warning: {warning}", err=True)
+    return settings
 
 
 _common = [

@@ -9,14 +9,16 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from datetime import time
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from backfill.config_errors import Sources, describe, unknown_variables
 from backfill.errors import ConfigError
 from backfill.policy.harvest import OffPeak, Window
 
@@ -35,6 +37,8 @@ def parse_duration_s(text: str) -> int:
 
 class BackendSettings(BaseModel):
     """One `[[backends]]` entry: an OpenAI-compatible inference server."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is named, not silently dropped
 
     name: str
     url: str
@@ -103,6 +107,8 @@ _CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 class OffPeakWindow(BaseModel):
     """From `start` to `end` ("HH:MM", local time; wraps past midnight when end <= start) batch may use `share`."""
 
+    model_config = ConfigDict(extra="forbid")
+
     start: str
     end: str
     share: float = Field(ge=0, le=1)
@@ -122,6 +128,8 @@ class OffPeakWindow(BaseModel):
 class OffPeakSettings(BaseModel):
     """One `[[off_peak]]` entry: how much of a pool's (a model's) harvested endpoints batch work may use by time
     of day. A batch promoted for its deadline is not held to it."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     timezone: str = "UTC"
@@ -273,7 +281,7 @@ class Settings(BaseSettings):
 
     @property
     def spool_dir(self) -> Path:
-        """Where large request bodies wait, in unnamed temporary files, while they are read."""
+        """Where large request bodies wait, in temporary files, while they are read."""
         return self.data_dir / "spool"
 
     def window_s(self, window: str) -> int | None:
@@ -305,10 +313,28 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         ) -> tuple[PydanticBaseSettingsSource, ...]:
             return init_settings, env_settings, InitSettingsSource(settings_cls, file_values)
 
+    given = {key: value for key, value in overrides.items() if value is not None}
     try:
-        return _FromFile(**{key: value for key, value in overrides.items() if value is not None})
+        return _FromFile(**given)
     except ValidationError as exc:
-        raise ConfigError(f"invalid settings: {exc}") from exc
+        sources = Sources(path, file_values, given, os.environ)
+        lines = describe(exc.errors(include_url=False), sources, _TABLES).splitlines()
+        text = lines[0] if len(lines) == 1 else "".join(f"\n  {line}" for line in lines)
+        raise ConfigError(f"invalid settings: {text}") from None
+
+
+# The model of each table in the config file, for the did-you-mean of an unknown key in it ("": the top level).
+_TABLES: dict[str, type[BaseModel]] = {
+    "": Settings,
+    "backends": BackendSettings,
+    "off_peak": OffPeakSettings,
+    "windows": OffPeakWindow,
+}
+
+
+def config_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """What is not wrong enough to refuse to start: `BACKFILL_*` variables that no setting reads."""
+    return unknown_variables(os.environ if environ is None else environ, Settings.model_fields)
 
 
 class ClientSettings(BaseSettings):

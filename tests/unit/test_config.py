@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from backfill.config import BackendSettings, Settings, load_settings, parse_duration_s
+from backfill.config import BackendSettings, Settings, config_warnings, load_settings, parse_duration_s
 from backfill.errors import ConfigError
 
 
@@ -182,3 +182,81 @@ def test_backend_api_key_is_read_from_the_named_variable(monkeypatch: pytest.Mon
 
     assert "sk-secret" == backend.api_key()
     assert BackendSettings(name="a", url="http://x", models=["m"]).api_key() is None
+
+
+# --- mistakes named with their fix (issue 20) -----------------------------------------------------------------
+
+
+def _error_of(path: Path, text: str) -> str:
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    return caught.value.message
+
+
+def test_an_unknown_top_level_key_is_named_with_the_file_and_a_did_you_mean(tmp_path: Path) -> None:
+    path = tmp_path / "backfill.toml"
+
+    message = _error_of(path, "prot = 9000\n")
+
+    assert f"{path}: unknown key 'prot'; did you mean 'port'?" in message
+
+
+def test_a_typo_inside_backends_is_named_not_reported_as_a_missing_field_only(tmp_path: Path) -> None:
+    message = _error_of(
+        tmp_path / "backfill.toml",
+        '[[backends]]\nname = "a"\nurll = "http://127.0.0.1:8000"\nmodels = ["m"]\nmax_concurency = 4\n',
+    )
+
+    assert "unknown key 'backends[0].urll'; did you mean 'url'?" in message
+    assert "unknown key 'backends[0].max_concurency'; did you mean 'max_concurrency'?" in message
+    assert "'backends[0].url' is required but missing" in message
+
+
+def test_an_unknown_key_deep_in_off_peak_windows_is_named(tmp_path: Path) -> None:
+    message = _error_of(
+        tmp_path / "backfill.toml",
+        '[[off_peak]]\nmodel = "m"\nwindows = [{start = "22:00", end = "06:00", sahre = 1}]\n',
+    )
+
+    assert "unknown key 'off_peak[0].windows[0].sahre'; did you mean 'share'?" in message
+
+
+def test_a_bad_value_names_its_key_the_value_and_the_rule(tmp_path: Path) -> None:
+    message = _error_of(tmp_path / "backfill.toml", "max_lines = 0\n")
+
+    assert "max_lines = 0: Input should be greater than or equal to 1" in message
+
+
+@pytest.mark.parametrize("internal", ["_FromFile", "errors.pydantic.dev", "Value error,", "For further information"])
+def test_no_pydantic_internals_reach_the_user(internal: str, tmp_path: Path) -> None:
+    message = _error_of(
+        tmp_path / "backfill.toml",
+        'max_lines = 0\nprot = 1\n[[backends]]\nname = "a"\nurl = "ftp://x"\nmodels = ["m"]\n',
+    )
+
+    assert internal not in message
+
+
+def test_a_bad_environment_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKFILL_MAX_LINES", "-1")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+
+    assert "environment variable BACKFILL_MAX_LINES: max_lines = '-1'" in caught.value.message
+
+
+def test_a_bad_option_names_the_option() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(port=70000)
+
+    assert "option --port: port = 70000" in caught.value.message
+
+
+def test_misspelt_variables_are_warned_about_with_the_one_meant() -> None:
+    warnings = config_warnings({"BACKFILL_PORTT": "1", "BACKFILL_PORT": "2", "BACKFILL_BASE_URL": "x", "HOME": "/"})
+
+    assert [
+        "environment variable BACKFILL_PORTT is not a backfill setting and is ignored; did you mean BACKFILL_PORT?"
+    ] == warnings
