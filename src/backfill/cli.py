@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 import structlog
 from rich.console import Console
+from structlog.typing import Processor
 
 from backfill import __version__, cli_options
 from backfill.cli_admin import keys, tenants
@@ -41,16 +42,26 @@ def is_loopback(host: str) -> bool:
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(message)s")
+    """One JSON object per line on stdout, ours and every library's (uvicorn, alembic, httpx) alike."""
+    stamp: list[Processor] = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso")]
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *stamp],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=[*stamp, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
     )
 
@@ -91,7 +102,10 @@ def serve(
             f"refusing to serve on {settings.host} without API keys: anyone who can reach it could use it. "
             "Create one with `backfill keys create --tenant NAME`, or bind to 127.0.0.1."
         )
-    run_server(create_app(settings, run_migrations=False), settings)
+    try:
+        run_server(create_app(settings, run_migrations=False), settings)
+    except ConfigError as exc:
+        raise click.ClickException(exc.message) from None
 
 
 async def _count_keys(settings: Settings) -> int:

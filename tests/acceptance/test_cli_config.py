@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
+
+from tests.support.processes import free_port
+
 BAD_CONFIG = """\
 prot = 8080
 [[backends]]
@@ -48,3 +52,41 @@ def test_a_misspelt_variable_is_a_warning_and_the_command_still_runs(tmp_path: P
     assert "database is up to date" in done.stdout
     assert "warning: environment variable BACKFILL_MAX_LINE is not a backfill setting" in done.stderr
     assert "did you mean BACKFILL_MAX_LINES?" in done.stderr
+
+
+def test_serve_says_where_and_what_it_serves_logs_only_json_and_a_taken_port_is_one_clear_line(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "backfill.toml"
+    config.write_text('[[backends]]\nname = "gpu-a"\nurl = "http://127.0.0.1:9"\nmodels = ["m1", "m0"]\n')
+    port = free_port()
+    environ = {key: value for key, value in os.environ.items() if not key.upper().startswith("BACKFILL_")}
+    command = [sys.executable, "-m", "backfill", "serve", "--port", str(port), "--config", str(config)]
+    first = subprocess.Popen(
+        [*command, "--data-dir", str(tmp_path / "one")],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert first.stdout is not None
+        lines = []
+        for line in first.stdout:  # until the banner: every line before it is JSON too
+            lines.append(orjson.loads(line))
+            if lines[-1]["event"] == "backfill.started":
+                break
+        banner = lines[-1]
+
+        taken = backfill("serve", "--port", str(port), "--config", str(config), "--data-dir", str(tmp_path / "two"))
+    finally:
+        first.terminate()
+        rest, _ = first.communicate(timeout=60)
+
+    assert f"http://127.0.0.1:{port}" == banner["url"]
+    assert ["gpu-a: m0, m1"] == banner["backends"]
+    assert banner["access"].startswith("open mode")
+    assert all(orjson.loads(line)["event"] for line in rest.splitlines())
+    assert 1 == taken.returncode
+    assert f"cannot listen on 127.0.0.1:{port}: the port is already in use" in taken.stderr
+    assert "Traceback" not in taken.stderr

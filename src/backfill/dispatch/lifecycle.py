@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -35,6 +35,8 @@ class Lifecycle:
     )
     # What a batch of a model waits for, as this worker's dispatcher sees it (None: a backend is up).
     waiting_for: Callable[[str], str | None] = lambda model: None
+    # Batches said to be closing: the step runs at every poll while lines are in flight, the log line once.
+    _closing: set[str] = field(default_factory=set)
 
     async def tend(self, batch: Batch, now: float) -> None:
         """Move `batch` along if something is due; safe to call again at any time."""
@@ -107,8 +109,11 @@ class Lifecycle:
         closed = await self.store.close_queued_lines(batch.id, line_state, note)
         fresh = await self.store.get_batch(None, batch.id)
         if fresh is None or fresh.completed + fresh.failed < fresh.total:
-            log.info("batch.closing", batch_id=batch.id, closed=closed, waiting_for_in_flight=True)
+            if closed or batch.id not in self._closing:
+                log.info("batch.closing", batch_id=batch.id, closed=closed, waiting_for_in_flight=True)
+                self._closing.add(batch.id)
             return
+        self._closing.discard(batch.id)
         if terminal is BatchStatus.EXPIRED and not (await self.store.line_state_counts(batch.id)).get("expired"):
             # Every line ended before the window closed: that is a completed batch.
             if not await self.store.mark_finalizing(batch.id, self.owner, int(now)):

@@ -10,7 +10,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
+import structlog
 from fastapi import FastAPI
+from sqlalchemy.engine import make_url
 
 from backfill import __version__
 from backfill.config import Settings
@@ -22,11 +24,38 @@ from backfill.http.routes import admin, batches, files, health, message_batches,
 from backfill.ports import Backend
 from backfill.services import Services
 
+log = structlog.get_logger(__name__)
 DESCRIPTION = (
     "A self-hosted Batch API: OpenAI's Files and Batches, Anthropic's Message Batches, and OpenAI's online "
     "endpoints passed to the engines. Point the openai SDK at `http://HOST:PORT/v1` and the anthropic SDK at "
     "`http://HOST:PORT`."
 )
+
+
+async def started(settings: Settings, services: Services, *, serves_api: bool) -> dict[str, object]:
+    """What a newcomer needs to know once the server is up: where, what it serves, with what, and who may call."""
+    if settings.blob_store == "s3":
+        blobs = f"s3://{settings.s3_bucket}/{settings.s3_prefix}"
+    else:
+        blobs = str(settings.blob_dir.resolve())
+    if not serves_api:
+        access = "none needed: a worker serves only /healthz, /readyz and /metrics"
+    elif await services.store.count_api_keys() == 0:
+        access = "open mode: no API keys yet, any client on this machine may call (`backfill keys create` ends it)"
+    else:
+        access = "API keys required"
+    return {
+        "url": settings.public_url or f"http://{settings.host}:{settings.port}",
+        "role": settings.role,
+        "database": make_url(settings.effective_database_url).render_as_string(hide_password=True),
+        "blob_store": blobs,
+        "backends": [
+            f"{backend.name}: {', '.join(sorted(backend.models))}"
+            for backend in services.backends
+        ],
+        "access": access,
+        "version": __version__,
+    }
 
 
 def create_app(
@@ -51,6 +80,7 @@ def create_app(
         app.state.authenticator = authenticator = Authenticator(services)
         if dispatching:
             services.start_dispatcher()
+        log.info("backfill.started", **await started(settings, services, serves_api=serves_api))
         try:
             if serves_api:
                 async with authenticator.running():

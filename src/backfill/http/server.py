@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
+import socket
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
 from backfill.config import Settings
+from backfill.errors import ConfigError
 from backfill.http.protocol import HttpLimits, guarded_protocol
 
 
@@ -29,13 +32,40 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here rather than by uvicorn so that a taken port is a one-line ConfigError
+    naming the fix instead of uvicorn's log record and exit."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: unknown address ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: the port is already in use (another `backfill serve`?). "
+                "Stop that process or choose another port with --port or BACKFILL_PORT."
+            ) from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run_server(app: FastAPI, settings: Settings) -> None:
-    """Serve `app` on settings.host:port until SIGTERM/SIGINT; returns once the app has shut down."""
+    """Serve `app` on settings.host:port until SIGTERM/SIGINT; returns once the app has shut down. Raises
+    ConfigError, before anything starts, if the address cannot be listened on."""
+    sock = bind(settings.host, settings.port)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level="warning",
+        log_config=None,  # uvicorn's records go through the process's logging (JSON lines), not its own format
         access_log=False,
         timeout_graceful_shutdown=int(settings.cancel_grace_s) + 5,
         http=guarded_protocol(
@@ -47,4 +77,4 @@ def run_server(app: FastAPI, settings: Settings) -> None:
     # under load: every proxied stream stalled for it).
     gc.collect()
     gc.freeze()
-    _Server(config, app).run()
+    _Server(config, app).run(sockets=[sock])
