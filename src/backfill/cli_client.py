@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import orjson
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
@@ -21,10 +22,11 @@ from rich.text import Text
 from backfill.client import BackfillClient, RemoteBatch
 from backfill.config import load_client_settings
 from backfill.domain.batches import ENDPOINTS, BatchStatus
-from backfill.errors import BackfillError
+from backfill.errors import BackfillError, ServerRejected
 from backfill.progress import ExitCode, ProgressDisplay, Snapshot, format_duration, make_console
 from backfill.result_files import custom_ids, default_errors_path, merge_results, write_atomically
 
+DEFAULT_ENDPOINT = "/v1/chat/completions"
 _POLL_S = 0.5
 _PIPE_WIDTH = 200
 _TIME_LABELS = {
@@ -127,16 +129,57 @@ def _parse_metadata(pairs: Sequence[str]) -> dict[str, str]:
     return metadata
 
 
-@click.command()
+def _endpoint_of(file: Path) -> str:
+    """The endpoint every line of a batch input file names in its `url`. A file that is a JSON array, or whose
+    lines name several endpoints, is refused here with what to do; lines that are not JSON are left for the
+    server's validation, which reports them by line number."""
+    urls: set[str] = set()
+    with file.open("rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            text = line.strip().removeprefix(b"\xef\xbb\xbf") if number == 1 else line.strip()
+            if number == 1 and text.startswith(b"["):
+                raise CommandFailed(
+                    f"{file} is a JSON array, not JSONL: write one request object per line, "
+                    '{"custom_id": ..., "method": "POST", "url": ..., "body": {...}} (see examples/)'
+                )
+            if not text:
+                continue
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError):
+                url = orjson.loads(text).get("url")
+                if isinstance(url, str):
+                    urls.add(url)
+    if len(urls) > 1:
+        raise CommandFailed(
+            f"the lines of {file} name several endpoints ({', '.join(sorted(urls))}); a batch runs one: "
+            "split the file by endpoint"
+        )
+    return urls.pop() if urls else DEFAULT_ENDPOINT
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  backfill submit requests.jsonl --wait
+  backfill submit embeddings.jsonl --metadata job=nightly --window 24h
+
+\b
+A line of requests.jsonl:
+  {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+   "body": {"model": "MODEL", "messages": [{"role": "user", "content": "Hi"}]}}"""
+)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--endpoint", type=click.Choice(sorted(ENDPOINTS)), default="/v1/chat/completions", show_default=True)
+@click.option(
+    "--endpoint",
+    type=click.Choice(sorted(ENDPOINTS)),
+    help="The endpoint the lines go to (default: the one every line's url names).",
+)
 @click.option("--window", default="24h", show_default=True, help="Completion window the server accepts.")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Batch metadata; repeat for more pairs.")
 @click.option("--wait", is_flag=True, help="Follow the batch with a progress bar until it ends.")
 @client_options
 def submit(
     file: Path,
-    endpoint: str,
+    endpoint: str | None,
     window: str,
     metadata: tuple[str, ...],
     wait: bool,
@@ -148,6 +191,7 @@ def submit(
     With --wait, follows it with a progress bar and exits like `backfill wait`.
     """
     pairs = _parse_metadata(metadata)
+    endpoint = endpoint or _endpoint_of(file)
     with _connected(base_url, api_key) as client:
         batch = client.create_batch(client.upload(file), endpoint, window, pairs or None)
         click.echo(batch.id)
@@ -158,7 +202,7 @@ def submit(
     _finish(batch)
 
 
-@click.command()
+@click.command(epilog="\b\nExample:\n  backfill wait batch_abc123 && backfill results batch_abc123 -o out.jsonl")
 @click.argument("batch_id")
 @client_options
 def wait(batch_id: str, base_url: str | None, api_key: str | None) -> None:
@@ -176,13 +220,19 @@ def wait(batch_id: str, base_url: str | None, api_key: str | None) -> None:
     _finish(batch)
 
 
-@click.command()
+@click.command(
+    epilog="\b\nExamples:\n  backfill status batch_abc123\n  backfill status batch_abc123 --json | jq .usage"
+)
 @click.argument("batch_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the batch object as the API returns it.")
 @client_options
-def status(batch_id: str, base_url: str | None, api_key: str | None) -> None:
+def status(batch_id: str, as_json: bool, base_url: str | None, api_key: str | None) -> None:
     """Show a batch: status, counts, usage, times, files and errors."""
     with _connected(base_url, api_key) as client:
         batch = client.get_batch(batch_id)
+    if as_json:
+        click.echo(orjson.dumps(batch.raw, option=orjson.OPT_INDENT_2).decode())
+        return
     _stdout().print(_summary(batch, time.time()))
 
 
@@ -240,7 +290,10 @@ def _when(at: int, now: float) -> str:
     return f"{stamp} ({format_duration(delta)} ago)" if delta >= 0 else f"{stamp} (in {format_duration(-delta)})"
 
 
-@click.command()
+@click.command(
+    epilog="\b\nExamples:\n  backfill results batch_abc123 -o out.jsonl\n"
+    "  backfill results batch_abc123 -o out.jsonl --merge-retries"
+)
 @click.argument("batch_id")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output file.")
 @click.option(
@@ -310,7 +363,7 @@ def _merged_results(client: BackfillClient, batch_id: str, output: Path, errors:
     _stderr().print(f"{len(good)} lines in {output}, {len(bad)} in {errors} (retries merged: {retried})")
 
 
-@click.command()
+@click.command(epilog="\b\nExample:\n  backfill retry batch_abc123 --only failed --wait")
 @click.argument("batch_id")
 @click.option(
     "--only",
@@ -340,26 +393,41 @@ def retry(batch_id: str, only: str, wait: bool, base_url: str | None, api_key: s
     _finish(batch)
 
 
-@click.command()
+@click.command(epilog="\b\nExample:\n  backfill cancel batch_abc123")
 @click.argument("batch_id")
 @client_options
 def cancel(batch_id: str, base_url: str | None, api_key: str | None) -> None:
     """Cancel a batch.
 
-    Finished lines stay in its output file; the rest end as batch_cancelled.
+    Finished lines stay in its output file; the rest end as batch_cancelled. A batch that has already ended is
+    left as it is: its state is printed and the command succeeds.
     """
     with _connected(base_url, api_key) as client:
-        batch = client.cancel_batch(batch_id)
+        try:
+            batch = client.cancel_batch(batch_id)
+        except ServerRejected as exc:
+            if exc.status_code != 409:
+                raise
+            batch = client.get_batch(batch_id)
+            if not batch.status.is_terminal:
+                raise
+            click.echo(f"{batch.id} {batch.status.value}")
+            _stderr().print(f"{batch.id} had already ended ({batch.status.value}); nothing to cancel")
+            return
     click.echo(f"{batch.id} {batch.status.value}")
 
 
-@click.command(name="list")
+@click.command(name="list", epilog="\b\nExamples:\n  backfill list --limit 50\n  backfill list --json | jq '.[].id'")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the batch objects as the API returns them (an array).")
 @client_options
-def list_batches(limit: int, base_url: str | None, api_key: str | None) -> None:
+def list_batches(limit: int, as_json: bool, base_url: str | None, api_key: str | None) -> None:
     """List the newest batches."""
     with _connected(base_url, api_key) as client:
         batches = client.list_batches(limit)
+    if as_json:
+        click.echo(orjson.dumps([batch.raw for batch in batches], option=orjson.OPT_INDENT_2).decode())
+        return
     table = Table(box=None, header_style="bold", pad_edge=False)
     for name in ("id", "status", "endpoint", "model", "done", "failed", "created"):
         table.add_column(name, no_wrap=name not in ("endpoint", "model"), overflow="fold")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -50,6 +50,7 @@ class RemoteBatch:
     estimated_completion_at: int | None = None  # backfill's extra field: the scheduler's outlook
     schedule: str | None = None
     waiting: str | None = None  # while no backend can run its lines: "backend X unreachable since …: why"
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # the object as the server sent it
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> RemoteBatch:
@@ -74,6 +75,7 @@ class RemoteBatch:
             metadata=dict(payload.get("metadata") or {}),
             estimated_completion_at=(payload.get("backfill") or {}).get("estimated_completion_at"),
             schedule=(payload.get("backfill") or {}).get("schedule"),
+            raw=payload,
             waiting=(payload.get("backfill") or {}).get("waiting"),
         )
 

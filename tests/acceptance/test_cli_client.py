@@ -153,3 +153,52 @@ def test_no_server_at_the_base_url_is_a_clear_error(tmp_path: Path) -> None:
     assert 3 == done.returncode
     assert f"cannot connect to the backfill server at {url} (connection refused)" in done.stderr
     assert 1 == len(done.stderr.strip().splitlines())
+
+
+def embedding_line(custom_id: str, text: str) -> dict[str, object]:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings", "body": {"model": MODEL, "input": text}}
+
+
+def test_submit_takes_the_endpoint_from_the_lines_and_json_shows_the_api_objects(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = start_server()
+    source = write_lines(tmp_path / "emb.jsonl", [embedding_line(f"e-{i}", f"text {i}") for i in range(4)])
+
+    submitted = cli("submit", source, "--wait", "--base-url", server.base_url)
+
+    assert 0 == submitted.returncode, submitted.stderr
+    batch_id = submitted.stdout.strip()
+    shown = orjson.loads(cli("status", batch_id, "--json", "--base-url", server.base_url).stdout)
+    assert ("/v1/embeddings", "completed") == (shown["endpoint"], shown["status"])
+    assert {"estimated_completion_at": None, "schedule": None} == {
+        key: shown["backfill"][key] for key in ("estimated_completion_at", "schedule")
+    }  # an ended batch has no outlook any more
+    listed = orjson.loads(cli("list", "--json", "--limit", "3", "--base-url", server.base_url).stdout)
+    assert batch_id in [batch["id"] for batch in listed]
+
+
+def test_a_json_array_or_mixed_endpoints_are_refused_before_anything_is_uploaded(tmp_path: Path) -> None:
+    array = tmp_path / "array.jsonl"
+    array.write_bytes(orjson.dumps([chat_line("a", "hi"), chat_line("b", "ho")]))
+    mixed = write_lines(tmp_path / "mixed.jsonl", [chat_line("a", "hi"), embedding_line("b", "ho")])
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens: a refusal must come before any request
+
+    as_array = cli("submit", array, "--base-url", nowhere)
+    as_mixed = cli("submit", mixed, "--base-url", nowhere)
+
+    assert (3, 3) == (as_array.returncode, as_mixed.returncode)
+    assert "is a JSON array, not JSONL: write one request object per line" in as_array.stderr
+    assert "name several endpoints (/v1/chat/completions, /v1/embeddings)" in as_mixed.stderr
+
+
+def test_cancelling_a_batch_that_has_ended_is_not_an_error(start_server: StartServer, tmp_path: Path) -> None:
+    server = start_server()
+    source = write_lines(tmp_path / "in.jsonl", [chat_line("r-0", "hello")])
+    batch_id = cli("submit", source, "--wait", "--base-url", server.base_url).stdout.strip()
+
+    cancelled = cli("cancel", batch_id, "--base-url", server.base_url)
+
+    assert 0 == cancelled.returncode, cancelled.stderr
+    assert f"{batch_id} completed" == cancelled.stdout.strip()
+    assert "had already ended (completed); nothing to cancel" in cancelled.stderr

@@ -159,10 +159,11 @@ class Batch:
             "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
             "usage": self.usage.to_openai(),
             "metadata": self.metadata,
-            # Ours, beside SPEC's keys (the SDKs keep unknown fields: `batch.model_extra["backfill"]`).
+            # Ours, beside SPEC's keys (the SDKs keep unknown fields: `batch.model_extra["backfill"]`). An ended
+            # batch has no schedule and no estimate any more.
             "backfill": {
-                "estimated_completion_at": self.eta_at,
-                "schedule": self.schedule_state,
+                "estimated_completion_at": None if self.status.is_terminal else self.eta_at,
+                "schedule": None if self.status.is_terminal else self.schedule_state,
                 "waiting": self.waiting if self.is_waiting else None,
             },
         }

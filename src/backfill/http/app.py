@@ -49,10 +49,7 @@ async def started(settings: Settings, services: Services, *, serves_api: bool) -
         "role": settings.role,
         "database": make_url(settings.effective_database_url).render_as_string(hide_password=True),
         "blob_store": blobs,
-        "backends": [
-            f"{backend.name}: {', '.join(sorted(backend.models))}"
-            for backend in services.backends
-        ],
+        "backends": [f"{backend.name}: {', '.join(sorted(backend.models))}" for backend in services.backends],
         "access": access,
         "version": __version__,
     }
