@@ -101,6 +101,9 @@ async def run_offline(
             batch = await _drive(services, batch_id, on_progress)
             if batch.status is not BatchStatus.FAILED:
                 await _write_results(services, batch, request)
+        except asyncio.CancelledError:  # Ctrl-C: said at once, before lines in flight are handed back
+            on_note("stopping: lines in flight are handed back; run the same command again to continue")
+            raise
         finally:
             await services.close()
         # A batch that failed validation is of no use again: fixing the input changes its fingerprint.
@@ -124,6 +127,8 @@ def _offline_settings(settings: Settings, state: Path, window: str) -> Settings:
             "database_url": None,
             "blob_store": "local",
             "completion_windows": windows if window in windows else [*windows, window],
+            # Stopped early only by Ctrl-C: lines in flight are handed back at once (the run resumes them).
+            "shutdown_grace_s": 0.0,
         }
     )
 

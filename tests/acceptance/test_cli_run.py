@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -203,3 +204,35 @@ def test_a_second_run_on_the_same_state_directory_is_refused(tmp_path: Path, ups
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
+
+
+def test_ctrl_c_says_stopping_at_once_hands_lines_in_flight_back_and_a_rerun_finishes(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    gate = f"ctrl-c-{time.time_ns()}"
+    source = write_input(tmp_path / "in.jsonl", [line(i, f"held {i} #gate:{gate}") for i in range(6)])
+    output = tmp_path / "out.jsonl"
+    config = config_for(tmp_path, upstream, max_concurrency=2)
+    running = subprocess.Popen(run_command(config, source, output), env=child_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{upstream.url}/_gates/{gate}", timeout=10).json()["waiting"] < 2:  # both slots held
+            assert running.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no line reached the upstream"
+            time.sleep(0.05)
+
+        interrupted_at = time.monotonic()
+        running.send_signal(signal.SIGINT)
+        _, stderr = running.communicate(timeout=60)
+        took_s = time.monotonic() - interrupted_at
+    finally:
+        running.kill()
+    upstream.open_gate(gate)
+    rerun = run(config, source, output)
+
+    assert 130 == running.returncode, stderr
+    assert "stopping: lines in flight are handed back" in stderr
+    assert took_s < 20, f"{took_s:.1f} s to stop; lines in flight were waited for (shutdown_grace_s is 30 s)"
+    assert 0 == rerun.returncode, rerun.stderr
+    assert "resuming batch_" in rerun.stderr
+    assert [f"c-{i}" for i in range(6)] == custom_ids(output)
