@@ -1,6 +1,7 @@
 """`make demo`: start `backfill serve` on the embedded CPU engine, run two bundled batches end to end.
 
-1. 200 product reviews classified positive/negative by SmolLM2-135M-Instruct (llama.cpp, CPU).
+1. 200 product reviews classified positive/negative by SmolLM2-135M-Instruct (llama.cpp, CPU), each answer held to a
+   JSON schema whose label is an enum (`response_format`), and scored against the known labels.
 2. 20 product titles embedded with all-MiniLM-L6-v2; the nearest neighbour of each is printed.
 Both models ship inside PyPI packages: nothing is downloaded at run time. The client is the official openai SDK.
 """
@@ -16,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -50,10 +52,10 @@ def serving(port: int, work: Path) -> Iterator[None]:
         process.wait(60)
 
 
-def run_batch(client: OpenAI, path: Path, endpoint: str) -> list[dict[str, object]]:
+def run_batch(client: OpenAI, path: Path, endpoint: str) -> list[dict[str, Any]]:
     uploaded = client.files.create(file=open(path, "rb"), purpose="batch")  # noqa: SIM115
     batch = client.batches.create(input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h")
-    console.print(f"[bold]{path.name}[/]: uploaded as {uploaded.id}, batch {batch.id}")
+    console.print(f"[bold]{path.name}[/]: batch {batch.id}")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("validating", total=None)
@@ -63,9 +65,9 @@ def run_batch(client: OpenAI, path: Path, endpoint: str) -> list[dict[str, objec
             counts = batch.request_counts
             done = (counts.completed + counts.failed) if counts else 0
             progress.update(task, description=batch.status, total=counts.total if counts else None, completed=done)
-    console.print(
-        f"  {batch.status}: {batch.request_counts}; usage {batch.usage.total_tokens if batch.usage else 0} tokens"
-    )
+    counts, tokens = batch.request_counts, batch.usage.total_tokens if batch.usage else 0
+    done = f"{counts.completed} of {counts.total} lines, {counts.failed} failed" if counts else ""
+    console.print(f"  {batch.status}: {done}; {tokens:,} tokens")
     if batch.output_file_id is None:
         sys.exit(f"no output: {batch.errors}")
     output = client.files.content(batch.output_file_id).read()
@@ -75,22 +77,36 @@ def run_batch(client: OpenAI, path: Path, endpoint: str) -> list[dict[str, objec
     return [orjson.loads(line) for line in output.splitlines()]
 
 
-def show_reviews(results: list[dict[str, object]]) -> None:
+def label_of(result: dict[str, Any]) -> str | None:
+    """The label a result line holds: its answer is JSON matching the batch's schema (`response_format`)."""
+    if result.get("error") or result["response"]["status_code"] != 200:
+        return None
+    answer = orjson.loads(result["response"]["body"]["choices"][0]["message"]["content"])
+    return str(answer["label"])
+
+
+def show_reviews(results: list[dict[str, Any]]) -> None:
     reviews = {
         line["custom_id"]: line["body"]["messages"][1]["content"]
         for line in map(orjson.loads, (HERE / "reviews.jsonl").read_bytes().splitlines())
     }
-    for result in results[:6]:
-        reply = result["response"]["body"]["choices"][0]["message"]["content"]  # type: ignore[index]
-        console.print(f"  {reviews[result['custom_id']]!r:70.70} -> [bold]{reply.strip()}[/]")  # type: ignore[index]
+    truth = orjson.loads((HERE / "reviews.labels.json").read_bytes())
+    labels = {result["custom_id"]: label_of(result) for result in results}
+    for custom_id in list(labels)[:6]:
+        console.print(f"  {reviews[custom_id][:58]:58} [bold]{labels[custom_id]}[/]", markup=True, highlight=False)
+    right = sum(labels[custom_id] == truth[custom_id] for custom_id in labels)
+    console.print(
+        f"  accuracy: {right}/{len(labels)} = {right / len(labels):.0%} against the known labels "
+        f"(examples/reviews.labels.json); every answer is one of the schema's labels"
+    )
 
 
-def show_neighbours(results: list[dict[str, object]]) -> None:
+def show_neighbours(results: list[dict[str, Any]]) -> None:
     titles = {
         line["custom_id"]: line["body"]["input"]
         for line in map(orjson.loads, (HERE / "products.jsonl").read_bytes().splitlines())
     }
-    vectors = {r["custom_id"]: r["response"]["body"]["data"][0]["embedding"] for r in results}  # type: ignore[index]
+    vectors = {r["custom_id"]: r["response"]["body"]["data"][0]["embedding"] for r in results}
 
     def cosine(a: list[float], b: list[float]) -> float:
         return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import orjson
 import pytest
@@ -75,3 +76,27 @@ def test_chat_and_embeddings_batches_run_on_the_embedded_engine(start_server: St
     vectors = [r["response"]["body"]["data"][0]["embedding"] for r in results]
     assert [384, 384, 384] == [len(v) for v in vectors]
     assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the engine is what is tested here
+def test_the_demo_review_batch_answers_every_review_with_one_of_its_schema_labels(start_server: StartServer) -> None:
+    server = start_server(backends=[])
+    client = client_for(server)
+    source = EXAMPLES / "reviews.jsonl"
+    truth = orjson.loads((EXAMPLES / "reviews.labels.json").read_bytes())
+    uploaded = client.files.create(file=source.open("rb"), purpose="batch")
+
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = wait_terminal(client, batch.id, 900)
+
+    assert ("completed", len(truth), 0) == (done.status, done.request_counts.completed, done.request_counts.failed)
+    assert done.output_file_id is not None
+    results = [orjson.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+    answers = [orjson.loads(r["response"]["body"]["choices"][0]["message"]["content"]) for r in results]
+    assert all(set(answer) == {"label"} for answer in answers)
+    assert all(answer["label"] in ("positive", "negative") for answer in answers)
+    right = sum(answer["label"] == truth[r["custom_id"]] for answer, r in zip(answers, results, strict=True))
+    assert right / len(truth) > 0.5, f"accuracy {right}/{len(truth)}: no better than a coin"  # BENCHMARKS.md

@@ -210,3 +210,78 @@ async def test_lines_sent_together_get_the_tokens_and_vectors_each_gets_alone(em
     assert [a["usage"]["prompt_tokens"] for a in alone] == [o.usage.input_tokens for o in together]
     vectors = [orjson.loads(o.body or b"{}")["data"][0]["embedding"] for o in together]
     assert all(cosine(a["data"][0]["embedding"], v) > 0.999 for a, v in zip(alone, vectors, strict=True))
+
+
+LABEL_SCHEMA = {
+    "type": "object",
+    "properties": {"label": {"type": "string", "enum": ["positive", "negative"]}},
+    "required": ["label"],
+    "additionalProperties": False,
+}
+
+
+async def test_a_json_schema_response_format_makes_every_answer_match_the_schema(chat: Any) -> None:
+    schema_format = {"type": "json_schema", "json_schema": {"name": "label", "schema": LABEL_SCHEMA, "strict": True}}
+    texts = ["Great phone case, I love it.", "It broke after a day.", "Tell me a story about dragons."]
+    outcomes = [
+        await chat.send(
+            "/v1/chat/completions", chat_body(text, max_tokens=16, temperature=0.8, response_format=schema_format), 60
+        )
+        for text in texts
+    ]
+
+    answers = [orjson.loads(orjson.loads(o.body)["choices"][0]["message"]["content"]) for o in outcomes]
+    assert all(answer["label"] in ("positive", "negative") for answer in answers)
+    assert all(set(answer) == {"label"} for answer in answers)
+
+
+async def test_json_object_output_parses_and_the_responses_api_takes_text_format(chat: Any) -> None:
+    as_object = await chat.send(
+        "/v1/chat/completions",
+        chat_body(
+            "Give a JSON object with a name.", max_tokens=48, temperature=0, response_format={"type": "json_object"}
+        ),
+        60,
+    )
+    body = {
+        "model": "smollm2-135m-instruct",
+        "input": "Is this review positive or negative? 'Love it.'",
+        "max_output_tokens": 16,
+        "temperature": 0,
+        "text": {"format": {"type": "json_schema", "name": "label", "schema": LABEL_SCHEMA, "strict": True}},
+    }
+    response = orjson.loads((await chat.send("/v1/responses", orjson.dumps(body), 60)).body)
+
+    text = orjson.loads(as_object.body)["choices"][0]["message"]["content"]
+    finished = orjson.loads(as_object.body)["choices"][0]["finish_reason"]
+    assert "length" == finished or isinstance(orjson.loads(text), dict)
+    assert orjson.loads(response["output"][0]["content"][0]["text"])["label"] in ("positive", "negative")
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [("logprobs", True), ("logit_bias", {"1": 5}), ("presence_penalty", 0.5), ("stream", True), ("top_logprobs", 2)],
+)
+async def test_parameters_the_engine_cannot_honour_are_a_400_naming_them(chat: Any, param: str, value: Any) -> None:
+    outcome = await chat.send("/v1/chat/completions", chat_body("Hi.", max_tokens=4, **{param: value}), 60)
+
+    error = orjson.loads(outcome.body)["error"]
+    assert 400 == outcome.status_code
+    assert param == error["param"]
+    assert f"'{param}' is not supported by the embedded engine" in error["message"]
+
+
+async def test_defaults_sent_explicitly_are_accepted(chat: Any) -> None:
+    params = {"logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "stream": False, "logit_bias": {}}
+    outcome = await chat.send("/v1/chat/completions", chat_body("Hi.", max_tokens=4, temperature=0, **params), 60)
+
+    assert 200 == outcome.status_code
+
+
+async def test_an_unknown_response_format_type_is_a_400(chat: Any) -> None:
+    outcome = await chat.send(
+        "/v1/chat/completions", chat_body("Hi.", max_tokens=4, response_format={"type": "xml"}), 60
+    )
+
+    assert 400 == outcome.status_code
+    assert "response_format.type" == orjson.loads(outcome.body)["error"]["param"]

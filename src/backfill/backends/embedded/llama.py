@@ -260,9 +260,13 @@ class LlamaEngine:
                 )
             )
             return
+        try:
+            job.sampler = self._sampler(job.sampling)
+        except BadRequest as exc:
+            job.resolve(exc)
+            return
         job.seq, job.fed = self._take_slot(job.tokens, free)
         job.pos = job.fed
-        job.sampler = self._sampler(job.sampling)
         running.append(job)
 
     def _take_slot(self, tokens: list[int], free: list[int]) -> tuple[int, int]:
@@ -286,6 +290,12 @@ class LlamaEngine:
 
     def _sampler(self, sampling: Sampling) -> Any:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if sampling.grammar is not None:  # first: every later sampler chooses among tokens the grammar allows
+            grammar = llama_cpp.llama_sampler_init_grammar(self.vocab, sampling.grammar.encode(), b"root")
+            if not grammar:
+                llama_cpp.llama_sampler_free(chain)
+                raise BadRequest("The output format could not be compiled into a grammar.", "response_format")
+            llama_cpp.llama_sampler_chain_add(chain, grammar)
         if sampling.temperature <= 0.0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
             return chain

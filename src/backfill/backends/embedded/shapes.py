@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import orjson
 
 from backfill import ids
 
@@ -30,6 +33,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     top_k: int = 0  # 0: off
+    grammar: str | None = None  # GBNF the output must match (response_format json_object / json_schema)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,71 @@ def _number(body: dict[str, Any], key: str, default: float, low: float, high: fl
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
         raise BadRequest(f"'{key}' must be a number between {low:g} and {high:g}.", key)
     return float(value)
+
+
+# Parameters the embedded engine cannot honour, refused rather than silently ignored, each with the value that
+# means "not asked for" (an SDK may send it explicitly).
+_UNSUPPORTED: dict[str, tuple[object, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "stream": (None, False),
+    "stream_options": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning": (None,),
+    "reasoning_effort": (None,),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+}
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    for key, defaults in _UNSUPPORTED.items():
+        if key in body and not any(body[key] == default and type(body[key]) is type(default) for default in defaults):
+            raise BadRequest(f"'{key}' is not supported by the embedded engine (see README: embedded engine).", key)
+
+
+def _grammar(response_format: Any, param: str) -> str | None:
+    """The GBNF an output must match for OpenAI's `response_format` (chat) or `text.format` (responses)."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    from llama_cpp.llama_grammar import JSON_GBNF  # pure Python: no model is loaded
+
+    if kind == "json_object":
+        return str(JSON_GBNF)
+    if kind != "json_schema":
+        raise BadRequest(f"'{param}.type' must be 'text', 'json_object' or 'json_schema'.", f"{param}.type")
+    # Chat nests the schema under `json_schema`; the Responses API's `text.format` has it at the top level.
+    spec = response_format.get("json_schema", response_format)
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise BadRequest(f"'{param}' of type 'json_schema' needs a 'schema' object.", param)
+    try:
+        return _schema_grammar(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode())
+    except (ValueError, KeyError, TypeError, NotImplementedError, RecursionError) as exc:
+        raise BadRequest(
+            f"'{param}': this JSON schema cannot be enforced by the embedded engine: {exc}", param
+        ) from None
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_grammar(schema: str) -> str:
+    """A batch's lines mostly share one schema: converted once."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return str(json_schema_to_gbnf(schema))
 
 
 def parse_sampling(body: dict[str, Any], max_tokens_key: str = "max_tokens") -> Sampling:
@@ -132,7 +201,9 @@ def _messages(raw: Any, param: str) -> tuple[tuple[str, str], ...]:
 def parse_chat(body: dict[str, Any]) -> TextRequest:
     if body.get("tools") or body.get("functions"):
         raise BadRequest("Tools are not supported by the embedded engine.", "tools")
-    return TextRequest(parse_sampling(body), messages=_messages(body.get("messages"), "messages"))
+    _refuse_unsupported(body)
+    sampling = replace(parse_sampling(body), grammar=_grammar(body.get("response_format"), "response_format"))
+    return TextRequest(sampling, messages=_messages(body.get("messages"), "messages"))
 
 
 def parse_completion(body: dict[str, Any]) -> TextRequest:
@@ -141,11 +212,19 @@ def parse_completion(body: dict[str, Any]) -> TextRequest:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise BadRequest("'prompt' must be a string (one prompt per request).", "prompt")
+    _refuse_unsupported(body)
     return TextRequest(parse_sampling(body), prompt=prompt)
 
 
 def parse_responses(body: dict[str, Any]) -> TextRequest:
-    sampling = parse_sampling(body, "max_output_tokens")
+    if body.get("tools"):
+        raise BadRequest("Tools are not supported by the embedded engine.", "tools")
+    _refuse_unsupported(body)
+    text = body.get("text")
+    sampling = replace(
+        parse_sampling(body, "max_output_tokens"),
+        grammar=_grammar(text.get("format") if isinstance(text, dict) else None, "text.format"),
+    )
     raw = body.get("input")
     messages: list[tuple[str, str]] = []
     if isinstance(body.get("instructions"), str):
