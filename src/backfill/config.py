@@ -230,6 +230,14 @@ class Settings(BaseSettings):
     probe_max_s: float = Field(default=30.0, gt=0, le=30.0)
     # How often the queue of backends of flavour vllm/sglang/llamacpp is read from their /metrics.
     engine_metrics_interval_s: float = Field(default=1.0, gt=0)
+    # Webhooks (docs/webhooks.md): each try of a delivery gets `webhook_timeout_s`; a failed one waits
+    # `webhook_retry_base_s`, doubling up to `webhook_retry_max_s`, until `webhook_retry_for_s` after the event,
+    # then is dead-lettered. Workers look for due deliveries every `webhook_poll_interval_s`.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_retry_base_s: float = Field(default=5.0, gt=0)
+    webhook_retry_max_s: float = Field(default=3600.0, gt=0)
+    webhook_retry_for_s: float = Field(default=86400.0, gt=0)
+    webhook_poll_interval_s: float = Field(default=1.0, gt=0)
 
     @field_validator("public_url")
     @classmethod

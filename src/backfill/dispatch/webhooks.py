@@ -1,0 +1,109 @@
+"""The webhook sender: its own task beside the dispatcher in every worker. It leases due deliveries from the
+outbox, POSTs each event signed per Standard Webhooks, and records the outcome: delivered, retried later with
+exponential backoff, or dead-lettered once the retry horizon (24 h) has passed. Leases keep two workers from
+sending one delivery at once; a worker killed mid-send leaves a lease that lapses, and the delivery goes again
+(at least once, with the same `webhook-id`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import httpx
+import orjson
+import structlog
+from standardwebhooks.webhooks import Webhook
+
+from backfill import __version__
+from backfill.domain.webhooks import Delivery, RetrySchedule
+from backfill.ports import WebhookStore
+
+log = structlog.get_logger(__name__)
+
+_BATCH = 32  # deliveries leased at a time
+_MAX_ERROR_CHARS = 500
+
+
+def signed_request(delivery: Delivery, now: float) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of one try: `webhook-id` is the event's id, the same on every try."""
+    body = orjson.dumps(delivery.event.to_dict())
+    signature = Webhook(delivery.secret).sign(delivery.event.id, datetime.fromtimestamp(now, UTC), body)
+    headers = {
+        "content-type": "application/json",
+        "user-agent": f"backfill/{__version__}",
+        "webhook-id": delivery.event.id,
+        "webhook-timestamp": str(int(now)),
+        "webhook-signature": signature,
+    }
+    return body, headers
+
+
+class WebhookSender:
+    def __init__(
+        self,
+        store: WebhookStore,
+        client: httpx.AsyncClient,
+        schedule: RetrySchedule,
+        owner: str,
+        clock: Callable[[], float],
+        *,
+        poll_interval_s: float,
+        lease_ttl_s: float,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.store = store
+        self.client = client  # with its timeouts; tests inject a MockTransport
+        self.schedule = schedule
+        self.owner = owner
+        self.clock = clock
+        self.poll_interval_s = poll_interval_s
+        self.lease_ttl_s = lease_ttl_s
+        self.rand = rand
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Send until `stop` is set; a database hiccup is logged and tried again at the next poll."""
+        while not stop.is_set():
+            sent = 0
+            try:
+                sent = await self.send_due()
+            except Exception:
+                log.exception("webhooks.poll_failed")
+            if sent < _BATCH:  # a full batch: more may be due at once
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.poll_interval_s)
+
+    async def send_due(self) -> int:
+        """Lease the deliveries due now and try each once, concurrently; how many were tried."""
+        due = await self.store.lease_deliveries(self.owner, self.clock(), _BATCH, self.lease_ttl_s)
+        await asyncio.gather(*(self.send(delivery) for delivery in due))
+        return len(due)
+
+    async def send(self, delivery: Delivery) -> None:
+        body, headers = signed_request(delivery, self.clock())
+        error: str | None = None
+        try:
+            response = await self.client.post(delivery.url, content=body, headers=headers)
+            if not response.is_success:  # 2xx only: a redirect is not followed, and is not a delivery
+                error = f"HTTP {response.status_code}: {response.text[:200]}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS] or type(exc).__name__
+        now = self.clock()
+        retry_at = None
+        if error is not None:
+            retry_at = self.schedule.next_attempt_at(delivery.attempts + 1, delivery.event.created_at, now, self.rand())
+        settled = await self.store.settle_delivery(
+            delivery.seq, self.owner, now, delivered=error is None, retry_at=retry_at, error=error
+        )
+        log.info(
+            "webhooks.tried",
+            event_id=delivery.event.id,
+            type=delivery.event.type,
+            endpoint_id=delivery.endpoint_id,
+            attempt=delivery.attempts + 1,
+            error=error,
+            dead=error is not None and retry_at is None,
+            settled=settled,
+        )
