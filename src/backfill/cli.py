@@ -14,7 +14,7 @@ import structlog
 from rich.console import Console
 
 from backfill import __version__, cli_options
-from backfill.cli_admin import keys, tenants
+from backfill.cli_admin import keys, tenants, webhooks
 from backfill.cli_client import COMMANDS as CLIENT_COMMANDS
 from backfill.cli_client import CommandFailed
 from backfill.cli_options import common_options
@@ -227,3 +227,4 @@ for _command in CLIENT_COMMANDS:
 main.add_command(sim)
 main.add_command(keys)
 main.add_command(tenants)
+main.add_command(webhooks)
