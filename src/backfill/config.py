@@ -6,6 +6,7 @@ Precedence, highest first: command-line options, `BACKFILL_*` environment variab
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import tomllib
@@ -95,6 +96,38 @@ class BackendSettings(BaseModel):
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class WebhookSettings(BaseModel):
+    """One `[[webhooks]]` entry: a tenant's endpoint kept in step with the config file (docs/webhooks.md)."""
+
+    url: str
+    secret_env: str  # the environment variable holding its `whsec_…` secret
+    tenant: str = "default"
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"webhook url must start with http:// or https://, got {url!r}")
+        return url
+
+    def secret(self) -> str:
+        """The secret from the environment; ConfigError when it is missing or not `whsec_` + base64."""
+        secret = os.environ.get(self.secret_env, "")
+        if not secret.startswith("whsec_") or not _is_base64(secret.removeprefix("whsec_")):
+            raise ConfigError(
+                f"webhook {self.url}: ${self.secret_env} must hold a whsec_ secret (whsec_ + base64), such as "
+                "`backfill webhooks create` prints"
+            )
+        return secret
+
+
+def _is_base64(text: str) -> bool:
+    try:
+        return bool(base64.b64decode(text + "==", validate=False))
+    except ValueError:
+        return False
 
 
 _CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
@@ -198,6 +231,7 @@ class Settings(BaseSettings):
 
     # Dispatcher
     backends: list[BackendSettings] = []
+    webhooks: list[WebhookSettings] = []  # endpoints from the config, beside those made through the admin API
     off_peak: list[OffPeakSettings] = []  # per pool (model): batch shares by time of day on harvested endpoints
     # The embedded CPU engine, used when no backend is configured and backfill[local] is installed.
     embedded_chat_slots: int = Field(default=8, ge=1, le=64)

@@ -349,6 +349,10 @@ class WebhookStore(Protocol):
         """Remove the endpoint and its deliveries; False if the tenant has no such endpoint."""
         ...
 
+    async def sync_config_endpoints(self, endpoints: Sequence[WebhookEndpoint]) -> None:
+        """Make the endpoints that came from the config file exactly these (admin-made ones are untouched)."""
+        ...
+
     async def announce_at_risk(self, batch_ids: Sequence[str], now: int) -> int:
         """Queue the at-risk event of each in-progress batch that never had one; how many deliveries were queued."""
         ...

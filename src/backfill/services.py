@@ -25,6 +25,7 @@ from backfill.metrics import Metrics
 from backfill.ports import Backend, Store
 from backfill.store.engine import create_engine, migrate
 from backfill.store.sql import SqlStore
+from backfill.usecases import webhooks
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -107,7 +108,13 @@ class Services:
         metrics = Metrics()
         metrics.observe_database(store.engine)
         dispatcher = Dispatcher(store, blobs, chosen, settings, clock=clock, metrics=metrics) if dispatching else None
-        return cls(settings, store, blobs, chosen, dispatcher, metrics, clock)
+        services = cls(settings, store, blobs, chosen, dispatcher, metrics, clock)
+        try:
+            await webhooks.sync_config_endpoints(services)
+        except BaseException:
+            await services.close()
+            raise
+        return services
 
     def now(self) -> int:
         return int(self.clock())

@@ -20,6 +20,7 @@ import pytest
 from openai import OpenAI
 from standardwebhooks.webhooks import Webhook
 
+from backfill.domain.webhooks import new_secret
 from backfill.testing.processes import free_port
 from tests.acceptance.conftest import StartServer
 from tests.acceptance.helpers import Clients, chat_line, start_batch, wait_for, wait_terminal
@@ -253,3 +254,19 @@ def test_endpoints_through_the_cli(start_server: StartServer) -> None:
     assert [listed] == shown
     assert "secret" not in listed
     assert [] == admin(server, "GET", "/tenants/default/webhooks")["data"]
+
+
+def test_an_endpoint_from_the_config_file_gets_signed_events(
+    connect: Clients, start_server: StartServer, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = new_secret()
+    monkeypatch.setenv("TEST_HOOK_SECRET", secret)  # the server inherits it
+    receiver.start()
+    server = start_server(**FAST, webhooks=[{"url": receiver.url, "secret_env": "TEST_HOOK_SECRET"}])
+    batch = start_batch(connect(server), [chat_line("a", "hello")])
+
+    receiver.wait(lambda r: len(r.accepted) >= 1, "the event")
+
+    assert batch.id == verified(receiver.accepted[0], secret)["data"]["id"]
+    [listed] = admin(server, "GET", "/tenants/default/webhooks")["data"]
+    assert (receiver.url, True) == (listed["url"], listed["id"].startswith("whep_config_"))

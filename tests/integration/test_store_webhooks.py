@@ -6,7 +6,7 @@ import dataclasses
 
 from backfill import ids
 from backfill.domain.batches import BatchApi, BatchStatus, LineError
-from backfill.domain.webhooks import DeliveryState, WebhookEndpoint, new_secret
+from backfill.domain.webhooks import DeliveryState, WebhookEndpoint, config_endpoint_id, new_secret
 from backfill.ports import Store
 from tests.support.store_data import NOW, add_batch, add_tenant, running_batch
 
@@ -136,3 +136,19 @@ async def test_deleting_an_endpoint_drops_its_deliveries(store: Store) -> None:
 
     assert [] == await store.list_webhook_endpoints(batch.tenant_id)
     assert [] == await store.lease_deliveries("s", NOW + 10, 10, 30.0)
+
+
+async def test_config_endpoints_are_added_updated_and_removed_leaving_admin_ones(store: Store) -> None:
+    tenant_id = await add_tenant(store)
+    made = await add_endpoint(store, tenant_id)
+    url = "http://127.0.0.1:9/config"
+    from_config = WebhookEndpoint(config_endpoint_id("acme", url), tenant_id, url, new_secret(), NOW)
+
+    await store.sync_config_endpoints([from_config])
+    rotated = dataclasses.replace(from_config, secret=new_secret(), created_at=NOW + 50)
+    await store.sync_config_endpoints([rotated])
+    kept = await store.list_webhook_endpoints(tenant_id)
+    await store.sync_config_endpoints([])
+
+    assert {made, dataclasses.replace(rotated, created_at=NOW)} == set(kept)  # created_at kept from the first sync
+    assert [made] == await store.list_webhook_endpoints(tenant_id)

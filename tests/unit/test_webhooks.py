@@ -12,6 +12,7 @@ import pytest
 from openai import OpenAI
 from standardwebhooks.webhooks import Webhook
 
+from backfill.config import WebhookSettings
 from backfill.dispatch.webhooks import WebhookSender, signed_request
 from backfill.domain.batches import BatchApi, BatchStatus
 from backfill.domain.webhooks import (
@@ -21,9 +22,11 @@ from backfill.domain.webhooks import (
     RetrySchedule,
     WebhookEndpoint,
     at_risk_event,
+    config_endpoint_id,
     ended_event,
     new_secret,
 )
+from backfill.errors import ConfigError
 from backfill.testing import InMemoryStore
 from tests.support.store_data import NOW, running_batch
 
@@ -173,3 +176,20 @@ async def test_a_receiver_that_does_not_answer_is_a_failed_try() -> None:
     clock[0] = NOW + 10.0
     [again] = await store.lease_deliveries("x", clock[0], 10, 30.0)
     assert 1 == again.attempts
+
+
+def test_a_config_endpoint_needs_a_whsec_secret_in_its_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = WebhookSettings(url="https://hooks.example/x", secret_env="HOOK_SECRET")
+    secret = new_secret()
+    monkeypatch.setenv("HOOK_SECRET", secret)
+    assert secret == entry.secret()
+
+    for bad in ("", "plain-text", "whsec_!!!"):
+        monkeypatch.setenv("HOOK_SECRET", bad)
+        with pytest.raises(ConfigError, match=r"\$HOOK_SECRET"):
+            entry.secret()
+
+
+def test_a_config_endpoints_id_is_stable_per_tenant_and_url() -> None:
+    assert config_endpoint_id("a", "http://x/") == config_endpoint_id("a", "http://x/")
+    assert config_endpoint_id("a", "http://x/") != config_endpoint_id("b", "http://x/")

@@ -4,6 +4,7 @@ Webhooks' `whsec_` form, and when a failed delivery is tried again. Pure: time a
 from __future__ import annotations
 
 import base64
+import hashlib
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
@@ -44,6 +45,14 @@ def ended_event(api: BatchApi, status: BatchStatus) -> EventType:
 
 def at_risk_event(api: BatchApi) -> EventType:
     return EventType.MESSAGE_BATCH_AT_RISK if api is BatchApi.ANTHROPIC else EventType.BATCH_AT_RISK
+
+
+CONFIG_ENDPOINT_PREFIX = "whep_config_"
+
+
+def config_endpoint_id(tenant: str, url: str) -> str:
+    """The id of a `[[webhooks]]` endpoint: the same in every process and at every start, for the same entry."""
+    return CONFIG_ENDPOINT_PREFIX + hashlib.sha256(f"{tenant}\n{url}".encode()).hexdigest()[:32]
 
 
 def new_secret() -> str:

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from backfill import ids
 from backfill.domain.batches import BatchApi, BatchStatus
 from backfill.domain.webhooks import (
+    CONFIG_ENDPOINT_PREFIX,
     Delivery,
     DeliveryRecord,
     DeliveryState,
@@ -106,6 +107,29 @@ class WebhookQueries:
             )
             result = await conn.execute(delete(_E).where(_E.c.id == endpoint_id, _E.c.tenant_id == tenant_id))
             return result.rowcount == 1
+
+    async def sync_config_endpoints(self, endpoints: Sequence[WebhookEndpoint]) -> None:
+        """Make the config file's endpoints exactly `endpoints`: add new ones, update the url and secret of known
+        ones, remove (with their deliveries) those no longer in it. Endpoints made through the admin API stay."""
+        try:
+            await self._sync_config_endpoints(endpoints)
+        except IntegrityError:  # another process starting with the same config added one first
+            await self._sync_config_endpoints(endpoints)
+
+    async def _sync_config_endpoints(self, endpoints: Sequence[WebhookEndpoint]) -> None:
+        wanted = {endpoint.id: endpoint for endpoint in endpoints}
+        async with self.engine.begin() as conn:
+            known = set(await conn.scalars(select(_E.c.id).where(_E.c.id.startswith(CONFIG_ENDPOINT_PREFIX))))
+            gone = list(known - set(wanted))
+            if gone:
+                await conn.execute(delete(_D).where(_D.c.endpoint_id.in_(gone)))
+                await conn.execute(delete(_E).where(_E.c.id.in_(gone)))
+            for endpoint in wanted.values():
+                values = {"tenant_id": endpoint.tenant_id, "url": endpoint.url, "secret": endpoint.secret}
+                if endpoint.id in known:
+                    await conn.execute(update(_E).where(_E.c.id == endpoint.id).values(**values))
+                else:
+                    await conn.execute(insert(_E).values(id=endpoint.id, created_at=endpoint.created_at, **values))
 
     async def announce_at_risk(self, batch_ids: Sequence[str], now: int) -> int:
         """Queue the at-risk event of each in-progress batch that has not had one: once per batch, ever."""

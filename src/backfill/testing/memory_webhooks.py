@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from backfill import ids
 from backfill.domain.batches import Batch, BatchStatus
 from backfill.domain.webhooks import (
+    CONFIG_ENDPOINT_PREFIX,
     Delivery,
     DeliveryRecord,
     DeliveryState,
@@ -74,6 +75,16 @@ class MemoryWebhooks:
         for seq in [seq for seq, row in self._deliveries.items() if row.endpoint_id == endpoint_id]:
             del self._deliveries[seq]
         return True
+
+    async def sync_config_endpoints(self, endpoints: Sequence[WebhookEndpoint]) -> None:
+        wanted = {endpoint.id: endpoint for endpoint in endpoints}
+        for endpoint_id in [e for e in self._endpoints if e.startswith(CONFIG_ENDPOINT_PREFIX) and e not in wanted]:
+            await self.delete_webhook_endpoint(self._endpoints[endpoint_id].tenant_id, endpoint_id)
+        for endpoint in endpoints:
+            self.tables.require_tenant(endpoint.tenant_id)
+            old = self._endpoints.get(endpoint.id)
+            created_at = old.created_at if old is not None else endpoint.created_at
+            self._endpoints[endpoint.id] = dataclasses.replace(endpoint, created_at=created_at)
 
     async def announce_at_risk(self, batch_ids: Sequence[str], now: int) -> int:
         queued = 0

@@ -9,7 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backfill import ids
 from backfill.domain.tenants import DEFAULT_TENANT
-from backfill.domain.webhooks import DeliveryRecord, DeliveryState, WebhookEndpoint, new_secret
+from backfill.domain.webhooks import (
+    DeliveryRecord,
+    DeliveryState,
+    WebhookEndpoint,
+    config_endpoint_id,
+    new_secret,
+)
 from backfill.errors import InvalidRequest, NotFound
 from backfill.usecases.deps import BatchDeps
 from backfill.usecases.tenants import get_tenant
@@ -48,6 +54,16 @@ async def create_endpoint(deps: BatchDeps, tenant: str, request: CreateWebhook) 
     )
     await deps.store.add_webhook_endpoint(endpoint)
     return endpoint
+
+
+async def sync_config_endpoints(deps: BatchDeps) -> None:
+    """Bring the `[[webhooks]]` of the config into the store (at every start); their tenants are made if new."""
+    endpoints = []
+    for entry in deps.settings.webhooks:
+        tenant_id = await deps.store.ensure_tenant(entry.tenant, deps.now(), deps.settings.default_enqueued_token_limit)
+        endpoint_id = config_endpoint_id(entry.tenant, entry.url)
+        endpoints.append(WebhookEndpoint(endpoint_id, tenant_id, entry.url, entry.secret(), deps.now()))
+    await deps.store.sync_config_endpoints(endpoints)
 
 
 async def list_endpoints(deps: BatchDeps, tenant: str | None = None) -> list[WebhookEndpoint]:
