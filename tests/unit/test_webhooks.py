@@ -12,7 +12,8 @@ import pytest
 from openai import OpenAI
 from standardwebhooks.webhooks import Webhook
 
-from backfill.config import WebhookSettings
+from backfill.config import Settings, WebhookSettings
+from backfill.dispatch.dispatcher import Dispatcher
 from backfill.dispatch.webhooks import WebhookSender, signed_request
 from backfill.domain.batches import BatchApi, BatchStatus
 from backfill.domain.webhooks import (
@@ -27,7 +28,7 @@ from backfill.domain.webhooks import (
     new_secret,
 )
 from backfill.errors import ConfigError
-from backfill.testing import InMemoryStore
+from backfill.testing import InMemoryBlobStore, InMemoryStore
 from tests.support.store_data import NOW, running_batch
 
 DELIVERY = Delivery(7, Event("evt_1", "batch.completed", NOW, "batch_1"), "whep_1", "http://hook/", new_secret(), 0)
@@ -193,3 +194,18 @@ def test_a_config_endpoint_needs_a_whsec_secret_in_its_env_var(monkeypatch: pyte
 def test_a_config_endpoints_id_is_stable_per_tenant_and_url() -> None:
     assert config_endpoint_id("a", "http://x/") == config_endpoint_id("a", "http://x/")
     assert config_endpoint_id("a", "http://x/") != config_endpoint_id("b", "http://x/")
+
+
+async def test_a_promoted_or_at_risk_batch_is_announced_once() -> None:
+    store = InMemoryStore()
+    batch = await running_batch(store, 1)
+    other = await running_batch(store, 1)
+    await store.add_webhook_endpoint(WebhookEndpoint("whep_1", batch.tenant_id, "http://hook/", new_secret(), NOW))
+    dispatcher = Dispatcher(store, InMemoryBlobStore(), [], Settings(), clock=lambda: float(NOW), owner="w")
+
+    for _ in range(3):  # each outlook says so again
+        await dispatcher._announce_at_risk([(batch.id, NOW + 99, "promoted"), (other.id, None, "on_track")], NOW)
+    await dispatcher._announce_at_risk([(batch.id, NOW + 99, "at_risk")], NOW + 5)
+
+    leased = await store.lease_deliveries("s", NOW + 10, 10, 30.0)
+    assert [("batch.at_risk", batch.id, NOW)] == [(d.event.type, d.event.batch_id, d.event.created_at) for d in leased]
