@@ -145,7 +145,7 @@ class Services:
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
             sender = WebhookSender(
                 self.store, client, schedule, owner, self.clock,
-                poll_interval_s=settings.webhook_poll_interval_s, lease_ttl_s=settings.webhook_timeout_s + 5.0,
+                poll_interval_s=settings.webhook_poll_interval_s, timeout_s=settings.webhook_timeout_s,
             )  # fmt: skip
             await sender.run(self._stop)
 

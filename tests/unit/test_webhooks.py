@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import time
@@ -106,7 +107,7 @@ def test_a_signed_request_verifies_with_standardwebhooks_and_the_openai_sdk() ->
 async def _sender(store: InMemoryStore, handler: httpx.MockTransport, clock: list[float]) -> WebhookSender:
     client = httpx.AsyncClient(transport=handler)
     schedule = RetrySchedule(base_s=10, max_s=100, retry_for_s=1000, jitter=0)
-    return WebhookSender(store, client, schedule, "sender", lambda: clock[0], poll_interval_s=1, lease_ttl_s=30)
+    return WebhookSender(store, client, schedule, "sender", lambda: clock[0], poll_interval_s=1, timeout_s=25)
 
 
 async def _completed_batch_with_endpoint(store: InMemoryStore) -> WebhookEndpoint:
@@ -209,3 +210,21 @@ async def test_a_promoted_or_at_risk_batch_is_announced_once() -> None:
 
     leased = await store.lease_deliveries("s", NOW + 10, 10, 30.0)
     assert [("batch.at_risk", batch.id, NOW)] == [(d.event.type, d.event.batch_id, d.event.created_at) for d in leased]
+
+
+async def test_a_try_that_outlasts_its_timeout_is_a_failed_try() -> None:
+    store = InMemoryStore()
+    await _completed_batch_with_endpoint(store)
+    answered = asyncio.Event()
+
+    async def trickle(request: httpx.Request) -> httpx.Response:
+        await answered.wait()  # never set: a receiver that never finishes its answer
+        return httpx.Response(204)
+
+    schedule = RetrySchedule(base_s=10, max_s=100, retry_for_s=1000, jitter=0)
+    client = httpx.AsyncClient(transport=httpx.MockTransport(trickle))
+    sender = WebhookSender(store, client, schedule, "s", lambda: float(NOW), poll_interval_s=1, timeout_s=0.05)
+
+    assert 1 == await sender.send_due()
+    [pending] = await store.list_deliveries(DeliveryState.PENDING)
+    assert (1, "no answer within 0.05 s") == (pending.attempts, pending.last_error)

@@ -25,6 +25,7 @@ log = structlog.get_logger(__name__)
 
 _BATCH = 32  # deliveries leased at a time
 _MAX_ERROR_CHARS = 500
+_LEASE_MARGIN_S = 5.0
 
 
 def signed_request(delivery: Delivery, now: float) -> tuple[bytes, dict[str, str]]:
@@ -51,7 +52,7 @@ class WebhookSender:
         clock: Callable[[], float],
         *,
         poll_interval_s: float,
-        lease_ttl_s: float,
+        timeout_s: float,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.store = store
@@ -60,7 +61,8 @@ class WebhookSender:
         self.owner = owner
         self.clock = clock
         self.poll_interval_s = poll_interval_s
-        self.lease_ttl_s = lease_ttl_s
+        self.timeout_s = timeout_s
+        self.lease_ttl_s = timeout_s + _LEASE_MARGIN_S  # a try never outlasts its lease, so none is sent twice at once
         self.rand = rand
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -85,11 +87,15 @@ class WebhookSender:
         body, headers = signed_request(delivery, self.clock())
         error: str | None = None
         try:
-            response = await self.client.post(delivery.url, content=body, headers=headers)
+            # A hard bound on the whole try (httpx's timeout is per read): the lease must outlive it.
+            async with asyncio.timeout(self.timeout_s):
+                response = await self.client.post(delivery.url, content=body, headers=headers)
             if not response.is_success:  # 2xx only: a redirect is not followed, and is not a delivery
                 error = f"HTTP {response.status_code}: {response.text[:200]}"
         except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS] or type(exc).__name__
+            error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
+        except TimeoutError:
+            error = f"no answer within {self.timeout_s:g} s"
         now = self.clock()
         retry_at = None
         if error is not None:
