@@ -146,6 +146,7 @@ class Services:
             sender = WebhookSender(
                 self.store, client, schedule, owner, self.clock,
                 poll_interval_s=settings.webhook_poll_interval_s, timeout_s=settings.webhook_timeout_s,
+                metrics=self.metrics,
             )  # fmt: skip
             await sender.run(self._stop)
 

@@ -29,9 +29,11 @@ from backfill.domain.webhooks import (
     new_secret,
 )
 from backfill.errors import ConfigError
+from backfill.metrics import Metrics
 from backfill.testing import InMemoryBlobStore, InMemoryStore
 from tests.support.store_data import NOW, running_batch
 
+OUTCOMES = ("delivered", "failed", "dead")
 DELIVERY = Delivery(7, Event("evt_1", "batch.completed", NOW, "batch_1"), "whep_1", "http://hook/", new_secret(), 0)
 
 
@@ -104,10 +106,14 @@ def test_a_signed_request_verifies_with_standardwebhooks_and_the_openai_sdk() ->
     assert ("evt_1", str(int(now))) == (headers["webhook-id"], headers["webhook-timestamp"])
 
 
-async def _sender(store: InMemoryStore, handler: httpx.MockTransport, clock: list[float]) -> WebhookSender:
+async def _sender(
+    store: InMemoryStore, handler: httpx.MockTransport, clock: list[float], metrics: Metrics | None = None
+) -> WebhookSender:
     client = httpx.AsyncClient(transport=handler)
     schedule = RetrySchedule(base_s=10, max_s=100, retry_for_s=1000, jitter=0)
-    return WebhookSender(store, client, schedule, "sender", lambda: clock[0], poll_interval_s=1, timeout_s=25)
+    return WebhookSender(
+        store, client, schedule, "sender", lambda: clock[0], poll_interval_s=1, timeout_s=25, metrics=metrics
+    )
 
 
 async def _completed_batch_with_endpoint(store: InMemoryStore) -> WebhookEndpoint:
@@ -131,7 +137,8 @@ async def test_the_sender_retries_with_backoff_and_keeps_the_webhook_id() -> Non
         return httpx.Response(next(answers))
 
     clock = [float(NOW)]
-    sender = await _sender(store, httpx.MockTransport(handle), clock)
+    metrics = Metrics()
+    sender = await _sender(store, httpx.MockTransport(handle), clock, metrics)
 
     tried = [await sender.send_due()]
     for at in (NOW + 9, NOW + 10, NOW + 29, NOW + 30, NOW + 100):
@@ -146,6 +153,8 @@ async def test_the_sender_retries_with_backoff_and_keeps_the_webhook_id() -> Non
     )
     assert "batch.cancelled" == orjson.loads(last.content)["type"]
     assert [] == await store.list_deliveries(DeliveryState.DEAD)
+    tries = {o: metrics.registry.get_sample_value("backfill_webhook_tries_total", {"outcome": o}) for o in OUTCOMES}
+    assert {"delivered": 1.0, "failed": 2.0, "dead": None} == tries
 
 
 async def test_the_sender_dead_letters_after_the_horizon() -> None:

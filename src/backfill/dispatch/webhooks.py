@@ -19,6 +19,7 @@ from standardwebhooks.webhooks import Webhook
 
 from backfill import __version__
 from backfill.domain.webhooks import Delivery, RetrySchedule
+from backfill.metrics import Metrics
 from backfill.ports import WebhookStore
 
 log = structlog.get_logger(__name__)
@@ -54,6 +55,7 @@ class WebhookSender:
         poll_interval_s: float,
         timeout_s: float,
         rand: Callable[[], float] = random.random,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.client = client  # with its timeouts; tests inject a MockTransport
@@ -64,6 +66,7 @@ class WebhookSender:
         self.timeout_s = timeout_s
         self.lease_ttl_s = timeout_s + _LEASE_MARGIN_S  # a try never outlasts its lease, so none is sent twice at once
         self.rand = rand
+        self.metrics = metrics
 
     async def run(self, stop: asyncio.Event) -> None:
         """Send until `stop` is set; a database hiccup is logged and tried again at the next poll."""
@@ -103,6 +106,9 @@ class WebhookSender:
         settled = await self.store.settle_delivery(
             delivery.seq, self.owner, now, delivered=error is None, retry_at=retry_at, error=error
         )
+        outcome = "delivered" if error is None else "failed" if retry_at is not None else "dead"
+        if self.metrics is not None:
+            self.metrics.webhook_tries.labels(outcome).inc()
         log.info(
             "webhooks.tried",
             event_id=delivery.event.id,
@@ -110,6 +116,6 @@ class WebhookSender:
             endpoint_id=delivery.endpoint_id,
             attempt=delivery.attempts + 1,
             error=error,
-            dead=error is not None and retry_at is None,
+            outcome=outcome,
             settled=settled,
         )
