@@ -101,6 +101,7 @@ class BackendSettings(BaseModel):
 class WebhookSettings(BaseModel):
     """One `[[webhooks]]` entry: a tenant's endpoint kept in step with the config file (docs/webhooks.md)."""
 
+    model_config = {"extra": "forbid"}  # a misspelt key is refused, not silently dropped
     url: str
     secret_env: str  # the environment variable holding its `whsec_…` secret
     tenant: str = "default"

@@ -11,6 +11,7 @@ import httpx
 import orjson
 import pytest
 from openai import OpenAI
+from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook
 
 from backfill.config import Settings, WebhookSettings
@@ -237,3 +238,8 @@ async def test_a_try_that_outlasts_its_timeout_is_a_failed_try() -> None:
     assert 1 == await sender.send_due()
     [pending] = await store.list_deliveries(DeliveryState.PENDING)
     assert (1, "no answer within 0.05 s") == (pending.attempts, pending.last_error)
+
+
+def test_a_misspelt_key_in_a_webhooks_entry_is_refused() -> None:
+    with pytest.raises(ValidationError, match="secret_evn"):
+        WebhookSettings.model_validate({"url": "https://hooks.example/x", "secret_evn": "HOOK_SECRET"})
