@@ -15,7 +15,7 @@ from rich.console import Console
 from structlog.typing import Processor
 
 from backfill import __version__, cli_options
-from backfill.cli_admin import keys, tenants
+from backfill.cli_admin import keys, tenants, webhooks
 from backfill.cli_client import COMMANDS as CLIENT_COMMANDS
 from backfill.cli_client import CommandFailed
 from backfill.cli_options import common_options
@@ -243,3 +243,4 @@ for _command in CLIENT_COMMANDS:
 main.add_command(sim)
 main.add_command(keys)
 main.add_command(tenants)
+main.add_command(webhooks)

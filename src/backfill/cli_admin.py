@@ -1,5 +1,5 @@
-"""`backfill keys` and `backfill tenants`: the admin API's use cases, run on the database directly (as `migrate`
-does), so they work before any key exists and from any host that reaches the database."""
+"""`backfill keys`, `backfill tenants` and `backfill webhooks`: the admin API's use cases, run on the database
+directly (as `migrate` does), so they work before any key exists and from any host that reaches the database."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 import orjson
+from pydantic import ValidationError
 
 from backfill.cli_options import common_options, load
 from backfill.config import Settings
@@ -21,6 +22,7 @@ from backfill.ports import Store
 from backfill.store.engine import create_engine, migrate
 from backfill.store.sql import SqlStore
 from backfill.usecases import tenants as uc
+from backfill.usecases import webhooks as wh
 
 _T = TypeVar("_T")
 
@@ -260,3 +262,104 @@ def update_tenant(
     settings = load(config, data_dir=data_dir, database_url=database_url)
     fields = _fields(given, uc.TenantFields)
     _show_tenant(_run(settings, lambda deps: uc.update_tenant(deps, name, fields)))
+
+
+# --- webhooks ---------------------------------------------------------------------------------------------------
+
+
+@click.group()
+def webhooks() -> None:
+    """Manage webhook endpoints (signed batch events) and dead letters."""
+
+
+@webhooks.command(name="create")
+@click.argument("url")
+@click.option("--tenant", default=DEFAULT_TENANT, show_default=True, help="Tenant whose batch events go there.")
+@click.option("--json", "as_json", is_flag=True, help="As JSON, as the admin API answers.")
+@common_options
+def create_webhook(
+    url: str, tenant: str, as_json: bool, data_dir: Path | None, config: Path | None, database_url: str | None
+) -> None:
+    """Add an endpoint and print its `whsec_` secret (shown only once): receivers verify signatures with it."""
+    settings = load(config, data_dir=data_dir, database_url=database_url)
+    try:
+        request = wh.CreateWebhook(url=url)
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc.errors()[0]["msg"]), param_hint="URL") from None
+    endpoint = _run(settings, lambda deps: wh.create_endpoint(deps, tenant, request))
+    if as_json:
+        _echo_json(endpoint.to_dict(with_secret=True))
+        return
+    click.echo(f"{endpoint.id}: {tenant}'s batch events go to {endpoint.url}; its signing secret:", err=True)
+    click.echo(endpoint.secret)
+
+
+@webhooks.command(name="list")
+@click.option("--tenant", help="Only this tenant's endpoints.")
+@click.option("--json", "as_json", is_flag=True, help="As JSON, as the admin API answers.")
+@common_options
+def list_webhooks(
+    tenant: str | None, as_json: bool, data_dir: Path | None, config: Path | None, database_url: str | None
+) -> None:
+    """List webhook endpoints (never their secrets)."""
+    settings = load(config, data_dir=data_dir, database_url=database_url)
+    found = _run(settings, lambda deps: wh.list_endpoints(deps, tenant))
+    if as_json:
+        _echo_json([endpoint.to_dict() for endpoint in found])
+        return
+    rows: list[tuple[str, ...]] = [("ID", "TENANT", "URL", "CREATED")]
+    rows += [(e.id, e.tenant_id, e.url, _when(e.created_at)) for e in found]
+    _echo_table(rows)
+
+
+@webhooks.command(name="delete")
+@click.argument("endpoint_id")
+@click.option("--tenant", default=DEFAULT_TENANT, show_default=True, help="The endpoint's tenant.")
+@common_options
+def delete_webhook(
+    endpoint_id: str, tenant: str, data_dir: Path | None, config: Path | None, database_url: str | None
+) -> None:
+    """Remove an endpoint; its pending and dead deliveries go with it."""
+    settings = load(config, data_dir=data_dir, database_url=database_url)
+    _run(settings, lambda deps: wh.delete_endpoint(deps, tenant, endpoint_id))
+    click.echo(f"deleted {endpoint_id}")
+
+
+@webhooks.command(name="dead")
+@click.option("--tenant", help="Only this tenant's.")
+@click.option("--json", "as_json", is_flag=True, help="As JSON, as the admin API answers.")
+@common_options
+def dead_webhooks(
+    tenant: str | None, as_json: bool, data_dir: Path | None, config: Path | None, database_url: str | None
+) -> None:
+    """Deliveries given up on after the retry horizon (24 h by default), newest first."""
+    settings = load(config, data_dir=data_dir, database_url=database_url)
+    found = _run(settings, lambda deps: wh.list_deliveries(deps, tenant=tenant))
+    if as_json:
+        _echo_json([record.to_dict() for record in found])
+        return
+    rows: list[tuple[str, ...]] = [("ID", "EVENT", "TYPE", "BATCH", "ENDPOINT", "TRIES", "GAVE UP", "LAST ERROR")]
+    rows += [
+        (
+            str(d.seq),
+            d.event.id,
+            d.event.type,
+            d.event.batch_id,
+            d.endpoint_id,
+            str(d.attempts),
+            _when(d.finished_at),
+            (d.last_error or "")[:60],
+        )
+        for d in found
+    ]
+    _echo_table(rows)
+
+
+@webhooks.command(name="retry")
+@click.argument("delivery_id", type=int)
+@common_options
+def retry_webhook(delivery_id: int, data_dir: Path | None, config: Path | None, database_url: str | None) -> None:
+    """Send a dead letter once more (a worker picks it up within a second or so)."""
+    settings = load(config, data_dir=data_dir, database_url=database_url)
+    _run(settings, lambda deps: wh.redeliver(deps, delivery_id))
+    click.echo(f"delivery {delivery_id} queued again")

@@ -6,6 +6,7 @@ Precedence, highest first: command-line options, `BACKFILL_*` environment variab
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import tomllib
@@ -99,6 +100,39 @@ class BackendSettings(BaseModel):
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class WebhookSettings(BaseModel):
+    """One `[[webhooks]]` entry: a tenant's endpoint kept in step with the config file (docs/webhooks.md)."""
+
+    model_config = {"extra": "forbid"}  # a misspelt key is refused, not silently dropped
+    url: str
+    secret_env: str  # the environment variable holding its `whsec_…` secret
+    tenant: str = "default"
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"webhook url must start with http:// or https://, got {url!r}")
+        return url
+
+    def secret(self) -> str:
+        """The secret from the environment; ConfigError when it is missing or not `whsec_` + base64."""
+        secret = os.environ.get(self.secret_env, "")
+        if not secret.startswith("whsec_") or not _is_base64(secret.removeprefix("whsec_")):
+            raise ConfigError(
+                f"webhook {self.url}: ${self.secret_env} must hold a whsec_ secret (whsec_ + base64), such as "
+                "`backfill webhooks create` prints"
+            )
+        return secret
+
+
+def _is_base64(text: str) -> bool:
+    try:
+        return bool(base64.b64decode(text + "==", validate=False))
+    except ValueError:
+        return False
 
 
 _CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
@@ -206,6 +240,7 @@ class Settings(BaseSettings):
 
     # Dispatcher
     backends: list[BackendSettings] = []
+    webhooks: list[WebhookSettings] = []  # endpoints from the config, beside those made through the admin API
     off_peak: list[OffPeakSettings] = []  # per pool (model): batch shares by time of day on harvested endpoints
     # The embedded CPU engine, used when no backend is configured and backfill[local] is installed.
     embedded_chat_slots: int = Field(default=8, ge=1, le=64)
@@ -238,6 +273,14 @@ class Settings(BaseSettings):
     probe_max_s: float = Field(default=30.0, gt=0, le=30.0)
     # How often the queue of backends of flavour vllm/sglang/llamacpp is read from their /metrics.
     engine_metrics_interval_s: float = Field(default=1.0, gt=0)
+    # Webhooks (docs/webhooks.md): each try of a delivery gets `webhook_timeout_s`; a failed one waits
+    # `webhook_retry_base_s`, doubling up to `webhook_retry_max_s`, until `webhook_retry_for_s` after the event,
+    # then is dead-lettered. Workers look for due deliveries every `webhook_poll_interval_s`.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_retry_base_s: float = Field(default=5.0, gt=0)
+    webhook_retry_max_s: float = Field(default=3600.0, gt=0)
+    webhook_retry_for_s: float = Field(default=86400.0, gt=0)
+    webhook_poll_interval_s: float = Field(default=1.0, gt=0)
 
     @field_validator("public_url")
     @classmethod

@@ -94,6 +94,10 @@ class Metrics:
         self.batches_finished = Counter(
             "backfill_batches_finished", "Batches that reached a terminal status.", ["status"], registry=self.registry
         )
+        # Webhook tries by this process's sender (docs/webhooks.md): delivered, failed (to be retried) or dead.
+        self.webhook_tries = Counter(
+            "backfill_webhook_tries", "Webhook delivery tries, by outcome.", ["outcome"], registry=self.registry
+        )
         # Interactive traffic through the proxy (backfill.interactive): what the harvest controller protects.
         self.interactive_ttft_seconds = Histogram(
             "backfill_interactive_ttft_seconds",

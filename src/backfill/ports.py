@@ -16,6 +16,7 @@ from backfill.domain.message_batches import RefusedRequest, UnrunCounts
 from backfill.domain.outcomes import Outcome
 from backfill.domain.results import StoredResult
 from backfill.domain.tenants import KeyInfo, KeyMatch, Tenant, TenantChange
+from backfill.domain.webhooks import Delivery, DeliveryRecord, DeliveryState, WebhookEndpoint
 
 
 class Clock(Protocol):
@@ -336,7 +337,46 @@ class MessageBatchStore(Protocol):
         ...
 
 
-class WorkerStore(TenantStore, FileStore, BatchStore, LineQueue, WorkerBoard, Protocol):
+class WebhookStore(Protocol):
+    """Webhook endpoints per tenant and the outbox of deliveries (docs/webhooks.md). A batch's terminal status
+    queues its event in the same transaction (`finish_batch`, `fail_batch`)."""
+
+    async def add_webhook_endpoint(self, endpoint: WebhookEndpoint) -> None: ...
+
+    async def list_webhook_endpoints(self, tenant_id: str | None = None) -> list[WebhookEndpoint]: ...
+
+    async def delete_webhook_endpoint(self, tenant_id: str, endpoint_id: str) -> bool:
+        """Remove the endpoint and its deliveries; False if the tenant has no such endpoint."""
+        ...
+
+    async def sync_config_endpoints(self, endpoints: Sequence[WebhookEndpoint]) -> None:
+        """Make the endpoints that came from the config file exactly these (admin-made ones are untouched)."""
+        ...
+
+    async def announce_at_risk(self, batch_ids: Sequence[str], now: int) -> int:
+        """Queue the at-risk event of each in-progress batch that never had one; how many deliveries were queued."""
+        ...
+
+    async def lease_deliveries(self, owner: str, now: float, limit: int, ttl_s: float) -> list[Delivery]:
+        """Claim due pending deliveries that no live sender holds."""
+        ...
+
+    async def settle_delivery(
+        self, seq: int, owner: str, now: float, *, delivered: bool, retry_at: float | None, error: str | None
+    ) -> bool:
+        """Delivered; or try again at `retry_at`; or dead-letter (None). False if `owner` lost the lease."""
+        ...
+
+    async def list_deliveries(
+        self, state: DeliveryState, tenant_id: str | None = None, limit: int = 100
+    ) -> list[DeliveryRecord]: ...
+
+    async def redeliver(self, seq: int, now: float) -> bool:
+        """A dead letter goes back to pending for one more try; False if it is not dead."""
+        ...
+
+
+class WorkerStore(TenantStore, FileStore, BatchStore, LineQueue, WorkerBoard, WebhookStore, Protocol):
     """What a dispatcher worker uses: validation and finalize (lifecycle), leasing and recording, housekeeping."""
 
 

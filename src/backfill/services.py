@@ -10,6 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import httpx
 import structlog
 
 from backfill.backends.openai_http import OpenAIHttpBackend
@@ -17,11 +18,14 @@ from backfill.batch_load import BatchLoad, LocalBatchLoad, SharedBatchLoad
 from backfill.blobs import OwnedBlobStore, open_blob_store
 from backfill.config import Settings
 from backfill.dispatch.dispatcher import Dispatcher
+from backfill.dispatch.webhooks import WebhookSender
+from backfill.domain.webhooks import RetrySchedule
 from backfill.interactive import InteractiveMeter
 from backfill.metrics import Metrics
 from backfill.ports import Backend, Store
 from backfill.store.engine import create_engine, migrate
 from backfill.store.sql import SqlStore
+from backfill.usecases import webhooks
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -66,6 +70,7 @@ class Services:
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _run: asyncio.Task[None] | None = None
+    _webhooks: asyncio.Task[None] | None = None
     # Interactive requests through the proxy, by backend: what the harvest controller reads.
     interactive: InteractiveMeter = field(init=False)
     # Batch lines in flight per backend, for the proxy's routing: this process's dispatcher's, or every worker's.
@@ -103,7 +108,13 @@ class Services:
         metrics = Metrics()
         metrics.observe_database(store.engine)
         dispatcher = Dispatcher(store, blobs, chosen, settings, clock=clock, metrics=metrics) if dispatching else None
-        return cls(settings, store, blobs, chosen, dispatcher, metrics, clock)
+        services = cls(settings, store, blobs, chosen, dispatcher, metrics, clock)
+        try:
+            await webhooks.sync_config_endpoints(services)
+        except BaseException:
+            await services.close()
+            raise
+        return services
 
     def now(self) -> int:
         return int(self.clock())
@@ -122,6 +133,22 @@ class Services:
         if self.dispatcher is None:
             raise RuntimeError("this process was opened without a dispatcher")
         self._run = asyncio.create_task(self.dispatcher.run(self._stop))
+        self._webhooks = asyncio.create_task(self._send_webhooks(self.dispatcher.owner))
+
+    async def _send_webhooks(self, owner: str) -> None:
+        """The outbox's sender, beside the dispatcher (never inside it: a slow receiver holds up no line)."""
+        settings = self.settings
+        timeout = httpx.Timeout(settings.webhook_timeout_s)
+        schedule = RetrySchedule(
+            settings.webhook_retry_base_s, settings.webhook_retry_max_s, settings.webhook_retry_for_s
+        )
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
+            sender = WebhookSender(
+                self.store, client, schedule, owner, self.clock,
+                poll_interval_s=settings.webhook_poll_interval_s, timeout_s=settings.webhook_timeout_s,
+                metrics=self.metrics,
+            )  # fmt: skip
+            await sender.run(self._stop)
 
     async def offload(self, fn: Callable[..., T], /, *args: Any) -> T:
         """`fn(*args)` in this process's worker process (spawned, not forked: this process runs threads). One
@@ -143,6 +170,8 @@ class Services:
         if self._run is not None:
             self.stop_dispatcher()
             await self._run
+        if self._webhooks is not None:
+            await self._webhooks
         for backend in self.backends:
             await backend.close()
         if self._workers is not None:

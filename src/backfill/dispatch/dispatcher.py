@@ -55,6 +55,7 @@ from backfill.dispatch.housekeeper import Housekeeper
 from backfill.dispatch.lifecycle import Lifecycle
 from backfill.dispatch.recorder import Recorder
 from backfill.dispatch.watcher import EngineWatcher
+from backfill.domain.batches import ScheduleState
 from backfill.domain.leases import LeasedLine
 from backfill.domain.lines import ValidationLimits
 from backfill.domain.outcomes import Outcome
@@ -126,6 +127,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0  # the loop time `_timer` fires at
+        self._announced: set[str] = set()  # batches whose at-risk webhook is queued
 
     def wake(self) -> None:
         """Something changed (a batch was created or cancelled): look now rather than at the next poll."""
@@ -198,8 +200,18 @@ class Dispatcher:
             if isinstance(action, ShowOutlooks):
                 try:
                     await self.store.set_outlooks(action.rows, action.waiting)
+                    await self._announce_at_risk(action.rows, now)
                 except Exception:
                     log.exception("dispatcher.outlooks_failed")
+
+    async def _announce_at_risk(self, rows: Sequence[tuple[str, int | None, str | None]], now: float) -> None:
+        """Batches just promoted because their deadline is in danger get their `batch.at_risk` webhook (the store
+        queues it once per batch, across workers; this set only spares it the question every outlook)."""
+        danger = (ScheduleState.PROMOTED.value, ScheduleState.AT_RISK.value)
+        fresh = [batch_id for batch_id, _, state in rows if state in danger and batch_id not in self._announced]
+        if fresh:
+            await self.store.announce_at_risk(fresh, int(now))
+            self._announced.update(fresh)
 
     def _perform(self, actions: Sequence[Action]) -> None:
         together: dict[int, list[Start]] = {}  # a coalesced request's lines come one after another

@@ -33,13 +33,14 @@ from backfill.store.message_batches import MessageBatchQueries
 from backfill.store.rows import batch_from_row, batch_to_row, file_from_row
 from backfill.store.tables import batches, files, requests, tenants
 from backfill.store.tenants import TenantQueries, check_create_quota, check_start_rate, locked_tenant
+from backfill.store.webhooks import WebhookQueries, add_ended_event
 from backfill.store.workers import WorkerQueries
 
 _TERMINAL = [status.value for status in TERMINAL]
 _INSERT_CHUNK = 1_000
 
 
-class SqlStore(TenantQueries, LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueries):
+class SqlStore(TenantQueries, LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueries, WebhookQueries):
     """Every query backfill runs, by name. Construct with an engine from `store.engine.create_engine`."""
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -300,7 +301,10 @@ class SqlStore(TenantQueries, LineQueries, MessageBatchQueries, WorkerQueries, I
                 )
                 .values(status=BatchStatus.FAILED.value, failed_at=now, errors=payload, model=model)
             )
-            return result.rowcount == 1
+            if result.rowcount != 1:
+                return False
+            await add_ended_event(conn, batch_id, BatchStatus.FAILED, now)
+            return True
 
     async def mark_finalizing(self, batch_id: str, owner: str, now: int) -> bool:
         """in_progress -> finalizing; False if the batch moved on (cancelled meanwhile, say)."""
@@ -347,6 +351,7 @@ class SqlStore(TenantQueries, LineQueries, MessageBatchQueries, WorkerQueries, I
             )
             if result.rowcount != 1:
                 return False
+            await add_ended_event(conn, batch_id, status, now)
             for record in (output, error):
                 if record is not None:
                     await conn.execute(insert(files).values(**_file_values(record)))

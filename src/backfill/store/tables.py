@@ -201,3 +201,38 @@ idempotency_keys = Table(
     Column("expires_at", BigInteger, nullable=False),
     Index(None, "expires_at"),
 )
+
+# Webhook endpoints of a tenant (docs/webhooks.md). The secret is kept as given: signing needs it.
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("tenant_id", String(64), ForeignKey("tenants.id"), nullable=False, index=True),
+    Column("url", Text, nullable=False),
+    Column("secret", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+# The outbox: one row per event and endpoint, written in the transaction that sets the batch's terminal status,
+# leased by a worker's webhook sender while it sends. `event_id` is the `webhook-id`, the same on every retry.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("seq", Serial, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("batch_id", String(64), nullable=False),
+    Column("tenant_id", String(64), nullable=False),
+    Column("endpoint_id", String(64), ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_expires_at", Float, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("finished_at", BigInteger, nullable=True),  # delivered, or dead-lettered
+    UniqueConstraint("endpoint_id", "batch_id", "type"),  # an event happens once per batch
+    Index(None, "state", "next_attempt_at"),
+    Index(None, "tenant_id", "state"),
+)

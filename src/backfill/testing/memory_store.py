@@ -35,10 +35,11 @@ from backfill.testing.memory_tables import (
     page,
 )
 from backfill.testing.memory_tenants import MemoryTenants
+from backfill.testing.memory_webhooks import MemoryWebhooks
 from backfill.testing.memory_workers import MemoryWorkerBoard
 
 
-class InMemoryStore(MemoryTenants, MemoryLineQueue, MemoryWorkerBoard, MemoryIdempotency):
+class InMemoryStore(MemoryWebhooks, MemoryTenants, MemoryLineQueue, MemoryWorkerBoard, MemoryIdempotency):
     """Everything backfill keeps, in dictionaries. One instance is one database; nothing is shared between two."""
 
     def __init__(self) -> None:
@@ -193,6 +194,7 @@ class InMemoryStore(MemoryTenants, MemoryLineQueue, MemoryWorkerBoard, MemoryIde
             return False
         batch = row.batch
         batch.status, batch.failed_at, batch.errors, batch.model = BatchStatus.FAILED, now, list(errors), model
+        self.queue_ended_event(batch, BatchStatus.FAILED, now)
         return True
 
     async def mark_finalizing(self, batch_id: str, owner: str, now: int) -> bool:
@@ -216,6 +218,7 @@ class InMemoryStore(MemoryTenants, MemoryLineQueue, MemoryWorkerBoard, MemoryIde
         batch.output_file_id = output.id if output else None
         batch.error_file_id = error.id if error else None
         row.claimed_by, row.claim_expires_at = None, None
+        self.queue_ended_event(batch, status, now)
         return True
 
     async def enqueued_tokens(self, tenant_id: str, model: str) -> int:

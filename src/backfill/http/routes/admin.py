@@ -1,4 +1,5 @@
-"""Admin API (docs/tenants.md): tenants and API keys, for admin keys only (anyone in open mode, on loopback).
+"""Admin API (docs/tenants.md, docs/webhooks.md): tenants, API keys and webhook endpoints, for admin keys only
+(anyone in open mode, on loopback).
 
 Not in /openapi.json: it is backfill's own surface, no SDK's, and its callers are `backfill tenants` / `keys`."""
 
@@ -6,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from backfill.http.deps import AdminDep, ServicesDep, json_body, json_response
 from backfill.usecases import tenants as uc
+from backfill.usecases import webhooks
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], include_in_schema=False)
 
@@ -65,3 +67,45 @@ async def revoke_key(key_id: str, services: ServicesDep, _: AdminDep) -> Respons
 @router.post("/keys/{key_id}/rotate")
 async def rotate_key(key_id: str, services: ServicesDep, _: AdminDep) -> Response:
     return json_response((await uc.rotate_key(services, key_id)).to_dict())
+
+
+@router.post("/tenants/{name}/webhooks")
+async def create_webhook(name: str, request: Request, services: ServicesDep, _: AdminDep) -> Response:
+    body = uc.parse(webhooks.CreateWebhook, await json_body(request))
+    endpoint = await webhooks.create_endpoint(services, name, body)
+    return json_response(endpoint.to_dict(with_secret=True))  # the only time the secret is shown
+
+
+@router.get("/tenants/{name}/webhooks")
+async def list_webhooks(name: str, services: ServicesDep, _: AdminDep) -> Response:
+    return _list(await webhooks.list_endpoints(services, name))
+
+
+@router.delete("/tenants/{name}/webhooks/{endpoint_id}")
+async def delete_webhook(name: str, endpoint_id: str, services: ServicesDep, _: AdminDep) -> Response:
+    await webhooks.delete_endpoint(services, name, endpoint_id)
+    return json_response({"id": endpoint_id, "object": "webhook_endpoint.deleted", "deleted": True})
+
+
+@router.get("/webhooks/dead")
+async def list_dead_webhooks(
+    services: ServicesDep, _: AdminDep, tenant: str | None = None, limit: int = Query(default=100, ge=1, le=1000)
+) -> Response:
+    return _list(await webhooks.list_deliveries(services, "dead", tenant, limit))
+
+
+@router.get("/webhooks/deliveries")
+async def list_webhook_deliveries(
+    services: ServicesDep,
+    _: AdminDep,
+    state: str = "pending",
+    tenant: str | None = None,
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> Response:
+    return _list(await webhooks.list_deliveries(services, state, tenant, limit))
+
+
+@router.post("/webhooks/dead/{delivery_id}/retry")
+async def retry_dead_webhook(delivery_id: int, services: ServicesDep, _: AdminDep) -> Response:
+    await webhooks.redeliver(services, delivery_id)
+    return json_response({"id": delivery_id, "object": "webhook_delivery", "state": "pending"})
