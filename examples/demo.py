@@ -93,12 +93,11 @@ def show_reviews(results: list[dict[str, Any]]) -> None:
     truth = orjson.loads((HERE / "reviews.labels.json").read_bytes())
     labels = {result["custom_id"]: label_of(result) for result in results}
     for custom_id in list(labels)[:6]:
-        console.print(f"  {reviews[custom_id][:58]:58} [bold]{labels[custom_id]}[/]", markup=True, highlight=False)
+        text = reviews[custom_id]
+        shown = text if len(text) <= 62 else text[:61] + "…"
+        console.print(f"  {shown:62} [bold]{labels[custom_id]}[/]", highlight=False)
     right = sum(labels[custom_id] == truth[custom_id] for custom_id in labels)
-    console.print(
-        f"  accuracy: {right}/{len(labels)} = {right / len(labels):.0%} against the known labels "
-        f"(examples/reviews.labels.json); every answer is one of the schema's labels"
-    )
+    console.print(f"  accuracy: {right}/{len(labels)} ({right / len(labels):.0%}) against reviews.labels.json")
 
 
 def show_neighbours(results: list[dict[str, Any]]) -> None:
@@ -113,7 +112,7 @@ def show_neighbours(results: list[dict[str, Any]]) -> None:
 
     for cid in list(vectors)[:6:2]:
         best = max((other for other in vectors if other != cid), key=lambda o: cosine(vectors[cid], vectors[o]))
-        console.print(f"  {titles[cid]!r} is nearest to {titles[best]!r}")
+        console.print(f"  {titles[cid]}\n    nearest: {titles[best]}", highlight=False)
 
 
 def main() -> None:

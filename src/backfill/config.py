@@ -105,7 +105,7 @@ class BackendSettings(BaseModel):
 class WebhookSettings(BaseModel):
     """One `[[webhooks]]` entry: a tenant's endpoint kept in step with the config file (docs/webhooks.md)."""
 
-    model_config = {"extra": "forbid"}  # a misspelt key is refused, not silently dropped
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is named, not silently dropped
     url: str
     secret_env: str  # the environment variable holding its `whsec_…` secret
     tenant: str = "default"
@@ -371,6 +371,7 @@ _TABLES: dict[str, type[BaseModel]] = {
     "": Settings,
     "backends": BackendSettings,
     "off_peak": OffPeakSettings,
+    "webhooks": WebhookSettings,
     "windows": OffPeakWindow,
 }
 
