@@ -16,6 +16,7 @@ file into the cache is done (or found) first and reported on its own line, outsi
 
     .venv/bin/python bench/embedded.py                  # 200 lines, slots 1 and 8
     .venv/bin/python bench/embedded.py --quick          # 24 lines
+    .venv/bin/python bench/embedded.py --slots 8 --schema   # and with a JSON schema (issue 20: >= 0.8x)
 """
 
 from __future__ import annotations
@@ -39,7 +40,17 @@ SUBJECTS = ["a lamp", "a kettle", "running shoes", "a backpack", "a blender", "h
             "a bicycle", "a camera", "a notebook", "a watch", "a scarf", "a teapot", "a chair", "a guitar"]  # fmt: skip
 
 
-def make_lines(n: int, max_tokens: int) -> list[dict[str, Any]]:
+# The same task held to a JSON schema (`--schema`): the answer is an object, built token by token under a grammar.
+DESCRIPTION_SCHEMA = {
+    "type": "object",
+    "properties": {"product": {"type": "string"}, "description": {"type": "string"}},
+    "required": ["product", "description"],
+    "additionalProperties": False,
+}
+
+
+def make_lines(n: int, max_tokens: int, schema: bool = False) -> list[dict[str, Any]]:
+    response_format = {"type": "json_schema", "json_schema": {"name": "description", "schema": DESCRIPTION_SCHEMA}}
     return [
         {
             "custom_id": f"line-{i}",
@@ -52,6 +63,7 @@ def make_lines(n: int, max_tokens: int) -> list[dict[str, Any]]:
                 "messages": [
                     {"role": "user", "content": f"Write a short product description for {SUBJECTS[i % 16]} #{i}."}
                 ],
+                **({"response_format": response_format} if schema else {}),
             },
         }
         for i in range(n)
@@ -118,6 +130,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--weights", default="auto", choices=["auto", "q8_0", "q4_0", "f16", "shipped"])
     parser.add_argument("--quick", action="store_true", help="24 lines: a smoke run, not a figure")
+    parser.add_argument(
+        "--schema",
+        action="store_true",
+        help="also each slot count with the lines held to a JSON schema (response_format), and the ratio",
+    )
     args = parser.parse_args()
     n = 24 if args.quick else args.lines
     print(machine_line())
@@ -133,6 +150,9 @@ def main() -> None:
     converted = converted_gguf(batched, args.threads)
     label = "Q4_1" if converted == shipped else batched.upper()
     rows: list[tuple[str, float, int]] = []
+    ratios: list[str] = []
+    schema_path = work / "in-schema.jsonl"
+    schema_path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in make_lines(n, args.max_tokens, True)))
     seconds, tokens = sequential_loop(make_lines(n, args.max_tokens), args.threads, shipped)
     rows.append(("sequential llama-cpp-python loop, shipped Q4_1 (baseline)", seconds, tokens))
     print(f"baseline: {tokens / seconds:.1f} tok/s", flush=True)
@@ -146,6 +166,14 @@ def main() -> None:
         weights = "shipped Q4_1" if used == "shipped" else used.upper()
         rows.append((f"backfill run, {weights}, {slots} slot{'s' if slots > 1 else ''}", seconds, tokens))
         print(f"backfill {slots} slots: {tokens / seconds:.1f} tok/s", flush=True)
+        if args.schema:
+            free_rate = tokens / seconds
+            seconds, tokens = backfill_run(schema_path, work, slots, args.threads, args.weights)
+            rows.append(
+                (f"backfill run, {weights}, {slots} slot{'s' if slots > 1 else ''}, json_schema", seconds, tokens)
+            )
+            ratios.append(f"{slots} slot{'s' if slots > 1 else ''}: {tokens / seconds / free_rate:.2f}x")
+            print(f"backfill {slots} slots, json_schema: {tokens / seconds:.1f} tok/s", flush=True)
 
     base = rows[0][2] / rows[0][1]
     load = os.getloadavg()
@@ -159,6 +187,8 @@ def main() -> None:
             [[name, f"{s:.1f}", str(t), f"{t / s:.1f}", f"{t / s / base:.2f}"] for name, s, t in rows],
         )
     )
+    if ratios:
+        print(f"\njson_schema vs the same lines free, output tokens/s (goal >= 0.8x): {', '.join(ratios)}")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def test_the_demo_review_batch_answers_every_review_with_one_of_its_schema_label
     client = client_for(server)
     source = EXAMPLES / "reviews.jsonl"
     truth = orjson.loads((EXAMPLES / "reviews.labels.json").read_bytes())
-    uploaded = client.files.create(file=source.open("rb"), purpose="batch")
+    with source.open("rb") as lines:
+        uploaded = client.files.create(file=lines, purpose="batch")
 
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
     done = wait_terminal(client, batch.id, 900)
