@@ -415,29 +415,31 @@ def _file_values(record: FileRecord) -> dict[str, Any]:
     }
 
 
+# Through the driver's executemany with one tuple a line: SQLAlchemy's compiled insert built a parameter dict per
+# row, about half of validating a batch (BENCHMARKS.md, "Ingest"). `{p}` is the dialect's placeholder.
+_INSERT_LINE_SQL = (
+    "INSERT INTO requests (batch_id, line_no, custom_id, body_offset, body_length, est_prompt_tokens,"
+    " max_output_tokens, prefix_group, state, attempts, next_attempt_at, lease_seq, input_tokens, cached_tokens,"
+    " output_tokens, reasoning_tokens) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, 'queued', 0, 0.0, 0, 0, 0, 0, 0)"
+)
+
+
 async def _insert_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[ValidLine]) -> None:
+    sql = _INSERT_LINE_SQL.format(p="%s" if conn.dialect.name == "postgresql" else "?")
     for start in range(0, len(lines), _INSERT_CHUNK):
-        await conn.execute(
-            insert(requests),
+        await conn.exec_driver_sql(
+            sql,
             [
-                {
-                    "batch_id": batch_id,
-                    "line_no": line.number,
-                    "custom_id": line.custom_id,
-                    "body_offset": line.offset,
-                    "body_length": line.length,
-                    "est_prompt_tokens": line.est_prompt_tokens,
-                    "max_output_tokens": line.max_output_tokens,
-                    "prefix_group": line.prefix_group,
-                    "state": "queued",
-                    "attempts": 0,
-                    "next_attempt_at": 0.0,
-                    "lease_seq": 0,
-                    "input_tokens": 0,
-                    "cached_tokens": 0,
-                    "output_tokens": 0,
-                    "reasoning_tokens": 0,
-                }
+                (
+                    batch_id,
+                    line.number,
+                    line.custom_id,
+                    line.offset,
+                    line.length,
+                    line.est_prompt_tokens,
+                    line.max_output_tokens,
+                    line.prefix_group,
+                )
                 for line in lines[start : start + _INSERT_CHUNK]
             ],
         )
