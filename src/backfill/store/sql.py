@@ -24,7 +24,7 @@ from backfill.domain.batches import (
 from backfill.domain.estimates import expected_output_tokens
 from backfill.domain.files import MESSAGE_BATCH_PURPOSE, FileRecord
 from backfill.domain.keys import NewKey
-from backfill.domain.lines import ValidLine
+from backfill.domain.valid_lines import ValidLine
 from backfill.errors import Conflict, NotFound, TokenLimitExceeded
 from backfill.ports import Store
 from backfill.store.idempotency import IdempotencyQueries

@@ -21,7 +21,7 @@ from backfill import ids
 from backfill.domain.batches import Batch, BatchApi, BatchStatus
 from backfill.domain.features import ALL_FEATURES, Feature, common_features
 from backfill.domain.files import MESSAGE_BATCH_PURPOSE, FileRecord
-from backfill.domain.lines import FileValidator, RawLine, ValidationLimits, ValidLine
+from backfill.domain.lines import FileValidator, RawLine, ValidationLimits
 from backfill.domain.message_batch_body import RawRequest, split_requests
 from backfill.domain.message_batches import (
     CHAT_ENDPOINT,
@@ -35,6 +35,7 @@ from backfill.domain.message_batches import (
     rfc3339,
     served_model,
 )
+from backfill.domain.valid_lines import ValidLine
 from backfill.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded, TokenLimitExceeded
 from backfill.ports import Backend, BlobWriter, DeclaresFeatures
 from backfill.usecases.deps import MessageBatchDeps
@@ -110,7 +111,7 @@ def _survey(deps: MessageBatchDeps, body: BinaryIO) -> _Survey:
 
 def _write_lines(
     deps: MessageBatchDeps, body: BinaryIO, survey: _Survey, writer: BlobWriter
-) -> tuple[list[ValidLine], list[RefusedRequest]]:
+) -> tuple[Sequence[ValidLine], list[RefusedRequest]]:
     """Second pass: write line i+1 for request i, its input line or an empty line in the place of a request that
     cannot run. Each written line goes through the validator OpenAI batch files go through; a line it refuses is a
     request that cannot run either."""
