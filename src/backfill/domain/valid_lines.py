@@ -33,13 +33,15 @@ class LineColumns(Sequence[ValidLine]):
     __slots__ = ("_custom_ids", "_est", "_groups", "_keys", "_lengths", "_max_out", "_numbers", "_offsets")
 
     def __init__(self) -> None:
-        self._numbers = array("q")
+        self._numbers = array("i")  # up to 2**31: far above any max_lines
         self._custom_ids: list[str] = []
         self._offsets = array("q")
-        self._lengths = array("q")
-        self._est = array("q")
-        self._max_out = array("q")
-        self._keys = array("q")
+        self._lengths = array("i")  # at most max_line_bytes
+        self._est = array("i")  # a quarter of the length
+        # Columns most batches leave at their default (embeddings: no cap, no prefix) cost nothing until a line
+        # sets one.
+        self._max_out: array[int] | None = None
+        self._keys: array[int] | None = None
         self._groups: Sequence[int] | None = None  # lease ranks, once `ranked`
 
     def append(self, line: ValidLine) -> None:
@@ -49,8 +51,15 @@ class LineColumns(Sequence[ValidLine]):
         self._offsets.append(line.offset)
         self._lengths.append(line.length)
         self._est.append(line.est_prompt_tokens)
-        self._max_out.append(_NO_CAP if line.max_output_tokens is None else line.max_output_tokens)
-        self._keys.append(line.prefix_key)
+        cap = _NO_CAP if line.max_output_tokens is None else line.max_output_tokens
+        if cap != _NO_CAP and self._max_out is None:
+            self._max_out = _filled(_NO_CAP, len(self._numbers) - 1)
+        if self._max_out is not None:
+            self._max_out.append(cap)
+        if line.prefix_key and self._keys is None:
+            self._keys = _filled(0, len(self._numbers) - 1)
+        if self._keys is not None:
+            self._keys.append(line.prefix_key)
 
     def __len__(self) -> int:
         return len(self._numbers)
@@ -72,7 +81,7 @@ class LineColumns(Sequence[ValidLine]):
         return (self._line(i) for i in range(len(self)))
 
     def _line(self, i: int) -> ValidLine:
-        cap = self._max_out[i]
+        cap = _NO_CAP if self._max_out is None else self._max_out[i]
         return ValidLine(
             self._numbers[i],
             self._custom_ids[i],
@@ -80,7 +89,7 @@ class LineColumns(Sequence[ValidLine]):
             self._lengths[i],
             self._est[i],
             None if cap == _NO_CAP else cap,
-            self._keys[i],
+            0 if self._keys is None else self._keys[i],
             0 if self._groups is None else self._groups[i],
         )
 
@@ -89,8 +98,12 @@ class LineColumns(Sequence[ValidLine]):
         ranked = LineColumns()
         for name in LineColumns.__slots__:
             setattr(ranked, name, getattr(self, name))
-        ranked._groups = lease_ranks(self._keys)
+        ranked._groups = range(len(self)) if self._keys is None else lease_ranks(self._keys)
         return ranked
+
+
+def _filled(value: int, count: int) -> array[int]:
+    return array("q", [value]) * count
 
 
 def group_by_prefix(lines: Sequence[ValidLine]) -> Sequence[ValidLine]:
