@@ -41,11 +41,15 @@ _INSERT_CHUNK = 1_000
 class SqlStore(LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueries):
     """Every query backfill runs, by name. Construct with an engine from `store.engine.create_engine`."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, read_engine: AsyncEngine | None = None) -> None:
+        """`read_engine`: where batches are read for clients (store.engine.create_read_engine); else `engine`."""
         super().__init__(engine)
+        self.read_engine = read_engine
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self.read_engine is not None:
+            await self.read_engine.dispose()
 
     # --- tenants and keys -------------------------------------------------------------------------------------
 
@@ -175,7 +179,7 @@ class SqlStore(LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueri
             query = query.where(batches.c.tenant_id == tenant_id)
         if api is not None:
             query = query.where(batches.c.api == api.value)
-        async with self.engine.connect() as conn:
+        async with (self.read_engine or self.engine).connect() as conn:
             row = (await conn.execute(query)).first()
         return batch_from_row(row) if row else None
 
@@ -183,7 +187,7 @@ class SqlStore(LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueri
         """Newest first, OpenAI batches only; None if `after` is not one of the tenant's batches."""
         openai = batches.c.api == BatchApi.OPENAI.value
         query = select(batches).where(batches.c.tenant_id == tenant_id, openai)
-        async with self.engine.connect() as conn:
+        async with (self.read_engine or self.engine).connect() as conn:
             if after is not None:
                 seq = await conn.scalar(
                     select(batches.c.seq).where(_equals(batches.c.id, after), batches.c.tenant_id == tenant_id, openai)
