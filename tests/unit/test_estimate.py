@@ -7,7 +7,7 @@ import math
 import pytest
 
 from backfill.domain.estimates import expected_output_tokens, max_output_tokens, prefix_key
-from backfill.domain.valid_lines import LineColumns, ValidLine, group_by_prefix
+from backfill.domain.valid_lines import LineColumns, ValidLine, estimates, group_by_prefix
 from backfill.policy.estimate import WorkItem, estimate_completions, outlook, promote_margin_s
 
 
@@ -103,6 +103,7 @@ def test_line_columns_give_back_the_lines_and_the_ranks_of_a_list() -> None:
         columns.append(line)
     assert list(group_by_prefix(lines)) == list(group_by_prefix(columns))
     assert lines[2:5] == columns[2:5]
+    assert estimates(lines) == estimates(columns)
 
 
 def test_lines_without_prefix_keys_rank_in_input_order() -> None:

@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import overload
 
+from backfill.domain.estimates import expected_output_tokens
+
 _NO_CAP = -1  # max_output_tokens None in a column of ints
 
 
@@ -93,6 +95,12 @@ class LineColumns(Sequence[ValidLine]):
             0 if self._groups is None else self._groups[i],
         )
 
+    def estimates(self) -> tuple[int, int]:
+        """Total estimated prompt and expected output tokens, summed from the columns (no line built)."""
+        caps = self._max_out
+        output = expected_output_tokens(None) * len(self) if caps is None else sum(map(_expected_output, caps))
+        return sum(self._est), output
+
     def ranked(self) -> LineColumns:
         """The same lines with their lease ranks (`group_by_prefix`)."""
         ranked = LineColumns()
@@ -104,6 +112,18 @@ class LineColumns(Sequence[ValidLine]):
 
 def _filled(value: int, count: int) -> array[int]:
     return array("q", [value]) * count
+
+
+def estimates(lines: Sequence[ValidLine]) -> tuple[int, int]:
+    """The lines' estimated prompt tokens and expected output tokens, in total (what a batch is priced at)."""
+    if isinstance(lines, LineColumns):
+        return lines.estimates()  # a million lines: no million objects built on the event loop
+    prompt = sum(line.est_prompt_tokens for line in lines)
+    return prompt, sum(expected_output_tokens(line.max_output_tokens) for line in lines)
+
+
+def _expected_output(cap: int) -> int:
+    return expected_output_tokens(None if cap == _NO_CAP else cap)
 
 
 def group_by_prefix(lines: Sequence[ValidLine]) -> Sequence[ValidLine]:

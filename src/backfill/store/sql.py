@@ -21,10 +21,9 @@ from backfill.domain.batches import (
     LineError,
     sources_of,
 )
-from backfill.domain.estimates import expected_output_tokens
 from backfill.domain.files import MESSAGE_BATCH_PURPOSE, FileRecord
 from backfill.domain.keys import NewKey
-from backfill.domain.valid_lines import ValidLine
+from backfill.domain.valid_lines import ValidLine, estimates
 from backfill.errors import Conflict, NotFound, TokenLimitExceeded
 from backfill.ports import Store
 from backfill.store.idempotency import IdempotencyQueries
@@ -276,8 +275,7 @@ class SqlStore(LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueri
         under a lock on the tenant row, so two batches validated at once cannot both slip under the limit;
         over it, raises TokenLimitExceeded and changes nothing.
         """
-        est = sum(line.est_prompt_tokens for line in lines)
-        est_output = sum(expected_output_tokens(line.max_output_tokens) for line in lines)
+        est, est_output = estimates(lines)
         async with self.engine.begin() as conn:
             if token_limit is not None and model is not None:
                 tenant_id = await conn.scalar(
