@@ -218,8 +218,8 @@ def run_million(
         "upload_s": uploaded - started,
         "batch_s": finished - uploaded,
         "phases": phases,
-        "idle_mb": idle / 1024,
-        "peak_mb": peak / 1024,
+        "idle_mb": idle * 1024 / 1e6,  # VmRSS and VmHWM are in KiB; MB here as in the issue (10**6 bytes)
+        "peak_mb": peak * 1024 / 1e6,
         "poll_median_ms": 1000 * median(polls),
         "poll_max_ms": 1000 * max(polls),
     }
