@@ -16,9 +16,15 @@ Every line must come back exactly once with status 200 and one vector. Printed: 
 backfill / direct (the figure), CPU ms per line, the upstream requests each side made.
 Goals (issue 17): backfill >= 25 % of the direct rate, and >= 20,000 lines/s.
 
+`--million` runs a 1,000,000-line batch through backfill alone (max_lines and max_embedding_inputs raised to fit,
+max_file_bytes 1 GiB) and reports the server's peak RSS (VmHWM, never reset: from its start, through the upload,
+validation, dispatch and finalization, to the output file written), its idle RSS before the upload, and how long
+GET /v1/batches/{id} (what `backfill status` reads) took while the batch ran. Goal (issue 17): peak RSS < 300 MB.
+
     .venv/bin/python bench/embeddings.py                      # 20,000 lines
     .venv/bin/python bench/embeddings.py --quick              # 2,000 lines
     .venv/bin/python bench/embeddings.py --profile bench/out/embeddings.svg   # py-spy on the server
+    .venv/bin/python bench/embeddings.py --million            # 1,000,000 lines: the server's peak RSS
 """
 
 from __future__ import annotations
@@ -36,7 +42,19 @@ from typing import Any
 
 import httpx
 import orjson
-from harness import MODEL, Children, Server, Upstream, cpu_s, machine_line, profiled, running, table
+from harness import (
+    MODEL,
+    Children,
+    Server,
+    Upstream,
+    cpu_s,
+    machine_line,
+    median,
+    memory_kib,
+    profiled,
+    running,
+    table,
+)
 
 POLL_S = 0.1
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
@@ -44,8 +62,9 @@ ENDPOINT = "/v1/embeddings"
 _SYLLABLES = ("ka", "lo", "mi", "ter", "an", "ver", "sol", "pri", "du", "nex", "ab", "or", "qui", "est", "ra", "ment")
 
 
-def generate(path: Path, lines: int, text_chars: int = 100, seed: int = 20261203) -> list[str]:
-    """Write `lines` one-input embeddings requests (the same seed, the same bytes); returns the texts."""
+def generate(path: Path, lines: int, text_chars: int = 100, seed: int = 20261203, keep_texts: bool = True) -> list[str]:
+    """Write `lines` one-input embeddings requests (the same seed, the same bytes); returns the texts (none unless
+    `keep_texts`)."""
     rng = random.Random(seed)
     words = ["".join(rng.choices(_SYLLABLES, k=rng.randint(1, 4))) for _ in range(4000)]
     pool = " ".join(rng.choices(words, k=100_000))
@@ -54,7 +73,8 @@ def generate(path: Path, lines: int, text_chars: int = 100, seed: int = 20261203
         for i in range(lines):
             start = rng.randrange(len(pool) - text_chars)
             text = pool[start : start + text_chars]
-            texts.append(text)
+            if keep_texts:
+                texts.append(text)
             line = {
                 "custom_id": f"em-{i:07d}",
                 "method": "POST",
@@ -157,6 +177,102 @@ def run_backfill(
     }
 
 
+def run_million(
+    children: Children, upstream: Upstream, path: Path, workdir: Path, lines: int, per_request: int, concurrency: int
+) -> dict[str, Any]:
+    """One `lines`-line batch through backfill: its time, and the server's memory from start to output file."""
+    backend = {"url": upstream.url, "max_concurrency": concurrency, "max_inputs_per_request": per_request}
+    backend["max_tokens_per_request"] = 1_000_000
+    limits = {"max_lines": lines, "max_embedding_inputs": lines, "max_file_bytes": 1 << 30}
+    server = Server.start(children, workdir, backend, limits)
+    polls: list[float] = []
+    try:
+        time.sleep(0.5)  # let startup settle before taking the idle RSS
+        idle = memory_kib(server.pid)["VmRSS"]
+        started = time.perf_counter()
+        file_id = server.upload(path)["id"]
+        uploaded = time.perf_counter()
+        batch = server.create_batch(file_id, ENDPOINT)
+        seen: dict[str, float] = {batch["status"]: uploaded}
+        while batch["status"] not in TERMINAL:
+            time.sleep(POLL_S)
+            asked = time.perf_counter()
+            batch = server.batch(batch["id"])
+            polls.append(time.perf_counter() - asked)
+            seen.setdefault(batch["status"], time.perf_counter())
+        finished = seen[batch["status"]]
+        peak = memory_kib(server.pid)["VmHWM"]
+        if batch["status"] != "completed" or batch["error_file_id"] is not None:
+            raise RuntimeError(f"backfill: batch ended {batch['status']}: {batch}")
+        got = _count_output(server, batch["output_file_id"])
+        if got != lines:
+            raise RuntimeError(f"backfill: {got} distinct results for {lines} lines")
+    except BaseException:
+        sys.stderr.write(f"--- server log ({server.log_path}) ---\n{server.log_tail()}\n")
+        raise
+    finally:
+        server.stop(children)
+    order = sorted(seen.items(), key=lambda item: item[1])
+    phases = {s: (order[i + 1][1] if i + 1 < len(order) else finished) - t for i, (s, t) in enumerate(order)}
+    return {
+        "upload_s": uploaded - started,
+        "batch_s": finished - uploaded,
+        "phases": phases,
+        "idle_mb": idle * 1024 / 1e6,  # VmRSS and VmHWM are in KiB; MB here as in the issue (10**6 bytes)
+        "peak_mb": peak * 1024 / 1e6,
+        "poll_median_ms": 1000 * median(polls),
+        "poll_max_ms": 1000 * max(polls),
+    }
+
+
+def _count_output(server: Server, file_id: str) -> int:
+    """Distinct custom_ids in the output file, each with one vector, read as a stream (never whole)."""
+    seen = bytearray(0)
+    got = 0
+    with server.client.stream("GET", f"/files/{file_id}/content") as response:
+        response.raise_for_status()
+        for raw in response.iter_lines():
+            if not raw:
+                continue
+            line = orjson.loads(raw)
+            index = int(line["custom_id"].removeprefix("em-"))
+            if index >= len(seen):
+                seen.extend(bytes(index + 1 - len(seen)))
+            if seen[index] or len(line["response"]["body"]["data"]) != 1:
+                raise RuntimeError(f"backfill: {line['custom_id']} twice, or not one vector")
+            seen[index] = 1
+            got += 1
+    return got
+
+
+def main_million(lines: int, per_request: int, concurrency: int) -> int:
+    print(machine_line())
+    tmp = Path(tempfile.mkdtemp(prefix="backfill-bench-embeddings-"))
+    try:
+        path = tmp / "requests.jsonl"
+        generate(path, lines, keep_texts=False)
+        size_mb = path.stat().st_size / 1e6
+        with running() as children:
+            upstream = Upstream.start(children)
+            result = run_million(children, upstream, path, tmp / "backfill", lines, per_request, concurrency)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\n{lines} one-input lines ({size_mb:.0f} MB), {per_request} inputs a request, {concurrency} in flight\n")
+    rows = [
+        ["upload (POST /v1/files)", f"{result['upload_s']:.1f}", ""],
+        ["batch: create -> completed", f"{result['batch_s']:.1f}", f"{lines / result['batch_s']:.0f}"],
+    ]
+    print(table(["phase", "seconds", "lines/s"], rows))
+    print("backfill phases (by polling): " + ", ".join(f"{s} {t:.1f} s" for s, t in result["phases"].items()))
+    peak = result["peak_mb"]
+    print(
+        f"server RSS: idle {result['idle_mb']:.0f} MB, peak (VmHWM, start to output file) {peak:.0f} MB "
+        f"(goal < 300 MB: {'met' if peak < 300 else 'NOT met'}); GET /v1/batches/{{id}} while it ran: median "
+        f"{result['poll_median_ms']:.1f} ms, slowest {result['poll_max_ms']:.1f} ms"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=20_000, help="one-input lines in the batch (default 20,000)")
@@ -164,7 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight, both sides (default 8)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: 2,000 lines")
     parser.add_argument("--profile", type=Path, help="py-spy the backfill server into this file (.svg, .json, .txt)")
+    parser.add_argument("--million", action="store_true", help="1,000,000 lines through backfill: its peak RSS")
     args = parser.parse_args(argv)
+    if args.million:
+        return main_million(1_000_000 if args.lines == 20_000 else args.lines, args.direct_inputs, args.concurrency)
     lines = 2_000 if args.quick else args.lines
     print(machine_line())
     tmp = Path(tempfile.mkdtemp(prefix="backfill-bench-embeddings-"))

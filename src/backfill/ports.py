@@ -11,11 +11,11 @@ from backfill.domain.files import FileRecord
 from backfill.domain.idempotency import IdempotencyRecord
 from backfill.domain.keys import NewKey
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
-from backfill.domain.lines import ValidLine
 from backfill.domain.message_batches import RefusedRequest, UnrunCounts
 from backfill.domain.outcomes import Outcome
 from backfill.domain.results import StoredResult
 from backfill.domain.tenants import KeyInfo, KeyMatch, Tenant, TenantChange
+from backfill.domain.valid_lines import ValidLine
 from backfill.domain.webhooks import Delivery, DeliveryRecord, DeliveryState, WebhookEndpoint
 
 

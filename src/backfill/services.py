@@ -23,7 +23,7 @@ from backfill.domain.webhooks import RetrySchedule
 from backfill.interactive import InteractiveMeter
 from backfill.metrics import Metrics
 from backfill.ports import Backend, Store
-from backfill.store.engine import create_engine, migrate
+from backfill.store.engine import create_engine, create_read_engine, migrate
 from backfill.store.sql import SqlStore
 from backfill.usecases import webhooks
 
@@ -103,7 +103,7 @@ class Services:
         if run_migrations:
             await asyncio.to_thread(migrate, url)
         blobs = await open_blob_store(settings)  # first: a bucket that cannot be reached leaves nothing open
-        store = SqlStore(create_engine(url, pool_size=settings.database_pool_size))
+        store = SqlStore(create_engine(url, pool_size=settings.database_pool_size), create_read_engine(url))
         chosen = list(backends) if backends is not None else build_backends(settings)
         metrics = Metrics()
         metrics.observe_database(store.engine)

@@ -10,8 +10,8 @@ from sqlalchemy import bindparam, update
 
 from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.leases import LineUpdate
-from backfill.domain.lines import ValidLine, group_by_prefix
 from backfill.domain.usage import Usage
+from backfill.domain.valid_lines import ValidLine, group_by_prefix
 from backfill.errors import TokenLimitExceeded
 from backfill.ports import Store
 from backfill.store.sql import SqlStore

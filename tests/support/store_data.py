@@ -10,8 +10,8 @@ from backfill import ids
 from backfill.domain.batches import Batch, BatchStatus, RequestState
 from backfill.domain.files import FileRecord
 from backfill.domain.leases import LeasedLine, LineUpdate
-from backfill.domain.lines import ValidLine
 from backfill.domain.usage import Usage
+from backfill.domain.valid_lines import ValidLine
 from backfill.ports import Store
 from backfill.store.sql import SqlStore
 from backfill.store.tables import requests

@@ -26,9 +26,9 @@ from backfill.dispatch.dispatcher import Dispatcher
 from backfill.domain.batches import Batch, BatchStatus
 from backfill.domain.engine_load import EngineLoad
 from backfill.domain.files import FileRecord
-from backfill.domain.lines import ValidLine
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.domain.usage import Usage
+from backfill.domain.valid_lines import ValidLine
 from backfill.sim.virtual import BatchSpec, LineSpec, VirtualDriver
 from backfill.sim.virtual_engines import EventLoop
 from backfill.testing import InMemoryBlobStore, InMemoryStore, VirtualTimeLoop

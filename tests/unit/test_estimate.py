@@ -7,7 +7,7 @@ import math
 import pytest
 
 from backfill.domain.estimates import expected_output_tokens, max_output_tokens, prefix_key
-from backfill.domain.lines import ValidLine, group_by_prefix
+from backfill.domain.valid_lines import LineColumns, ValidLine, estimates, group_by_prefix
 from backfill.policy.estimate import WorkItem, estimate_completions, outlook, promote_margin_s
 
 
@@ -93,3 +93,21 @@ def test_lease_order_runs_groups_together_with_the_next_leader_one_group_ahead()
 def test_lease_order_without_shared_prefixes_is_input_order() -> None:
     lines = [ValidLine(n, f"c{n}", 0, 1, 1, prefix_key=n * 11) for n in range(1, 6)]
     assert [0, 1, 2, 3, 4] == [line.prefix_group for line in group_by_prefix(lines)]
+
+
+def test_line_columns_give_back_the_lines_and_the_ranks_of_a_list() -> None:
+    keys = [7, 0, 9, 7, 5, 9, 7]
+    lines = [ValidLine(n, f"c{n}", 10 * n, n, 3, None if n % 2 else n, key) for n, key in enumerate(keys, start=1)]
+    columns = LineColumns()
+    for line in lines:
+        columns.append(line)
+    assert list(group_by_prefix(lines)) == list(group_by_prefix(columns))
+    assert lines[2:5] == columns[2:5]
+    assert estimates(lines) == estimates(columns)
+
+
+def test_lines_without_prefix_keys_rank_in_input_order() -> None:
+    columns = LineColumns()
+    for n in range(1, 4):
+        columns.append(ValidLine(n, f"c{n}", 0, 1, 1))
+    assert [0, 1, 2] == [line.prefix_group for line in group_by_prefix(columns)]

@@ -135,7 +135,8 @@ class Lifecycle:
         writers = (self.blobs.open_writer(keys[0]), self.blobs.open_writer(keys[1]))
         try:
             async for result in self.store.iter_results(batch.id):
-                writers[0 if result.is_success else 1].write(output_line(result, ids.batch_request_id()))
+                fallback_id = "" if result.result_id else ids.batch_request_id()  # 32 random hex digits cost
+                writers[0 if result.is_success else 1].write(output_line(result, fallback_id))
         except BaseException:
             for writer in writers:
                 await writer.abort()

@@ -7,15 +7,17 @@ offsets in the file, so the dispatcher reads each body straight from the blob) o
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from backfill.domain.batches import LineError
 from backfill.domain.bodies import check_body, json_kind
+from backfill.domain.coalescing import COALESCED_ENDPOINTS
 from backfill.domain.estimates import max_output_tokens, prefix_key
+from backfill.domain.valid_lines import LineColumns, ValidLine, group_by_prefix
 
 INVALID_JSON_MESSAGE = "This line is not parseable as valid JSON."
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some editors put at the start of a file
@@ -83,18 +85,6 @@ def split_lines(chunks: Iterable[bytes], max_line_bytes: int) -> Iterator[RawLin
         yield RawLine(number, offset, pending_len, None if oversize else b"".join(pending))
 
 
-@dataclass(frozen=True, slots=True)
-class ValidLine:
-    number: int
-    custom_id: str
-    offset: int
-    length: int
-    est_prompt_tokens: int
-    max_output_tokens: int | None = None
-    prefix_key: int = 0  # see domain/estimates.py
-    prefix_group: int = 0  # lease rank, see group_by_prefix
-
-
 @dataclass(frozen=True)
 class ValidationLimits:
     max_lines: int = 50_000
@@ -105,7 +95,7 @@ class ValidationLimits:
 
 @dataclass
 class ValidationResult:
-    lines: list[ValidLine]
+    lines: Sequence[ValidLine]
     model: str | None
     errors: list[LineError]
     error_count: int
@@ -147,7 +137,7 @@ class FileValidator:
     endpoint: str
     is_served: Callable[[str], bool]
     limits: ValidationLimits = field(default_factory=ValidationLimits)
-    _lines: list[ValidLine] = field(default_factory=list)
+    _lines: LineColumns = field(default_factory=LineColumns)
     _errors: list[LineError] = field(default_factory=list)
     _error_count: int = 0
     _seen_ids: set[str] = field(default_factory=set)
@@ -195,7 +185,9 @@ class FileValidator:
         except orjson.JSONDecodeError:
             self._error("invalid_json_line", INVALID_JSON_MESSAGE, raw.number)
             return
-        custom_id = self._check_line(obj, raw.number)
+        # Fewer brackets in the line than orjson writes levels: nesting cannot be too deep, skip writing it out.
+        shallow = raw.data.count(b"{") + raw.data.count(b"[") <= MAX_BODY_DEPTH
+        custom_id = self._check_line(obj, raw.number, shallow)
         if custom_id is not None:
             body = obj["body"]
             self._lines.append(
@@ -206,11 +198,12 @@ class FileValidator:
                     raw.length,
                     estimate_prompt_tokens(raw.length),
                     max_output_tokens(body),
-                    prefix_key(body),
+                    # Embeddings and moderations have no prompt cache to keep hot: no grouping, no key to keep.
+                    0 if self.endpoint in COALESCED_ENDPOINTS else prefix_key(body),
                 )
             )
 
-    def _check_line(self, obj: Any, number: int) -> str | None:  # noqa: C901 - one flat list of SPEC rules
+    def _check_line(self, obj: Any, number: int, shallow: bool) -> str | None:  # noqa: C901 - one flat list of rules
         if not isinstance(obj, dict):
             self._error("invalid_request", f"Each line must be a JSON object, not {json_kind(obj)}.", number)
             return None
@@ -265,7 +258,7 @@ class FileValidator:
         if problem is not None:
             self._error(problem.code, problem.message, number, problem.param)
             return None
-        if not is_reserialisable(body):
+        if not shallow and not is_reserialisable(body):
             self._error(
                 "invalid_request",
                 f"The request body is nested more than {MAX_BODY_DEPTH} levels deep: no backend would be sent it.",
@@ -320,7 +313,7 @@ class FileValidator:
             return False
         return True
 
-    def passed(self) -> list[ValidLine]:
+    def passed(self) -> Sequence[ValidLine]:
         """The lines fed so far that passed, grouped by prefix, whatever the others did: for a caller that refuses
         only the lines that fail (a message batch), where `finish` fails the whole file."""
         return group_by_prefix(self._lines)
@@ -331,35 +324,3 @@ class FileValidator:
         return ValidationResult(
             group_by_prefix(self._lines) if self._error_count == 0 else [], self._model, self._errors, self._error_count
         )
-
-
-def group_by_prefix(lines: list[ValidLine]) -> list[ValidLine]:
-    """Set each line's lease rank (`prefix_group`): leasing in rank order runs lines that share a prompt prefix
-    together, one group after another in the order the prefixes first appear, each group's first line (its
-    *leader*) one group ahead of the rest. Lines that share no prefix keep their place in input order.
-
-    Why the leader goes ahead: lines admitted in the same engine iteration cannot reuse each other's prefix (a
-    block is cached once it is computed), so a group released all at once computes its prefix several times.
-    Why only one group ahead: a prefix computed long before its group runs is evicted by the blocks computed
-    meanwhile (the engine caches every full block, unique suffixes too) and is computed again.
-    """
-    groups: dict[int, list[ValidLine]] = {}  # first line of a group -> its lines, leader first
-    by_key: dict[int, list[ValidLine]] = {}
-    for line in lines:
-        if line.prefix_key and line.prefix_key in by_key:
-            by_key[line.prefix_key].append(line)
-            continue
-        members = [line]
-        groups[line.number] = members
-        if line.prefix_key:
-            by_key[line.prefix_key] = members
-    order: list[ValidLine] = []
-    queue = list(groups.values())
-    if queue:
-        order.append(queue[0][0])
-    for index, members in enumerate(queue):
-        if index + 1 < len(queue):
-            order.append(queue[index + 1][0])  # the next group's leader, ahead of this group's followers
-        order.extend(members[1:])
-    rank = {line.number: position for position, line in enumerate(order)}
-    return [replace(line, prefix_group=rank[line.number]) for line in lines]

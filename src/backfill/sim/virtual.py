@@ -50,9 +50,9 @@ from backfill.core.pool import Start
 from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.estimates import expected_output_tokens
 from backfill.domain.leases import DispatchBatch, LeasedLine
-from backfill.domain.lines import ValidLine, group_by_prefix
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.domain.usage import Usage
+from backfill.domain.valid_lines import ValidLine, group_by_prefix
 from backfill.policy.fair import FairScheduler, Scheduler
 from backfill.sim.virtual_engines import EventLoop, VirtualEngine
 

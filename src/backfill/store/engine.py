@@ -69,6 +69,30 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     return engine
 
 
+def create_read_engine(url: str) -> AsyncEngine | None:
+    """For a SQLite file, a few connections that only read (WAL: a reader never waits for the writer), so that
+    reading a batch stays quick while the one writing connection commits results or inserts a million lines.
+    None where the writing engine serves reads as well (PostgreSQL has a pool; an in-memory SQLite is one
+    connection's own)."""
+    if not is_sqlite(url):
+        return None
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return None
+    engine = create_async_engine(async_url(url), pool_size=2, max_overflow=2, pool_timeout=120)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
+        _sqlite_pragmas(dbapi_connection, record)
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")  # deferred: a read snapshot, no write lock
+
+    return engine
+
+
 def alembic_config(url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))

@@ -40,27 +40,15 @@ _FENCE = (
     & (requests.c.state == RequestState.LEASED.value)
 )
 
-_FINISH_LINE = (
-    update(requests)
-    .where(_FENCE)
-    .values(
-        state=bindparam("_state"),
-        attempts=bindparam("_attempts"),
-        lease_owner=None,
-        lease_expires_at=None,
-        result_id=bindparam("_result_id"),
-        status_code=bindparam("_status_code"),
-        request_id=bindparam("_request_id"),
-        body=bindparam("_body"),
-        error_code=bindparam("_error_code"),
-        error_message=bindparam("_error_message"),
-        input_tokens=bindparam("_input_tokens"),
-        cached_tokens=bindparam("_cached_tokens"),
-        output_tokens=bindparam("_output_tokens"),
-        reasoning_tokens=bindparam("_reasoning_tokens"),
-    )
+# Written through the driver's own executemany with one tuple a line: SQLAlchemy's compiled UPDATE built a
+# parameter dict per row (construct_params), the largest single cost of recording a result (BENCHMARKS.md,
+# "embeddings"). `{p}` is the dialect's placeholder.
+_FINISH_LINE_SQL = (
+    "UPDATE requests SET state = {p}, attempts = {p}, lease_owner = NULL, lease_expires_at = NULL, result_id = {p},"
+    " status_code = {p}, request_id = {p}, body = {p}, error_code = {p}, error_message = {p}, input_tokens = {p},"
+    " cached_tokens = {p}, output_tokens = {p}, reasoning_tokens = {p}"
+    " WHERE id = {p} AND lease_owner = {p} AND lease_seq = {p} AND state = 'leased'"
 )
-
 _REQUEUE_LINE = (
     update(requests)
     .where(_FENCE)
@@ -76,30 +64,32 @@ _REQUEUE_LINE = (
 )
 
 
-def _finish_params(owner: str, u: LineUpdate) -> dict[str, Any]:
-    return {
-        "_id": u.id,
-        "_owner": owner,
-        "_seq": u.lease_seq,
-        "_state": u.state.value,
-        "_attempts": u.attempts,
-        "_result_id": u.result_id,
-        "_status_code": u.status_code,
-        "_request_id": u.request_id,
-        "_body": u.body,
-        "_error_code": u.error_code,
-        "_error_message": u.error_message,
-        "_input_tokens": u.usage.input_tokens,
-        "_cached_tokens": u.usage.cached_tokens,
-        "_output_tokens": u.usage.output_tokens,
-        "_reasoning_tokens": u.usage.reasoning_tokens,
-    }
+def _finish_params(owner: str, u: LineUpdate) -> tuple[Any, ...]:
+    usage = u.usage
+    return (
+        u.state.value,
+        u.attempts,
+        u.result_id,
+        u.status_code,
+        u.request_id,
+        u.body,
+        u.error_code,
+        u.error_message,
+        usage.input_tokens,
+        usage.cached_tokens,
+        usage.output_tokens,
+        usage.reasoning_tokens,
+        u.id,
+        owner,
+        u.lease_seq,
+    )
 
 
 class LineQueries:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
+        self._finish_line = _FINISH_LINE_SQL.format(p="%s" if self.is_postgres else "?")
 
     async def dispatchable_batches(self, now: float) -> list[DispatchBatch]:
         """In-progress batches inside their window with lines not yet finished, earliest deadline first."""
@@ -246,7 +236,7 @@ class LineQueries:
         written = 0
         async with self.engine.begin() as conn:
             for batch_id, group in sorted(by_batch.items()):  # one lock order for all workers: no deadlocks
-                written += await _record_batch(conn, owner, batch_id, group)
+                written += await _record_batch(conn, self._finish_line, owner, batch_id, group)
         return written
 
     async def close_queued_lines(self, batch_id: str, state: RequestState, note: str | None = None) -> int:
@@ -311,7 +301,9 @@ class LineQueries:
             return {row[0]: int(row[1]) for row in rows}
 
 
-async def _record_batch(conn: AsyncConnection, owner: str, batch_id: str, group: list[LineUpdate]) -> int:
+async def _record_batch(
+    conn: AsyncConnection, finish_line: str, owner: str, batch_id: str, group: list[LineUpdate]
+) -> int:
     final = [u for u in group if u.is_final]
     requeue = [u for u in group if not u.is_final]
     written = 0
@@ -333,7 +325,7 @@ async def _record_batch(conn: AsyncConnection, owner: str, batch_id: str, group:
         written += int(result.rowcount)
     if not final:
         return written
-    result = await conn.execute(_FINISH_LINE, [_finish_params(owner, u) for u in final])
+    result = await conn.exec_driver_sql(finish_line, [_finish_params(owner, u) for u in final])
     finished = int(result.rowcount)
     written += finished
     if finished == len(final):

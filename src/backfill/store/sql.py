@@ -22,9 +22,8 @@ from backfill.domain.batches import (
     LineError,
     sources_of,
 )
-from backfill.domain.estimates import expected_output_tokens
 from backfill.domain.files import MESSAGE_BATCH_PURPOSE, FileRecord
-from backfill.domain.lines import ValidLine
+from backfill.domain.valid_lines import ValidLine, estimates
 from backfill.errors import Conflict, NotFound, TokenLimitExceeded
 from backfill.ports import Store
 from backfill.store.idempotency import IdempotencyQueries
@@ -43,11 +42,15 @@ _INSERT_CHUNK = 1_000
 class SqlStore(TenantQueries, LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueries, WebhookQueries):
     """Every query backfill runs, by name. Construct with an engine from `store.engine.create_engine`."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, read_engine: AsyncEngine | None = None) -> None:
+        """`read_engine`: where batches are read for clients (store.engine.create_read_engine); else `engine`."""
         super().__init__(engine)
+        self.read_engine = read_engine
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self.read_engine is not None:
+            await self.read_engine.dispose()
 
     # --- tenants and keys -------------------------------------------------------------------------------------
 
@@ -152,7 +155,7 @@ class SqlStore(TenantQueries, LineQueries, MessageBatchQueries, WorkerQueries, I
             query = query.where(batches.c.tenant_id == tenant_id)
         if api is not None:
             query = query.where(batches.c.api == api.value)
-        async with self.engine.connect() as conn:
+        async with (self.read_engine or self.engine).connect() as conn:
             row = (await conn.execute(query)).first()
         return batch_from_row(row) if row else None
 
@@ -160,7 +163,7 @@ class SqlStore(TenantQueries, LineQueries, MessageBatchQueries, WorkerQueries, I
         """Newest first, OpenAI batches only; None if `after` is not one of the tenant's batches."""
         openai = batches.c.api == BatchApi.OPENAI.value
         query = select(batches).where(batches.c.tenant_id == tenant_id, openai)
-        async with self.engine.connect() as conn:
+        async with (self.read_engine or self.engine).connect() as conn:
             if after is not None:
                 seq = await conn.scalar(
                     select(batches.c.seq).where(_equals(batches.c.id, after), batches.c.tenant_id == tenant_id, openai)
@@ -250,7 +253,7 @@ class SqlStore(TenantQueries, LineQueries, MessageBatchQueries, WorkerQueries, I
         over it, raises TokenLimitExceeded and changes nothing. So is the tenant's batch tokens per minute
         (TokenRateExceeded).
         """
-        est, est_output = await asyncio.to_thread(_estimated_tokens, lines)  # 100,000 lines: not in the event loop
+        est, est_output = await asyncio.to_thread(estimates, lines)  # a list of 100,000: not on the loop
         async with self.engine.begin() as conn:
             tenant_id, rate_limit = (
                 await conn.execute(
@@ -400,37 +403,31 @@ def _file_values(record: FileRecord) -> dict[str, Any]:
     }
 
 
-def _estimated_tokens(lines: Sequence[ValidLine]) -> tuple[int, int]:
-    """The lines' estimated prompt tokens and expected output tokens."""
-    return (
-        sum(line.est_prompt_tokens for line in lines),
-        sum(expected_output_tokens(line.max_output_tokens) for line in lines),
-    )
+# Through the driver's executemany with one tuple a line: SQLAlchemy's compiled insert built a parameter dict per
+# row, about half of validating a batch (BENCHMARKS.md, "Ingest"). `{p}` is the dialect's placeholder.
+_INSERT_LINE_SQL = (
+    "INSERT INTO requests (batch_id, line_no, custom_id, body_offset, body_length, est_prompt_tokens,"
+    " max_output_tokens, prefix_group, state, attempts, next_attempt_at, lease_seq, input_tokens, cached_tokens,"
+    " output_tokens, reasoning_tokens) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, 'queued', 0, 0.0, 0, 0, 0, 0, 0)"
+)
 
 
 async def _insert_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[ValidLine]) -> None:
+    sql = _INSERT_LINE_SQL.format(p="%s" if conn.dialect.name == "postgresql" else "?")
     for start in range(0, len(lines), _INSERT_CHUNK):
-        await conn.execute(
-            insert(requests),
+        await conn.exec_driver_sql(
+            sql,
             [
-                {
-                    "batch_id": batch_id,
-                    "line_no": line.number,
-                    "custom_id": line.custom_id,
-                    "body_offset": line.offset,
-                    "body_length": line.length,
-                    "est_prompt_tokens": line.est_prompt_tokens,
-                    "max_output_tokens": line.max_output_tokens,
-                    "prefix_group": line.prefix_group,
-                    "state": "queued",
-                    "attempts": 0,
-                    "next_attempt_at": 0.0,
-                    "lease_seq": 0,
-                    "input_tokens": 0,
-                    "cached_tokens": 0,
-                    "output_tokens": 0,
-                    "reasoning_tokens": 0,
-                }
+                (
+                    batch_id,
+                    line.number,
+                    line.custom_id,
+                    line.offset,
+                    line.length,
+                    line.est_prompt_tokens,
+                    line.max_output_tokens,
+                    line.prefix_group,
+                )
                 for line in lines[start : start + _INSERT_CHUNK]
             ],
         )

@@ -18,10 +18,9 @@ from backfill.domain.batches import (
     RequestState,
     sources_of,
 )
-from backfill.domain.estimates import expected_output_tokens
 from backfill.domain.files import MESSAGE_BATCH_PURPOSE, FileRecord
-from backfill.domain.lines import ValidLine
 from backfill.domain.message_batches import REFUSED, RefusedRequest, UnrunCounts
+from backfill.domain.valid_lines import ValidLine, estimates
 from backfill.errors import Conflict, NotFound, TokenLimitExceeded
 from backfill.ports import Store
 from backfill.testing.memory_idempotency import MemoryIdempotency
@@ -169,7 +168,7 @@ class InMemoryStore(MemoryWebhooks, MemoryTenants, MemoryLineQueue, MemoryWorker
         *,
         token_limit: int | None = None,
     ) -> bool:
-        est = sum(line.est_prompt_tokens for line in lines)
+        est, est_output = estimates(lines)
         row = self.tables.batches.get(batch_id)
         # As SqlStore: the limit is checked before the batch's status, so over it raises even if it moved on.
         if token_limit is not None and model is not None:
@@ -185,7 +184,7 @@ class InMemoryStore(MemoryWebhooks, MemoryTenants, MemoryLineQueue, MemoryWorker
         batch.status, batch.in_progress_at, batch.model = BatchStatus.IN_PROGRESS, now, model
         batch.total += len(lines)  # a message batch already counts its refused requests
         row.est_prompt_tokens = est
-        row.est_output_tokens = sum(expected_output_tokens(line.max_output_tokens) for line in lines)
+        row.est_output_tokens = est_output
         return True
 
     async def fail_batch(self, batch_id: str, owner: str, model: str | None, errors: list[LineError], now: int) -> bool:

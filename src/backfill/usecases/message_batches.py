@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import tempfile
-from array import array
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
@@ -24,7 +23,7 @@ from backfill import ids
 from backfill.domain.batches import Batch, BatchApi, BatchStatus
 from backfill.domain.features import ALL_FEATURES, Feature, common_features
 from backfill.domain.files import MESSAGE_BATCH_PURPOSE, FileRecord
-from backfill.domain.lines import FileValidator, RawLine, ValidationLimits, ValidLine
+from backfill.domain.lines import FileValidator, RawLine, ValidationLimits
 from backfill.domain.message_batch_body import RawRequest, split_requests
 from backfill.domain.message_batches import (
     CHAT_ENDPOINT,
@@ -38,6 +37,7 @@ from backfill.domain.message_batches import (
     rfc3339,
     served_model,
 )
+from backfill.domain.valid_lines import ValidLine
 from backfill.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded, TokenLimitExceeded, TokenRateExceeded
 from backfill.ports import Backend, BlobWriter, DeclaresFeatures
 from backfill.usecases.deps import MessageBatchDeps
@@ -96,7 +96,7 @@ class _Translation:
     """A create body translated: its model, the input lines that can run, the requests that cannot."""
 
     model: str | None
-    lines: list[ValidLine]
+    lines: Sequence[ValidLine]
     refused: list[RefusedRequest]
 
 
@@ -191,67 +191,13 @@ class _FileSink:
         self.size += len(data)
 
 
-_NO_LIMIT = -1  # max_output_tokens None, packed
-
-
-@dataclass(frozen=True)
-class _Packed:
-    """A `_Translation` in columns, to come back from the worker process: a list of 100,000 objects unpickles in
-    one C call that holds the GIL (and so the event loop) for a fifth of a second, these arrays in a few
-    milliseconds; `unpack` then builds the objects in Python, in a thread the event loop can interrupt."""
-
-    model: str | None
-    numbers: array[int]  # per valid line: number, offset, length, est_prompt_tokens, max_output_tokens,
-    offsets: array[int]  # prefix_key, prefix_group
-    lengths: array[int]
-    prompt_tokens: array[int]
-    output_limits: array[int]
-    prefix_keys: array[int]
-    prefix_groups: array[int]
-    custom_ids: list[str]
-    refused: list[tuple[int, str, int, str]]
-
-    @classmethod
-    def of(cls, translation: _Translation) -> _Packed:
-        lines = translation.lines
-        return cls(
-            model=translation.model,
-            numbers=array("q", (line.number for line in lines)),
-            offsets=array("q", (line.offset for line in lines)),
-            lengths=array("q", (line.length for line in lines)),
-            prompt_tokens=array("q", (line.est_prompt_tokens for line in lines)),
-            output_limits=array(
-                "q", (_NO_LIMIT if line.max_output_tokens is None else line.max_output_tokens for line in lines)
-            ),
-            prefix_keys=array("q", (line.prefix_key for line in lines)),
-            prefix_groups=array("q", (line.prefix_group for line in lines)),
-            custom_ids=[line.custom_id for line in lines],
-            refused=[(r.number, r.custom_id, r.offset, r.message) for r in translation.refused],
-        )
-
-    def unpack(self) -> _Translation:
-        lines = [
-            ValidLine(number, custom_id, offset, length, tokens, None if limit == _NO_LIMIT else limit, key, group)
-            for number, custom_id, offset, length, tokens, limit, key, group in zip(
-                self.numbers,
-                self.custom_ids,
-                self.offsets,
-                self.lengths,
-                self.prompt_tokens,
-                self.output_limits,
-                self.prefix_keys,
-                self.prefix_groups,
-                strict=True,
-            )
-        ]
-        return _Translation(self.model, lines, [RefusedRequest(*refused) for refused in self.refused])
-
-
-def translate_file(rules: _Rules, body_path: str, lines_path: str) -> _Packed:
+def translate_file(rules: _Rules, body_path: str, lines_path: str) -> _Translation:
     """`_translate` in a worker process: the body read from its spool file, the input lines written to a file of
-    their own, that the calling process copies to the blob store."""
+    their own, that the calling process copies to the blob store. The lines come back as the validator's typed
+    columns (`LineColumns`): a list of 100,000 objects would unpickle in one C call that holds the GIL, and so the
+    event loop, for a fifth of a second; the columns take milliseconds."""
     with open(body_path, "rb") as body, open(lines_path, "wb") as lines:
-        return _Packed.of(_translate(rules, body, _FileSink(lines)))
+        return _translate(rules, body, _FileSink(lines))
 
 
 def _copy(path: str, writer: BlobWriter) -> None:
@@ -271,11 +217,11 @@ async def _translated(deps: MessageBatchDeps, body: BinaryIO, writer: BlobWriter
         return await asyncio.to_thread(_translate, rules, body, writer)
     lines = await asyncio.to_thread(tempfile.NamedTemporaryFile, dir=os.path.dirname(name), prefix="lines-")
     try:
-        packed = await deps.offload(translate_file, rules, name, lines.name)
+        translation = await deps.offload(translate_file, rules, name, lines.name)
         await asyncio.to_thread(_copy, lines.name, writer)
     finally:
         await asyncio.to_thread(lines.close)  # removing a file this large blocks for a while
-    return await asyncio.to_thread(packed.unpack)
+    return translation
 
 
 async def create_message_batch(deps: MessageBatchDeps, tenant_id: str, body: BinaryIO) -> Shown:

@@ -1,8 +1,8 @@
 """webhook_endpoints and webhook_deliveries (the outbox)
 
-Revision ID: 0010
+Revision ID: 0009
 Revises: 0008
-Create Date: 2027-01-24 09:00:00
+Create Date: 2026-12-03 23:00:00
 """
 
 from collections.abc import Sequence
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0010"
+revision: str = "0009"
 down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
