@@ -319,9 +319,16 @@ class MessageBatchStore(Protocol):
         ...
 
     async def list_message_batches(
-        self, tenant_id: str, *, limit: int, before_id: str | None, after_id: str | None
+        self,
+        tenant_id: str,
+        *,
+        limit: int,
+        before_id: str | None,
+        after_id: str | None,
+        api: BatchApi = BatchApi.ANTHROPIC,
     ) -> tuple[list[Batch], bool] | None:
-        """Newest first, a page next to one cursor; None if the cursor is not one of the tenant's message batches."""
+        """Newest first, a page next to one cursor; None if the cursor is not one of the tenant's batches of `api`
+        (message batches, or Gemini batches)."""
         ...
 
     async def unrun_counts(self, batch_ids: Sequence[str]) -> dict[str, UnrunCounts]:
@@ -332,8 +339,8 @@ class MessageBatchStore(Protocol):
         """Record that a batch's results are no longer kept (once)."""
         ...
 
-    async def delete_message_batch(self, tenant_id: str, batch_id: str) -> Batch:
-        """Remove an ended message batch and its lines: NotFound, or Conflict while it runs."""
+    async def delete_message_batch(self, tenant_id: str, batch_id: str, api: BatchApi = BatchApi.ANTHROPIC) -> Batch:
+        """Remove an ended message batch (or Gemini batch) and its lines: NotFound, or Conflict while it runs."""
         ...
 
 

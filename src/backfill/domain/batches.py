@@ -16,6 +16,7 @@ class BatchApi(StrEnum):
 
     OPENAI = "openai"
     ANTHROPIC = "anthropic"
+    GEMINI = "gemini"
 
 
 class BatchStatus(StrEnum):
