@@ -3,6 +3,7 @@ whose requests the fake OpenAI upstream runs, through the same store and dispatc
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
+from backfill.backends.embedded.backend import is_available
 from tests.acceptance.conftest import MODEL, StartServer
 from tests.support.processes import Server, Upstream
 
@@ -249,3 +251,75 @@ def test_kill_9_mid_batch_loses_nothing(start_server: StartServer, upstream: Ups
     assert ended.state.value == "JOB_STATE_SUCCEEDED"
     expected = [reply_to(f"crash {tag} {i}") for i in range(20)] + [reply_to(f"crash {tag} held #gate:{tag}")]
     assert expected == texts_of(ended)
+
+
+# The SDK marks create_embeddings experimental with a warning, which the suite's settings turn into an error.
+@pytest.mark.filterwarnings("ignore::google.genai._common.ExperimentalWarning")
+def test_an_embeddings_batch_answers_one_vector_per_content_in_order(server: Server, upstream: Upstream) -> None:
+    client = gemini_client(server)
+    tag = uuid.uuid4().hex[:8]
+    texts = [f"embed {tag} {i}" for i in range(5)]
+
+    job = client.batches.create_embeddings(
+        model=MODEL, src={"inlined_requests": {"contents": texts}}, config={"display_name": f"embed-{tag}"}
+    )
+    assert job.name is not None
+    ended = wait_ended(client, job.name)
+
+    assert ended.state is not None
+    assert ended.state.value == "JOB_STATE_SUCCEEDED"
+    assert ended.dest is not None
+    assert ended.dest.inlined_embed_content_responses is not None
+    vectors = [item.response.embedding.values for item in ended.dest.inlined_embed_content_responses]  # type: ignore[union-attr]
+    direct = httpx.post(f"{upstream.url}/v1/embeddings", json={"model": MODEL, "input": texts}, timeout=10).json()
+    assert [row["embedding"] for row in direct["data"]] == vectors
+    refused = client.batches.create_embeddings(
+        model=MODEL, src={"inlined_requests": {"contents": texts[:1], "config": {"task_type": "CLUSTERING"}}}
+    )
+    answers = wait_ended(client, refused.name or "").dest
+    assert answers is not None
+    assert answers.inlined_embed_content_responses is not None
+    error = answers.inlined_embed_content_responses[0].error
+    assert error is not None
+    assert "taskType" in (error.message or "")
+
+
+@pytest.mark.filterwarnings("ignore::google.genai._common.ExperimentalWarning")
+@pytest.mark.skipif(not is_available(), reason="needs backfill[local] (llama-cpp-python, models)")
+def test_the_embedded_engine_answers_a_gemini_batch_held_to_its_schema_and_embeds_text(
+    start_server: StartServer,
+) -> None:
+    client = gemini_client(start_server(backends=[]))
+    schema = {"type": "OBJECT", "properties": {"label": {"type": "STRING", "enum": ["positive", "negative"]}},
+              "required": ["label"]}  # fmt: skip
+    config = {"temperature": 0, "max_output_tokens": 24, "response_mime_type": "application/json",
+              "response_schema": schema, "system_instruction": "Label the review: positive or negative."}  # fmt: skip
+    reviews = ["I love this lamp, it is great.", "It broke after one day. Awful.", "Works fine."]
+    paraphrases = [
+        "The cat sat on the mat.",
+        "A cat was sitting on the rug.",
+        "Quarterly revenue grew by four percent.",
+    ]
+
+    chat = client.batches.create(model="smollm2-135m-instruct", src=[ask(text, **config) for text in reviews])
+    embed = client.batches.create_embeddings(
+        model="all-minilm-l6-v2", src={"inlined_requests": {"contents": paraphrases}}
+    )
+    chat_done, embed_done = wait_ended(client, chat.name or "", 300), wait_ended(client, embed.name or "", 300)
+
+    labels = [orjson.loads(text or "")["label"] for text in texts_of(chat_done)]
+    assert set(labels) <= {"positive", "negative"}
+    assert len(labels) == len(reviews)
+    assert embed_done.dest is not None
+    assert embed_done.dest.inlined_embed_content_responses is not None
+    cat, rug, revenue = (
+        item.response.embedding.values  # type: ignore[union-attr]
+        for item in embed_done.dest.inlined_embed_content_responses
+    )
+    assert cosine(cat or [], rug or []) > cosine(cat or [], revenue or []) + 0.2
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True)) / (
+        math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    )

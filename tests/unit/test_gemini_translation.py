@@ -231,6 +231,7 @@ def test_the_create_envelope_takes_inline_requests_or_a_file_and_nothing_else() 
         {"batch": {"inputConfig": {"fileName": "x", "requests": {"requests": [{}]}}}},
         {"batch": {"inputConfig": {"fileName": "file-1"}}},
         {"batch": {"inputConfig": {"requests": {"requests": []}}}},
+        {"batch": {"inputConfig": {"fileName": "files/f"}, "webhookConfig": {"uris": ["https://x"]}}},
     ):
         with pytest.raises(InvalidRequest):
             gemini.parse_create(payload)

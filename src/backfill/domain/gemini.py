@@ -25,8 +25,11 @@ from backfill.errors import InvalidRequest
 Json = dict[str, Any]
 
 VERSIONS = frozenset({"v1", "v1beta"})
+EMBEDDINGS_ENDPOINT = "/v1/embeddings"
 BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
 OUTPUT_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput"
+EMBED_BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.EmbedContentBatch"
+EMBED_OUTPUT_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.EmbedContentBatchOutput"
 RESPONSES_SUFFIX = "-responses"  # files/<batch id>-responses: the responses file of a batch made from a file
 
 # HTTP status -> google.rpc.Code name and number (https://google.aip.dev/193), for errors and failed requests.
@@ -105,14 +108,19 @@ def parse_create(payload: Any) -> Source:
     """The create call's body (`{"batch": {displayName, inputConfig}}`); raises InvalidRequest (400)."""
     if not isinstance(payload, dict) or not isinstance(payload.get("batch"), dict):
         raise InvalidRequest("The request body must be an object with a 'batch' object.", param="batch")
-    batch = payload["batch"]
-    display = batch.get("displayName", batch.get("display_name"))
+    batch = _camel_keys(payload["batch"])
+    unknown = sorted(set(batch) - {"displayName", "inputConfig", "model", "name"})
+    if unknown:
+        hint = " Use backfill's own webhooks (docs/webhooks.md)." if "webhookConfig" in unknown else ""
+        raise InvalidRequest(f"batch.{_printable(unknown[0])}: this field is not supported by backfill.{hint}")
+    display = batch.get("displayName")
     if display is not None and not isinstance(display, str):
         raise InvalidRequest("batch.displayName: must be a string.", param="batch.displayName")
-    config = batch.get("inputConfig", batch.get("input_config"))
+    config = batch.get("inputConfig")
     if not isinstance(config, dict):
         raise InvalidRequest("batch.inputConfig: an object with 'requests' or 'fileName' is required.")
-    file_name = config.get("fileName", config.get("file_name"))
+    config = _camel_keys(config)
+    file_name = config.get("fileName")
     requests = config.get("requests")
     if (file_name is None) == (requests is None):
         raise InvalidRequest("batch.inputConfig: give exactly one of 'requests' and 'fileName'.")
@@ -223,6 +231,30 @@ def to_chat(request: Any, model: str, features: frozenset[Feature]) -> Json:
         if not isinstance(config, dict):
             raise Untranslatable("request.generationConfig: must be an object.")
         _generation(_camel_keys(config), body, model, features)
+    return body
+
+
+_EMBED_FIELDS = frozenset({"model", "content", "outputDimensionality"})
+
+
+def to_embeddings(request: Any, model: str) -> Json:
+    """The embeddings body for one EmbedContentRequest on `model`; raises Untranslatable. `taskType` and `title`
+    steer Google's own embedding models, which an OpenAI-compatible engine has no way to honour: refused."""
+    if not isinstance(request, dict):
+        raise Untranslatable("request: an EmbedContentRequest object is required.")
+    request = _camel_keys(request)
+    unknown = sorted(set(request) - _EMBED_FIELDS)
+    if unknown:
+        raise Untranslatable(f"request.{_printable(unknown[0])}: this field is not supported by backfill.")
+    named = request.get("model")
+    if named is not None and (not isinstance(named, str) or model_of(named) != model):
+        raise Untranslatable(f"request.model: this batch runs models/{model}; send {named!r} in a batch of its own.")
+    content = request.get("content")
+    if not isinstance(content, dict):
+        raise Untranslatable("request.content: a Content object with 'parts' is required.")
+    body: Json = {"model": model, "input": _text_of(content.get("parts"), "request.content")}
+    if request.get("outputDimensionality") is not None:
+        body["dimensions"] = _integer(request["outputDimensionality"], "request.outputDimensionality", 1)
     return body
 
 
@@ -409,10 +441,10 @@ def _nested_schemas(schema: Json, where: str) -> Json:
     return out
 
 
-def input_line(request: GeminiRequest, body: Json) -> bytes:
-    """The chat-completions input line (no newline) of a translated request; raises InvalidRequest (400) for a
-    request nested deeper than a line can be written."""
-    line = {"custom_id": request.custom_id, "method": "POST", "url": CHAT_ENDPOINT, "body": body}
+def input_line(request: GeminiRequest, body: Json, endpoint: str = CHAT_ENDPOINT) -> bytes:
+    """The input line (no newline) of a translated request; raises InvalidRequest (400) for a request nested
+    deeper than a line can be written."""
+    line = {"custom_id": request.custom_id, "method": "POST", "url": endpoint, "body": body}
     try:
         return orjson.dumps(line)
     except orjson.JSONEncodeError:
@@ -430,15 +462,18 @@ def status(code: int, message: str) -> Json:
     return {"code": code, "message": message}
 
 
-def outcome(result: StoredResult, model: str | None) -> Json:
-    """`{"response": GenerateContentResponse}` or `{"error": Status}` for one finished request."""
+def outcome(result: StoredResult, model: str | None, endpoint: str = CHAT_ENDPOINT) -> Json:
+    """`{"response": GenerateContentResponse}` (for an embeddings batch: `{"response": {"embedding"}}`) or
+    `{"error": Status}` for one finished request."""
     if result.state is RequestState.EXPIRED:
         return {"error": status(4, "The batch expired before this request ran.")}
     if result.state is RequestState.CANCELLED:
         return {"error": status(1, "The batch was cancelled before this request ran.")}
     if result.is_success and result.body is not None:
         try:
-            return {"response": to_response(_object(result.body), model or "")}
+            answer = _object(result.body)
+            embedded = endpoint == EMBEDDINGS_ENDPOINT
+            return {"response": to_embedding(answer) if embedded else to_response(answer, model or "")}
         except Untranslatable as exc:
             return {"error": status(13, str(exc))}
     if result.status_code is not None:
@@ -454,15 +489,15 @@ def outcome(result: StoredResult, model: str | None) -> Json:
     return {"error": status(code, result.error_message or "The request could not be run.")}
 
 
-def inlined_response(result: StoredResult, model: str | None) -> Json:
+def inlined_response(result: StoredResult, model: str | None, endpoint: str = CHAT_ENDPOINT) -> Json:
     tag = tag_of(result.custom_id)
-    return {**outcome(result, model), **({"metadata": tag["metadata"]} if "metadata" in tag else {})}
+    return {**outcome(result, model, endpoint), **({"metadata": tag["metadata"]} if "metadata" in tag else {})}
 
 
-def responses_line(result: StoredResult, model: str | None) -> bytes:
+def responses_line(result: StoredResult, model: str | None, endpoint: str = CHAT_ENDPOINT) -> bytes:
     """One line (with its newline) of a batch's responses file: `{"key", "response" | "error"}`."""
     tag = tag_of(result.custom_id)
-    line = {**({"key": tag["key"]} if "key" in tag else {}), **outcome(result, model)}
+    line = {**({"key": tag["key"]} if "key" in tag else {}), **outcome(result, model, endpoint)}
     return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
 
 
@@ -474,6 +509,18 @@ def _object(body: bytes) -> Json:
     if not isinstance(parsed, dict):
         raise Untranslatable("The backend's answer is not a JSON object.")
     return parsed
+
+
+def to_embedding(answer: Json) -> Json:
+    """An embeddings answer (one input) as Gemini's SingleEmbedContentResponse."""
+    data = answer.get("data")
+    first = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else None
+    vector = first.get("embedding") if first is not None else None
+    if not isinstance(vector, list):
+        raise Untranslatable("The backend's answer has no embedding (as a list of floats).")
+    usage = answer.get("usage")
+    tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    return {"embedding": {"values": vector}, **({"tokenCount": tokens} if isinstance(tokens, int) else {})}
 
 
 def to_response(completion: Json, model: str) -> Json:
@@ -545,7 +592,7 @@ def batch_stats(batch: Batch, unrun: UnrunCounts) -> Json:
 def operation(batch: Batch, unrun: UnrunCounts, output: Json | None, display_name: str | None) -> Json:
     """The batch as the long-running Operation the Batch API answers with; `output` once it has ended."""
     metadata: Json = {
-        "@type": BATCH_TYPE,
+        "@type": BATCH_TYPE if batch.endpoint == CHAT_ENDPOINT else EMBED_BATCH_TYPE,
         "name": batch_name(batch.id),
         "model": f"models/{batch.model}" if batch.model else None,
         "displayName": display_name or "",
@@ -561,7 +608,8 @@ def operation(batch: Batch, unrun: UnrunCounts, output: Json | None, display_nam
         metadata_output = dict(output)
         answer["metadata"]["output"] = metadata_output
         answer["done"] = True
-        answer["response"] = {"@type": OUTPUT_TYPE, **output}
+        kind = OUTPUT_TYPE if batch.endpoint == CHAT_ENDPOINT else EMBED_OUTPUT_TYPE
+        answer["response"] = {"@type": kind, **output}
     return answer
 
 

@@ -63,15 +63,20 @@ def _translate(
     features: frozenset[Feature],
     limits: ValidationLimits,
     sink: BlobWriter,
+    endpoint: str,
 ) -> Translation:
     """Write line i+1 for request i: its input line, or an empty line in the place of a request that cannot run.
     Each written line goes through the validator OpenAI batch files go through. One request at a time."""
-    validator = FileValidator(CHAT_ENDPOINT, lambda name: name == model, limits)
+    validator = FileValidator(endpoint, lambda name: name == model, limits)
     refused: list[RefusedRequest] = []
     for request in requests:
         number, offset = request.index + 1, sink.size
         try:
-            line = gemini.input_line(request, gemini.to_chat(request.request, model, features))
+            if endpoint == gemini.EMBEDDINGS_ENDPOINT:
+                body = gemini.to_embeddings(request.request, model)
+            else:
+                body = gemini.to_chat(request.request, model, features)
+            line = gemini.input_line(request, body, endpoint)
         except Untranslatable as exc:
             sink.write(b"\n")
             refused.append(RefusedRequest(number, request.custom_id, offset, str(exc)))
@@ -114,8 +119,11 @@ def _file_lines(deps: FileDeps, record: FileRecord, max_requests: int) -> Iterat
         raise InvalidRequest(f"The input file files/{record.id} holds no requests.")
 
 
-async def create_batch(deps: MessageBatchDeps, tenant_id: str, model_name: str, payload: Any) -> Shown:
-    """`models/{model}:batchGenerateContent`: check the call (400/404), translate, store and start the batch."""
+async def create_batch(
+    deps: MessageBatchDeps, tenant_id: str, model_name: str, payload: Any, endpoint: str = CHAT_ENDPOINT
+) -> Shown:
+    """`models/{model}:batchGenerateContent` (or, for `endpoint` /v1/embeddings, `:asyncBatchEmbedContent`):
+    check the call (400/404), translate, store and start the batch."""
     source = gemini.parse_create(payload)
     model = gemini.model_of(model_name)
     if not model or not deps.is_served(model):
@@ -142,7 +150,7 @@ async def create_batch(deps: MessageBatchDeps, tenant_id: str, model_name: str, 
             max_lines=settings.max_lines, max_line_bytes=settings.max_line_bytes, max_reported_errors=1
         )
         features = features_of(deps.backends, model)
-        translation = await asyncio.to_thread(_translate, requests, model, features, limits, writer)
+        translation = await asyncio.to_thread(_translate, requests, model, features, limits, writer, endpoint)
         await writer.commit()
     except BaseException:
         await writer.abort()
@@ -150,7 +158,9 @@ async def create_batch(deps: MessageBatchDeps, tenant_id: str, model_name: str, 
     metadata = {"source": SOURCE_INLINE if source.inline is not None else SOURCE_FILE}
     if source.display_name:
         metadata["display_name"] = source.display_name
-    await start_translated(deps, tenant_id, batch_id, file_id, writer.size, translation, BatchApi.GEMINI, metadata)
+    await start_translated(
+        deps, tenant_id, batch_id, file_id, writer.size, translation, BatchApi.GEMINI, metadata, endpoint
+    )
     return await get_batch(deps, tenant_id, batch_id)
 
 
@@ -162,8 +172,14 @@ async def _output(deps: MessageBatchDeps, batch: Batch) -> dict[str, Any] | None
         return None
     if (batch.metadata or {}).get("source") == SOURCE_FILE:
         return {"responsesFile": f"files/{gemini.responses_file_id(batch.id)}"}
-    responses = [gemini.inlined_response(result, batch.model) async for result in deps.store.iter_results(batch.id)]
-    return {"inlinedResponses": {"inlinedResponses": responses}}
+    responses = [
+        gemini.inlined_response(result, batch.model, batch.endpoint)
+        async for result in deps.store.iter_results(batch.id)
+    ]
+    # Named for what they hold: the SDK tells embeddings from generated content by this name, or else by the first
+    # answer that holds an embedding (none does when every request failed).
+    kind = "inlinedEmbedContentResponses" if batch.endpoint == gemini.EMBEDDINGS_ENDPOINT else "inlinedResponses"
+    return {kind: {"inlinedResponses": responses}}
 
 
 async def _shown(deps: MessageBatchDeps, batch: Batch, unrun: UnrunCounts, *, with_output: bool) -> Shown:
@@ -252,7 +268,7 @@ async def stream_responses(deps: MessageBatchDeps, batch: Batch) -> AsyncIterato
     """The responses file: one `{key, response | error}` line per request, in input order."""
     chunk = bytearray()
     async for result in deps.store.iter_results(batch.id):
-        chunk += gemini.responses_line(result, batch.model)
+        chunk += gemini.responses_line(result, batch.model, batch.endpoint)
         if len(chunk) >= 1 << 16:
             yield bytes(chunk)
             chunk.clear()

@@ -251,6 +251,7 @@ async def start_translated(
     translation: Translation,
     api: BatchApi,
     metadata: dict[str, str] | None = None,
+    endpoint: str = CHAT_ENDPOINT,
 ) -> None:
     """Register the translated input lines (already committed under `files/{file_id}`, `size` bytes) and start
     the batch on them, as a message batch (or Gemini batch, by `api`) whose refused requests end failed."""
@@ -270,7 +271,7 @@ async def start_translated(
     batch = Batch(
         id=batch_id,
         tenant_id=tenant_id,
-        endpoint=CHAT_ENDPOINT,
+        endpoint=endpoint,
         input_file_id=file_id,
         completion_window=f"{settings.message_batch_window_s}s",
         status=BatchStatus.VALIDATING,

@@ -13,6 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from backfill.domain import gemini
 from backfill.domain.files import FileRecord
+from backfill.domain.message_batches import CHAT_ENDPOINT
 from backfill.errors import InvalidRequest, NotFound
 from backfill.http.auth import Authenticator, presented_key
 from backfill.http.deps import ServicesDep, body_chunks, json_body, json_response
@@ -23,6 +24,7 @@ PREFIX = "/gemini"
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 # Inline requests ride in the create call's body: as much as a message batch's, at most.
 _MAX_CREATE_BYTES_FLOOR = 1 << 20
+_METHODS = {"batchGenerateContent": CHAT_ENDPOINT, "asyncBatchEmbedContent": gemini.EMBEDDINGS_ENDPOINT}
 
 
 async def tenant_of(
@@ -55,14 +57,18 @@ def _api_url(request: Request, services: ServicesDep, version: str) -> str:
 async def gemini_model_method(
     version: str, name: str, request: Request, services: ServicesDep, tenant: Tenant
 ) -> Response:
-    """`models/{model}:batchGenerateContent` (the model's name may hold `/`)."""
+    """`models/{model}:batchGenerateContent` and `:asyncBatchEmbedContent` (the model's name may hold `/`)."""
     _version(version)
     model, _, method = name.rpartition(":")
-    if method != "batchGenerateContent":
-        raise NotFound(f"Method models/{name} is not served here: only models/{{model}}:batchGenerateContent.")
+    endpoint = _METHODS.get(method)
+    if endpoint is None:
+        raise NotFound(
+            f"Method models/{name} is not served here: models/{{model}}:batchGenerateContent or "
+            ":asyncBatchEmbedContent."
+        )
     limit = max(services.settings.message_batch_max_bytes, _MAX_CREATE_BYTES_FLOOR)
     payload = await json_body(request, limit)
-    shown = await uc.create_batch(services, tenant, model, payload)
+    shown = await uc.create_batch(services, tenant, model, payload, endpoint)
     services.work_changed()
     return json_response(shown.operation())
 
