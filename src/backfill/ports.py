@@ -272,6 +272,11 @@ class LineQueue(Protocol):
         """Every line of a batch in input order."""
         ...
 
+    async def settled_successes(self, batch_id: str) -> int:
+        """Succeeded lines before the batch's first line still open: the part of its output that cannot change
+        any more (partial output while it runs)."""
+        ...
+
     async def line_state_counts(self, batch_id: str) -> dict[str, int]: ...
 
 

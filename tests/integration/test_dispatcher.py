@@ -17,7 +17,7 @@ import pytest
 from backfill import ids
 from backfill.backends.openai_http import OpenAIHttpBackend
 from backfill.config import BackendSettings, Settings
-from backfill.domain.batches import Batch, BatchStatus
+from backfill.domain.batches import Batch, BatchStatus, output_file_id_of
 from backfill.domain.files import FileRecord
 from backfill.domain.results import CANCELLED_MESSAGE, EXPIRED_MESSAGE
 from backfill.errors import BlobStoreUnavailable
@@ -354,7 +354,12 @@ async def test_in_progress_batches_show_an_estimated_completion(make_harness: Ma
     assert seen.eta_at is not None
     assert harness.clock() < seen.eta_at < seen.expires_at
     shown = seen.to_openai()["backfill"]
-    assert {"estimated_completion_at": seen.eta_at, "schedule": "on_track", "waiting": None} == shown
+    assert {
+        "estimated_completion_at": seen.eta_at,
+        "schedule": "on_track",
+        "waiting": None,
+        "output_file_id": output_file_id_of(seen.id),
+    } == shown
 
 
 class UnavailableAtFirst:

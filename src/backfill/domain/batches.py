@@ -84,6 +84,17 @@ class ScheduleState(StrEnum):
     WAITING = "waiting"  # no endpoint of its pool is up: it waits for one to come back (`Batch.waiting` says which)
 
 
+def output_file_id_of(batch_id: str) -> str:
+    """The id an OpenAI batch's output file is registered under when the batch ends, known from the start: its
+    content can be read while the batch runs (partial output, docs/partial-results.md)."""
+    return "file-" + batch_id.removeprefix("batch_")
+
+
+def batch_id_of_output(file_id: str) -> str | None:
+    """The batch whose output file `file_id` would be, if it is shaped like one."""
+    return "batch_" + file_id.removeprefix("file-") if file_id.startswith("file-") else None
+
+
 @dataclass(frozen=True)
 class LineError:
     """One content problem of an input file, reported in `batch.errors` with its 1-based line."""
@@ -166,5 +177,9 @@ class Batch:
                 "estimated_completion_at": None if self.status.is_terminal else self.eta_at,
                 "schedule": None if self.status.is_terminal else self.schedule_state,
                 "waiting": self.waiting if self.is_waiting else None,
+                # Readable while the batch runs (a growing prefix, `X-Incomplete: true`); `output_file_id` itself
+                # stays null until the batch ends, as OpenAI's clients expect.
+                "output_file_id": self.output_file_id
+                or (output_file_id_of(self.id) if not self.status.is_terminal else None),
             },
         }

@@ -140,6 +140,10 @@ class BatchExtension(BaseModel):
     estimated_completion_at: int | None = Field(description="The scheduler's estimate, unix seconds.")
     schedule: str | None = Field(description="on_track, promoted, at_risk, harvesting, throttled, off_peak, waiting")
     waiting: str | None = Field(description="While no endpoint is up: which, since when, and why.")
+    output_file_id: str | None = Field(
+        description="The output file's id from the start: its content is readable while the batch runs (the "
+        "lines settled so far, `X-Incomplete: true`, `X-Last-Line`; `?offset=` resumes)."
+    )
 
 
 class BatchObject(BaseModel):
