@@ -353,7 +353,7 @@ async def test_in_progress_batches_show_an_estimated_completion(make_harness: Ma
     assert "on_track" == seen.schedule_state
     assert seen.eta_at is not None
     assert harness.clock() < seen.eta_at < seen.expires_at
-    shown = seen.to_openai()["backfill"]
+    shown = seen.extension()
     assert {"estimated_completion_at": seen.eta_at, "schedule": "on_track", "waiting": None} == shown
 
 
