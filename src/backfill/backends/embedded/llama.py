@@ -22,6 +22,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,12 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
+import structlog
 
 from backfill.backends.embedded.shapes import BadRequest, Generation, Sampling
 from backfill.backends.embedded.weights import WeightType, prepared_gguf, resolve
 
+log = structlog.get_logger(__name__)
 _MAX_PIECE = 256
 # llama.cpp's llama_token_data (id, logit, p), as numpy lays it out: a whole vocabulary's candidates in one array.
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -95,8 +98,11 @@ class LlamaEngine:
         threads: int | None = None,
         weights: WeightType = "auto",
         cache_dir: Path | None = None,
+        name: str | None = None,
     ):
+        """`name`: the model's name in the log (default: the file's)."""
         self.model_path = model_path
+        self.name = name or model_path.stem
         self.weights: WeightType = weights
         self.cache_dir = cache_dir
         self.loaded_path: Path | None = None  # the GGUF actually loaded: model_path or its cached conversion
@@ -153,6 +159,10 @@ class LlamaEngine:
 
     # --- the worker thread ---------------------------------------------------------------------------------
 
+    def start(self) -> None:
+        """Load the model now, if that has not begun, and wait until it is loaded (raises if it cannot be)."""
+        self._ensure_started()
+
     def _ensure_started(self) -> None:
         with self._start_lock:
             if self._thread is None:
@@ -196,12 +206,18 @@ class LlamaEngine:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
 
     def _main(self) -> None:
+        log.info("model.loading", model=self.name)
+        started = time.monotonic()
         try:
             self._load()
         except BaseException as exc:
+            log.error("model.load_failed", model=self.name, error=str(exc))
             self._load_error = exc
             self._ready.set()
             return
+        seconds = round(time.monotonic() - started, 2)
+        weights = self.loaded_path.name if self.loaded_path else None
+        log.info("model.loaded", model=self.name, seconds=seconds, weights=weights)
         self._ready.set()
         free = list(range(self.slots))
         running: list[_Job] = []
