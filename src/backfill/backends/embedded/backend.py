@@ -127,7 +127,7 @@ class EmbeddedChatBackend:
         if endpoint == "/v1/chat/completions":
             return _ok(chat_completion(CHAT_MODEL, result), usage)
         if endpoint == "/v1/completions":
-            return _ok(text_completion(CHAT_MODEL, result), usage)
+            return _ok(text_completion(CHAT_MODEL, result, text), usage)
         return _ok(complete_response(response_object(CHAT_MODEL, result, request), request_body), usage)
 
     async def load(self) -> None:

@@ -32,7 +32,7 @@ import llama_cpp
 import numpy as np
 import structlog
 
-from backfill.backends.embedded.shapes import BadRequest, Generation, Sampling
+from backfill.backends.embedded.shapes import BadRequest, Generation, Sampling, TokenLogprob
 from backfill.backends.embedded.weights import WeightType, prepared_gguf, resolve
 
 log = structlog.get_logger(__name__)
@@ -64,6 +64,7 @@ class _Job:
     sampler: Any = None
     grammar: Any = None  # the output format's grammar sampler, checked after the chain (see `_sample`)
     logits_index: int = -1
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when asked for
 
     def resolve(self, result: Generation | BaseException) -> None:
         def settle() -> None:
@@ -370,7 +371,10 @@ class LlamaEngine:
             self._finish(job, free, running, self._result(job, "stop"))
             return
         job.generated.append(token)
-        job.text_out += self._piece(token)
+        piece = self._piece(token)
+        if job.sampling.logprobs:
+            job.logprobs.append(self._logprob(job, token, piece))
+        job.text_out += piece
         stopped = self._stop_at(job)
         if stopped is not None:
             self._finish(job, free, running, stopped)
@@ -404,6 +408,21 @@ class LlamaEngine:
         llama_cpp.llama_sampler_accept(job.grammar, token)
         return token
 
+    def _logprob(self, job: _Job, token: int, piece: bytes) -> TokenLogprob:
+        """`token`'s log probability from the sequence's own logits row of this step (log-softmax over the whole
+        vocabulary, in float64), and the `top_logprobs` most likely tokens there."""
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, job.logits_index), (n_vocab,))
+        logits = row.astype(np.float64)
+        peak = logits.max()
+        logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
+        top: tuple[tuple[bytes, float], ...] = ()
+        if k := job.sampling.top_logprobs:
+            best = np.argpartition(logprobs, -k)[-k:]
+            best = best[np.argsort(-logprobs[best], kind="stable")]
+            top = tuple((self._piece(int(other)), float(logprobs[other])) for other in best)
+        return TokenLogprob(piece, float(logprobs[token]), top)
+
     @staticmethod
     def _add(batch: Any, n: int, token: int, pos: int, seq: int, logits: bool) -> int:
         batch.token[n] = token
@@ -426,10 +445,27 @@ class LlamaEngine:
         if not hits:
             return None
         cut, matched = min(hits)
-        return Generation(text[:cut], "stop", job.prompt_tokens, len(job.generated), matched)
+        return Generation(
+            text[:cut], "stop", job.prompt_tokens, len(job.generated), matched, self._logprobs(job, text[:cut])
+        )
 
     def _result(self, job: _Job, reason: str) -> Generation:
-        return Generation(job.text_out.decode("utf-8", "replace"), reason, job.prompt_tokens, len(job.generated))
+        text = job.text_out.decode("utf-8", "replace")
+        return Generation(text, reason, job.prompt_tokens, len(job.generated), logprobs=self._logprobs(job, text))
+
+    @staticmethod
+    def _logprobs(job: _Job, text: str) -> tuple[TokenLogprob, ...] | None:
+        """The logprobs of the tokens that make up `text` (a stop string cuts the output short: the tokens after
+        the cut are not part of the answer)."""
+        if not job.sampling.logprobs:
+            return None
+        size, at, kept = len(text.encode()), 0, []
+        for token in job.logprobs:
+            if at >= size:
+                break
+            kept.append(token)
+            at += len(token.piece)
+        return tuple(kept)
 
     def _finish(
         self,
