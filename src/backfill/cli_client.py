@@ -97,9 +97,8 @@ def snapshot_of(batch: RemoteBatch) -> Snapshot:
 
 def _counts(batch: RemoteBatch) -> str:
     """`3 succeeded, 1 failed, 6 cancelled`"""
-    return f"{batch.completed} succeeded, " + count_lines(batch.errored, batch.expired, batch.cancelled).replace(
-        " · ", ", "
-    )
+    rest = count_lines(batch.errored, batch.expired, batch.cancelled).replace(" · ", ", ")
+    return f"{batch.completed} succeeded, {rest}"
 
 
 def _follow(client: BackfillClient, batch_id: str) -> RemoteBatch:
@@ -123,9 +122,7 @@ def _finish(batch: RemoteBatch) -> None:
     console.print(f"{batch.id} {batch.status.value}: {_counts(batch)}")
     if batch.status is BatchStatus.FAILED:
         _print_errors(console, batch.errors)
-    elif batch.results_url:
-        console.print(f"results: backfill results {batch.id} -o {batch.id}.jsonl")
-    elif batch.output_file_id or batch.error_file_id:
+    elif batch.results_url or batch.output_file_id or batch.error_file_id:
         console.print(f"results: backfill results {batch.id} -o {batch.id}.jsonl")
         for label, file_id in (("output file", batch.output_file_id), ("error file", batch.error_file_id)):
             if file_id:
