@@ -77,6 +77,16 @@ class Probes(Protocol):
 
 
 @runtime_checkable
+class LoadsModel(Protocol):
+    """A backend that loads its model in-process before it can answer (the embedded engine). The dispatcher has it
+    load at start, not at its first line, and its batches show `loading_model` meanwhile."""
+
+    async def load(self) -> None:
+        """Load the model (once: later calls return when it is loaded); raises if it cannot be loaded."""
+        ...
+
+
+@runtime_checkable
 class DeclaresFeatures(Protocol):
     """A backend that says which optional request features it accepts. One that does not is taken to accept them
     all: it refuses what it cannot do with an HTTP error, which fails that request."""

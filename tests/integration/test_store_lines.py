@@ -4,7 +4,6 @@ reclaim, results in order. Tests marked SQL-only look behind the port with SQL a
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 from sqlalchemy import bindparam, update
@@ -469,16 +468,11 @@ async def test_outlooks_are_written_on_in_progress_batches_only(store: Store) ->
 
     await store.set_outlooks([(running.id, NOW + 60, "promoted"), (validating.id, NOW + 5, "on_track")])
 
-    shown = outlook_of((await current(store, running.id)).to_openai())
+    shown = (await current(store, running.id)).extension()
     assert {"estimated_completion_at": NOW + 60, "schedule": "promoted", "waiting": None} == shown
-    assert {"estimated_completion_at": None, "schedule": None, "waiting": None} == outlook_of(
-        (await current(store, validating.id)).to_openai()
-    )
-
-
-def outlook_of(batch: dict[str, Any]) -> dict[str, Any]:
-    """The scheduler's part of the batch object's `backfill` field."""
-    return {key: batch["backfill"][key] for key in ("estimated_completion_at", "schedule", "waiting")}
+    assert {"estimated_completion_at": None, "schedule": None, "waiting": None} == (
+        await current(store, validating.id)
+    ).extension()
 
 
 async def test_a_batch_waiting_for_a_backend_says_so_until_the_next_outlook(store: Store) -> None:
@@ -490,8 +484,8 @@ async def test_a_batch_waiting_for_a_backend_says_so_until_the_next_outlook(stor
     await store.set_outlooks([(running.id, NOW + 60, "on_track")])
     back = await current(store, running.id)
 
-    assert {"estimated_completion_at": None, "schedule": "waiting", "waiting": note} == outlook_of(waiting.to_openai())
-    assert (None, None) == (back.waiting, back.to_openai()["backfill"]["waiting"])
+    assert {"estimated_completion_at": None, "schedule": "waiting", "waiting": note} == waiting.extension()
+    assert (None, None) == (back.waiting, back.extension()["waiting"])
 
 
 async def test_expired_lines_keep_the_last_backend_error_each_met_else_the_batchs(store: Store) -> None:
