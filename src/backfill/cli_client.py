@@ -340,12 +340,19 @@ def _when(at: int, now: float) -> str:
     help="Merge in the results of the batch's retries (backfill retry): every line once, in input order, "
     "each with the result of the newest batch that ran it.",
 )
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Start now, while the batch runs: append each output line to OUTPUT as soon as it is settled (in input "
+    "order), until the batch ends; then write the error file.",
+)
 @client_options
 def results(
     batch_id: str,
     output: Path,
     errors: Path | None,
     merge_retries: bool,
+    follow: bool,
     base_url: str | None,
     api_key: str | None,
 ) -> None:
@@ -354,6 +361,10 @@ def results(
     Both files are written, empty when no line belongs there. A message batch (msgbatch_…) has one results
     file, every request's result in request order, written to OUTPUT.
     """
+    if follow and (merge_retries or is_message_batch(batch_id)):
+        raise click.UsageError(
+            "--follow reads one batch's output as it runs: not with --merge-retries or a message batch"
+        )
     if is_message_batch(batch_id):
         if errors is not None or merge_retries:
             raise click.UsageError("a message batch's results are one file: --errors and --merge-retries do not apply")
@@ -365,7 +376,7 @@ def results(
         if merge_retries:
             _merged_results(client, batch_id, output, errors)
             return
-        batch = client.get_batch(batch_id)
+        batch = _followed(client, batch_id, output) if follow else client.get_batch(batch_id)
         if batch.status is BatchStatus.FAILED:
             _stderr().print(f"{batch.id} failed validation; it has no results:")
             _print_errors(_stderr(), batch.errors)
@@ -373,11 +384,35 @@ def results(
         if not batch.status.is_terminal:
             raise CommandFailed(f"{batch.id} is still {batch.status.value}; wait for it: backfill wait {batch.id}")
         for file_id, dest in ((batch.output_file_id, output), (batch.error_file_id, errors)):
+            if follow and dest == output:
+                continue  # already written, line by line
             if file_id:
                 client.download(file_id, dest)
             else:
                 write_atomically(dest, [])
     _stderr().print(f"{batch.completed} lines in {output}, {batch.failed} in {errors}")
+
+
+FOLLOW_POLL_S = 2.0
+
+
+def _followed(client: BackfillClient, batch_id: str, output: Path) -> RemoteBatch:
+    """Append the batch's output lines to `output` as they settle, until it ends; the ended batch."""
+    offset = 0
+    with output.open("wb") as out:
+        while True:
+            batch = client.get_batch(batch_id)
+            file_id = batch.output_file_id or batch.partial_output_file_id
+            if file_id is None:  # ended with no output (nothing succeeded, or it failed validation)
+                return batch
+            data, offset, more = client.read_from(file_id, offset)
+            out.write(data)
+            out.flush()
+            if data:
+                _stderr().print(f"{offset} output lines in {output} ({batch.status.value})")
+            if not more:
+                return client.get_batch(batch_id)
+            time.sleep(FOLLOW_POLL_S)
 
 
 def _message_batch_results(client: BackfillClient, batch_id: str, output: Path) -> None:

@@ -64,6 +64,7 @@ class RemoteBatch:
     expired: int = 0  # of `failed`, lines that expired before they ran
     cancelled: int = 0  # of `failed`, lines cancelled before they ran
     results_url: str | None = None  # a message batch's results, once it has ended
+    partial_output_file_id: str | None = None  # readable while the batch runs (docs/partial-results.md)
 
     @property
     def is_message_batch(self) -> bool:
@@ -106,6 +107,7 @@ class RemoteBatch:
             waiting=extension.get("waiting"),
             expired=int(unrun.get("expired", 0)),
             cancelled=int(unrun.get("cancelled", 0)),
+            partial_output_file_id=extension.get("output_file_id"),
         )
 
     @classmethod
@@ -288,6 +290,15 @@ class BackfillClient:
                 response.read()
                 _raise_for(response)
             return write_atomically(dest, response.iter_bytes())
+
+    def read_from(self, file_id: str, offset: int) -> tuple[bytes, int, bool]:
+        """A file's lines after the first `offset`: the bytes, the offset to ask for next (`X-Last-Line`), and
+        whether more may come (`X-Incomplete`: a running batch's output, docs/partial-results.md)."""
+        with self._transport_errors():
+            response = self._http.get(f"/v1/files/{file_id}/content", params={"offset": offset})
+        _raise_for(response)
+        last = response.headers.get("x-last-line", "")
+        return response.content, int(last) if last.isdigit() else offset, response.headers.get("x-incomplete") == "true"
 
     def download(self, file_id: str, dest: Path) -> int:
         """Stream a file's content to `dest` (replaced only once complete); the number of bytes written."""

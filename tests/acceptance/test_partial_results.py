@@ -3,7 +3,11 @@ prefix in input order with `X-Incomplete` and `X-Last-Line`, resumable with `?of
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -12,7 +16,7 @@ from openai import NotFoundError, OpenAI
 
 from tests.acceptance.conftest import StartServer, client_for
 from tests.acceptance.helpers import chat_line, raw_batch, start_batch, wait_for, wait_terminal
-from tests.support.processes import Server, Upstream
+from tests.support.processes import Server, Upstream, child_env
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +90,34 @@ def test_another_tenant_cannot_read_a_running_batch_s_output(start_server: Start
         theirs.files.content(planned)
     assert ["a"] == read(mine, planned)[0]
     upstream.open_gate(tag)
+
+
+def test_results_follow_writes_lines_as_they_settle_then_the_error_file(
+    server: Server, upstream: Upstream, tmp_path: Path
+) -> None:
+    client = client_for(server)
+    tag = uuid.uuid4().hex[:8]
+    lines = [chat_line("a", f"a {tag}"), chat_line("b", f"b {tag} #bad400"), chat_line("c", f"c {tag} #gate:{tag}")]
+    batch = start_batch(client, lines)
+    output = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "backfill", "results", batch.id, "-o", str(output), "--follow",
+               "--base-url", server.base_url]  # fmt: skip
+    follower = subprocess.Popen(command, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (output.exists() and output.read_bytes().count(b"\n") == 1):  # "a", while "c" is held
+            assert follower.poll() is None, follower.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        upstream.open_gate(tag)
+        _, stderr = follower.communicate(timeout=60)
+    finally:
+        follower.kill()
+
+    assert 0 == follower.returncode, stderr
+    assert ["a", "c"] == [orjson.loads(line)["custom_id"] for line in output.read_bytes().splitlines()]
+    done = client.batches.retrieve(batch.id)
+    assert done.output_file_id is not None
+    assert client.files.content(done.output_file_id).content == output.read_bytes()
+    errors = tmp_path / "out.errors.jsonl"
+    assert ["b"] == [orjson.loads(line)["custom_id"] for line in errors.read_bytes().splitlines()]
