@@ -13,7 +13,9 @@ from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
 from backfill.domain.results import StoredResult
 from backfill.domain.usage import Usage
+from backfill.domain.usage_report import UsageCounts, UsageKey, UsageKind, fold, row_start
 from backfill.store.tables import batches, files, requests, tenants
+from backfill.store.usage import add_usage
 
 _FAILED_STATES = [RequestState.FAILED.value, RequestState.EXPIRED.value, RequestState.CANCELLED.value]
 _USAGE_COLUMNS = ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
@@ -234,9 +236,14 @@ class LineQueries:
         for u in updates:
             by_batch[u.batch_id].append(u)
         written = 0
+        succeeded: list[LineUpdate] = []
         async with self.engine.begin() as conn:
             for batch_id, group in sorted(by_batch.items()):  # one lock order for all workers: no deadlocks
-                written += await _record_batch(conn, self._finish_line, owner, batch_id, group)
+                count, done = await _record_batch(conn, self._finish_line, owner, batch_id, group)
+                written += count
+                succeeded += done
+            # In the same transaction as the lines: the usage report never counts a line twice, nor misses one.
+            await add_usage(conn, await _usage_of(conn, succeeded))
         return written
 
     async def close_queued_lines(self, batch_id: str, state: RequestState, note: str | None = None) -> int:
@@ -301,9 +308,29 @@ class LineQueries:
             return {row[0]: int(row[1]) for row in rows}
 
 
+async def _usage_of(conn: AsyncConnection, succeeded: Sequence[LineUpdate]) -> dict[UsageKey, UsageCounts]:
+    """The usage rows' increments for these written lines: by their batch's tenant and model."""
+    if not succeeded:
+        return {}
+    batch_ids = sorted({u.batch_id for u in succeeded})
+    rows = await conn.execute(
+        select(batches.c.id, batches.c.tenant_id, batches.c.model).where(batches.c.id.in_(batch_ids))
+    )
+    owners = {row.id: (row.tenant_id, row.model or "") for row in rows}
+    return fold(
+        (
+            UsageKey(*owners[u.batch_id], row_start(u.finished_at), UsageKind.BATCH),
+            UsageCounts.of_request(u.usage, u.capacity),
+        )
+        for u in succeeded
+        if u.batch_id in owners
+    )
+
+
 async def _record_batch(
     conn: AsyncConnection, finish_line: str, owner: str, batch_id: str, group: list[LineUpdate]
-) -> int:
+) -> tuple[int, list[LineUpdate]]:
+    """Write one batch's updates; the lines written, and the succeeded updates among them."""
     final = [u for u in group if u.is_final]
     requeue = [u for u in group if not u.is_final]
     written = 0
@@ -324,12 +351,14 @@ async def _record_batch(
         )
         written += int(result.rowcount)
     if not final:
-        return written
+        return written, []
+    # Which successes this write will land (the fence), read before it, locked: their usage is counted now. After
+    # it, a line written here and one written by the same update in an earlier commit (a retried flush) look alike.
+    succeeded = await _held(conn, owner, [u for u in final if u.state is RequestState.SUCCEEDED])
     result = await conn.exec_driver_sql(finish_line, [_finish_params(owner, u) for u in final])
     finished = int(result.rowcount)
     written += finished
     if finished == len(final):
-        succeeded = [u for u in final if u.state is RequestState.SUCCEEDED]
         usage = sum((u.usage for u in succeeded), Usage())
         await conn.execute(
             update(batches)
@@ -345,7 +374,23 @@ async def _record_batch(
         )
     else:
         await _recount(conn, batch_id)
-    return written
+    return written, succeeded
+
+
+async def _held(conn: AsyncConnection, owner: str, updates: Sequence[LineUpdate]) -> list[LineUpdate]:
+    """Those of `updates` whose lease `owner` still holds, their rows locked until the transaction ends (SQLite's
+    BEGIN IMMEDIATE holds the whole database already)."""
+    if not updates:
+        return []
+    query = select(requests.c.id, requests.c.lease_seq).where(
+        requests.c.id.in_([u.id for u in updates]),
+        requests.c.lease_owner == owner,
+        requests.c.state == RequestState.LEASED.value,
+    )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    held = {row.id: row.lease_seq for row in await conn.execute(query)}
+    return [u for u in updates if held.get(u.id) == u.lease_seq]
 
 
 async def _recount(conn: AsyncConnection, batch_id: str) -> None:
