@@ -134,6 +134,9 @@ def test_usage_and_costs_equal_the_output_files_per_tenant_and_model(
         research_sla["lines_expired"],
     )
     assert research_sla["turnaround_p95_s"] is not None
+    metrics = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+    assert 'backfill_batch_sla_batches_total{outcome="in_window",tenant="research",window="24h"} 2.0' in metrics
+    assert 'backfill_batch_turnaround_seconds_count{tenant="search",window="24h"} 1.0' in metrics
 
     cli = subprocess.run(
         server.command("usage", "--since", "1d", "--by", "tenant,model"),
