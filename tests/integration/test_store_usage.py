@@ -87,3 +87,16 @@ async def test_ended_batches_carry_turnaround_and_expired_lines(store: Store) ->
     assert ("expired", NOW + 100, 2) == (ended.status, ended.ended_at, ended.lines_expired)
     assert [] == await store.ended_batches(NOW + 101, NOW + DAY_S)
     assert [] == await store.ended_batches(NOW, NOW + DAY_S, "another-tenant")
+
+
+async def test_one_commit_over_two_batches_of_one_tenant_adds_to_one_row(store: Store) -> None:
+    one = await running_batch(store, 2)
+    two = await running_batch(store, 1)
+    lines = await store.lease_lines(one.id, "w1", 2, NOW, TTL_S) + await store.lease_lines(two.id, "w1", 1, NOW, TTL_S)
+
+    await store.record(
+        "w1", [dataclasses.replace(succeeded(line, Usage(2, 0, 1, 0)), finished_at=NOW) for line in lines]
+    )
+
+    [(key, counts)] = await store.usage_rows(NOW - 60, NOW + 60)
+    assert (one.tenant_id, UsageCounts(3, 6, 0, 3, dedicated_tokens=9)) == (key.tenant_id, counts)

@@ -236,14 +236,14 @@ class LineQueries:
         for u in updates:
             by_batch[u.batch_id].append(u)
         written = 0
-        succeeded: list[LineUpdate] = []
+        used: list[tuple[UsageKey, UsageCounts]] = []
         async with self.engine.begin() as conn:
             for batch_id, group in sorted(by_batch.items()):  # one lock order for all workers: no deadlocks
-                count, done = await _record_batch(conn, self._finish_line, owner, batch_id, group)
+                count, counted = await _record_batch(conn, self._finish_line, owner, batch_id, group)
                 written += count
-                succeeded += done
+                used += counted
             # In the same transaction as the lines: the usage report never counts a line twice, nor misses one.
-            await add_usage(conn, await _usage_of(conn, succeeded))
+            await add_usage(conn, fold(used))
         return written
 
     async def close_queued_lines(self, batch_id: str, state: RequestState, note: str | None = None) -> int:
@@ -308,29 +308,10 @@ class LineQueries:
             return {row[0]: int(row[1]) for row in rows}
 
 
-async def _usage_of(conn: AsyncConnection, succeeded: Sequence[LineUpdate]) -> dict[UsageKey, UsageCounts]:
-    """The usage rows' increments for these written lines: by their batch's tenant and model."""
-    if not succeeded:
-        return {}
-    batch_ids = sorted({u.batch_id for u in succeeded})
-    rows = await conn.execute(
-        select(batches.c.id, batches.c.tenant_id, batches.c.model).where(batches.c.id.in_(batch_ids))
-    )
-    owners = {row.id: (row.tenant_id, row.model or "") for row in rows}
-    return fold(
-        (
-            UsageKey(*owners[u.batch_id], row_start(u.finished_at), UsageKind.BATCH),
-            UsageCounts.of_request(u.usage, u.capacity),
-        )
-        for u in succeeded
-        if u.batch_id in owners
-    )
-
-
 async def _record_batch(
     conn: AsyncConnection, finish_line: str, owner: str, batch_id: str, group: list[LineUpdate]
-) -> tuple[int, list[LineUpdate]]:
-    """Write one batch's updates; the lines written, and the succeeded updates among them."""
+) -> tuple[int, list[tuple[UsageKey, UsageCounts]]]:
+    """Write one batch's updates; the lines written, and the usage of the successes among them."""
     final = [u for u in group if u.is_final]
     requeue = [u for u in group if not u.is_final]
     written = 0
@@ -354,7 +335,8 @@ async def _record_batch(
         return written, []
     # Which successes this write will land (the fence), read before it, locked: their usage is counted now. After
     # it, a line written here and one written by the same update in an earlier commit (a retried flush) look alike.
-    succeeded = await _held(conn, owner, [u for u in final if u.state is RequestState.SUCCEEDED])
+    succeeded = [u for u in final if u.state is RequestState.SUCCEEDED]
+    counted = await _usage_held(conn, owner, batch_id, succeeded)
     result = await conn.exec_driver_sql(finish_line, [_finish_params(owner, u) for u in final])
     finished = int(result.rowcount)
     written += finished
@@ -374,23 +356,41 @@ async def _record_batch(
         )
     else:
         await _recount(conn, batch_id)
-    return written, succeeded
+    return written, counted
 
 
-async def _held(conn: AsyncConnection, owner: str, updates: Sequence[LineUpdate]) -> list[LineUpdate]:
-    """Those of `updates` whose lease `owner` still holds, their rows locked until the transaction ends (SQLite's
-    BEGIN IMMEDIATE holds the whole database already)."""
+async def _usage_held(
+    conn: AsyncConnection, owner: str, batch_id: str, updates: Sequence[LineUpdate]
+) -> list[tuple[UsageKey, UsageCounts]]:
+    """The usage of those of `updates` whose lease `owner` still holds (the fence), keyed by the batch's tenant and
+    model; their rows stay locked until the transaction ends (SQLite's BEGIN IMMEDIATE holds the whole database)."""
     if not updates:
         return []
-    query = select(requests.c.id, requests.c.lease_seq).where(
-        requests.c.id.in_([u.id for u in updates]),
-        requests.c.lease_owner == owner,
-        requests.c.state == RequestState.LEASED.value,
+    query = (
+        select(requests.c.id, requests.c.lease_seq, batches.c.tenant_id, batches.c.model)
+        .join_from(requests, batches, batches.c.id == requests.c.batch_id)
+        .where(
+            requests.c.batch_id == batch_id,
+            requests.c.id.in_([u.id for u in updates]),
+            requests.c.lease_owner == owner,
+            requests.c.state == RequestState.LEASED.value,
+        )
     )
     if conn.dialect.name == "postgresql":
-        query = query.with_for_update()
-    held = {row.id: row.lease_seq for row in await conn.execute(query)}
-    return [u for u in updates if held.get(u.id) == u.lease_seq]
+        query = query.with_for_update(of=requests)
+    rows = (await conn.execute(query)).all()
+    held = {row.id: row.lease_seq for row in rows}
+    if not rows:
+        return []
+    owner_key = (rows[0].tenant_id, rows[0].model or "")
+    return [
+        (
+            UsageKey(*owner_key, row_start(u.finished_at), UsageKind.BATCH),
+            UsageCounts.of_request(u.usage, u.capacity),
+        )
+        for u in updates
+        if held.get(u.id) == u.lease_seq
+    ]
 
 
 async def _recount(conn: AsyncConnection, batch_id: str) -> None:
