@@ -1,5 +1,8 @@
 """Client commands against a running server: submit, status, wait, results, cancel, list.
 
+status, wait, results, cancel and list know both kinds of batch: batches (`batch_…`, /v1/batches) and Anthropic
+message batches (`msgbatch_…`, /v1/messages/batches).
+
 The server is `--base-url` (else `BACKFILL_BASE_URL`, else http://127.0.0.1:8080), the key `--api-key` (else
 `BACKFILL_API_KEY`; none is needed in open mode). Exit codes are `progress.ExitCode`'s.
 """
@@ -19,11 +22,11 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from backfill.client import BackfillClient, RemoteBatch
+from backfill.client import BackfillClient, RemoteBatch, is_message_batch
 from backfill.config import load_client_settings
 from backfill.domain.batches import ENDPOINTS, BatchStatus
 from backfill.errors import BackfillError, ServerRejected
-from backfill.progress import ExitCode, ProgressDisplay, Snapshot, format_duration, make_console
+from backfill.progress import ExitCode, ProgressDisplay, Snapshot, count_lines, format_duration, make_console
 from backfill.result_files import custom_ids, default_errors_path, merge_results, write_atomically
 
 DEFAULT_ENDPOINT = "/v1/chat/completions"
@@ -80,7 +83,22 @@ def _stdout() -> Console:
 
 
 def snapshot_of(batch: RemoteBatch) -> Snapshot:
-    return Snapshot(batch.status, batch.total, batch.completed, batch.failed, batch.output_tokens)
+    return Snapshot(
+        batch.status,
+        batch.total,
+        batch.completed,
+        batch.failed,
+        batch.output_tokens,
+        batch.expired,
+        batch.cancelled,
+        batch.schedule,
+    )
+
+
+def _counts(batch: RemoteBatch) -> str:
+    """`3 succeeded, 1 failed, 6 cancelled`"""
+    rest = count_lines(batch.errored, batch.expired, batch.cancelled).replace(" · ", ", ")
+    return f"{batch.completed} succeeded, {rest}"
 
 
 def _follow(client: BackfillClient, batch_id: str) -> RemoteBatch:
@@ -101,10 +119,10 @@ def _follow(client: BackfillClient, batch_id: str) -> RemoteBatch:
 def _finish(batch: RemoteBatch) -> None:
     """Say how it ended and where the results are; exit with the batch's exit code."""
     console = _stderr()
-    console.print(f"{batch.id} {batch.status.value}: {batch.completed} succeeded, {batch.failed} failed")
+    console.print(f"{batch.id} {batch.status.value}: {_counts(batch)}")
     if batch.status is BatchStatus.FAILED:
         _print_errors(console, batch.errors)
-    elif batch.output_file_id or batch.error_file_id:
+    elif batch.results_url or batch.output_file_id or batch.error_file_id:
         console.print(f"results: backfill results {batch.id} -o {batch.id}.jsonl")
         for label, file_id in (("output file", batch.output_file_id), ("error file", batch.error_file_id)):
             if file_id:
@@ -202,11 +220,14 @@ def submit(
     _finish(batch)
 
 
-@click.command(epilog="\b\nExample:\n  backfill wait batch_abc123 && backfill results batch_abc123 -o out.jsonl")
+@click.command(
+    epilog="\b\nExamples:\n  backfill wait batch_abc123 && backfill results batch_abc123 -o out.jsonl\n"
+    "  backfill wait msgbatch_abc123"
+)
 @click.argument("batch_id")
 @client_options
 def wait(batch_id: str, base_url: str | None, api_key: str | None) -> None:
-    """Follow a batch with a progress bar until it ends.
+    """Follow a batch or a message batch with a progress bar until it ends.
 
     \b
     Exit codes:
@@ -221,13 +242,14 @@ def wait(batch_id: str, base_url: str | None, api_key: str | None) -> None:
 
 
 @click.command(
-    epilog="\b\nExamples:\n  backfill status batch_abc123\n  backfill status batch_abc123 --json | jq .usage"
+    epilog="\b\nExamples:\n  backfill status batch_abc123\n  backfill status batch_abc123 --json | jq .usage\n"
+    "  backfill status msgbatch_abc123"
 )
 @click.argument("batch_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the batch object as the API returns it.")
 @client_options
 def status(batch_id: str, as_json: bool, base_url: str | None, api_key: str | None) -> None:
-    """Show a batch: status, counts, usage, times, files and errors."""
+    """Show a batch or a message batch: status, counts, usage, times, files and errors."""
     with _connected(base_url, api_key) as client:
         batch = client.get_batch(batch_id)
     if as_json:
@@ -241,13 +263,20 @@ def _summary(batch: RemoteBatch, now: float) -> Group:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     model = f" (model {batch.model})" if batch.model else ""
-    table.add_row("endpoint", f"{batch.endpoint}{model}, window {batch.completion_window}")
-    table.add_row("requests", f"{batch.total} total · {batch.completed} succeeded · {batch.failed} failed")
-    table.add_row("usage", f"{batch.input_tokens:,} input tokens · {batch.output_tokens:,} output tokens")
+    if batch.is_message_batch:
+        table.add_row("kind", f"message batch ({batch.endpoint}), window {batch.completion_window}")
+    else:
+        table.add_row("endpoint", f"{batch.endpoint}{model}, window {batch.completion_window}")
+    lines = count_lines(batch.errored, batch.expired, batch.cancelled)
+    table.add_row("requests", f"{batch.total} total · {batch.completed} succeeded · {lines}")
+    if not batch.is_message_batch:  # a message batch object carries no usage
+        table.add_row("usage", f"{batch.input_tokens:,} input tokens · {batch.output_tokens:,} output tokens")
     for name, label in _TIME_LABELS.items():
         if name in batch.times:
             table.add_row(label, _when(batch.times[name], now))
-    if batch.status is BatchStatus.IN_PROGRESS and batch.waiting is not None:
+    if batch.status is BatchStatus.IN_PROGRESS and batch.schedule == "loading_model":
+        table.add_row("outlook", batch.waiting or "loading model")
+    elif batch.status is BatchStatus.IN_PROGRESS and batch.waiting is not None:
         table.add_row("outlook", f"waiting: {batch.waiting}")
     elif batch.status is BatchStatus.IN_PROGRESS and batch.schedule is not None:
         table.add_row("outlook", _outlook(batch, now))
@@ -255,6 +284,7 @@ def _summary(batch: RemoteBatch, now: float) -> Group:
         ("input file", batch.input_file_id),
         ("output file", batch.output_file_id),
         ("error file", batch.error_file_id),
+        ("results", batch.results_url),
     ):
         if file_id:
             table.add_row(label, file_id)
@@ -274,6 +304,7 @@ _SCHEDULES = {
     "throttled": "throttled: interactive traffic needs the servers now",
     "off_peak": "held to its off-peak share at this hour",
     "waiting": "waiting: no backend for its model is up",
+    "loading_model": "loading model",
 }
 
 
@@ -292,14 +323,16 @@ def _when(at: int, now: float) -> str:
 
 @click.command(
     epilog="\b\nExamples:\n  backfill results batch_abc123 -o out.jsonl\n"
-    "  backfill results batch_abc123 -o out.jsonl --merge-retries"
+    "  backfill results batch_abc123 -o out.jsonl --merge-retries\n"
+    "  backfill results msgbatch_abc123 -o results.jsonl"
 )
 @click.argument("batch_id")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output file.")
 @click.option(
     "--errors",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Error file (default: OUTPUT with .errors.jsonl in place of .jsonl).",
+    help="Error file (default: OUTPUT with .errors.jsonl in place of .jsonl). Not for a message batch: its "
+    "results are one file.",
 )
 @click.option(
     "--merge-retries",
@@ -316,10 +349,17 @@ def results(
     base_url: str | None,
     api_key: str | None,
 ) -> None:
-    """Download a finished batch's output and error files.
+    """Download a finished batch's output and error files, or a message batch's results.
 
-    Both files are written, empty when no line belongs there.
+    Both files are written, empty when no line belongs there. A message batch (msgbatch_…) has one results
+    file, every request's result in request order, written to OUTPUT.
     """
+    if is_message_batch(batch_id):
+        if errors is not None or merge_retries:
+            raise click.UsageError("a message batch's results are one file: --errors and --merge-retries do not apply")
+        with _connected(base_url, api_key) as client:
+            _message_batch_results(client, batch_id, output)
+        return
     errors = errors or default_errors_path(output)
     with _connected(base_url, api_key) as client:
         if merge_retries:
@@ -338,6 +378,14 @@ def results(
             else:
                 write_atomically(dest, [])
     _stderr().print(f"{batch.completed} lines in {output}, {batch.failed} in {errors}")
+
+
+def _message_batch_results(client: BackfillClient, batch_id: str, output: Path) -> None:
+    batch = client.get_batch(batch_id)
+    if not batch.status.is_terminal:
+        raise CommandFailed(f"{batch.id} is still {batch.status.value}; wait for it: backfill wait {batch.id}")
+    client.download_results(batch.id, output)
+    _stderr().print(f"{batch.total} results in {output}: {_counts(batch)}")
 
 
 def _merged_results(client: BackfillClient, batch_id: str, output: Path, errors: Path) -> None:
@@ -393,13 +441,14 @@ def retry(batch_id: str, only: str, wait: bool, base_url: str | None, api_key: s
     _finish(batch)
 
 
-@click.command(epilog="\b\nExample:\n  backfill cancel batch_abc123")
+@click.command(epilog="\b\nExamples:\n  backfill cancel batch_abc123\n  backfill cancel msgbatch_abc123")
 @click.argument("batch_id")
 @client_options
 def cancel(batch_id: str, base_url: str | None, api_key: str | None) -> None:
-    """Cancel a batch.
+    """Cancel a batch or a message batch.
 
-    Finished lines stay in its output file; the rest end as batch_cancelled. A batch that has already ended is
+    Finished lines stay in its output file (a message batch: its results); the rest end as batch_cancelled
+    (`canceled`). A batch that has already ended is
     left as it is: its state is printed and the command succeeds.
     """
     with _connected(base_url, api_key) as client:
@@ -419,27 +468,33 @@ def cancel(batch_id: str, base_url: str | None, api_key: str | None) -> None:
 
 @click.command(name="list", epilog="\b\nExamples:\n  backfill list --limit 50\n  backfill list --json | jq '.[].id'")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the batch objects as the API returns them (an array).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the batch and message batch objects as the API returns them (an array, newest first).",
+)
 @client_options
 def list_batches(limit: int, as_json: bool, base_url: str | None, api_key: str | None) -> None:
-    """List the newest batches."""
+    """List the newest batches and message batches, newest first."""
     with _connected(base_url, api_key) as client:
-        batches = client.list_batches(limit)
+        batches = client.list_all(limit)
     if as_json:
         click.echo(orjson.dumps([batch.raw for batch in batches], option=orjson.OPT_INDENT_2).decode())
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for name in ("id", "status", "endpoint", "model", "done", "failed", "created"):
-        table.add_column(name, no_wrap=name not in ("endpoint", "model"), overflow="fold")
+    for name in ("id", "kind", "status", "endpoint", "model", "done", "failed", "created"):
+        table.add_column(name, no_wrap=name not in ("endpoint", "model", "failed"), overflow="fold")
     for batch in batches:
         created = batch.times.get("created_at")
         table.add_row(
             batch.id,
+            "message" if batch.is_message_batch else "batch",
             batch.status.value,
             batch.endpoint,
             batch.model or "",
             f"{batch.completed + batch.failed}/{batch.total}",
-            str(batch.failed),
+            count_lines(batch.errored, batch.expired, batch.cancelled).replace(" failed", "").replace(" · ", ", "),
             datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M") if created else "",
         )
     _stdout().print(table)

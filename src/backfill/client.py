@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -27,9 +28,18 @@ BATCH_TIMES = (
 )  # fmt: skip
 
 
+MESSAGE_BATCH_PREFIX = "msgbatch_"
+MESSAGES_ENDPOINT = "/v1/messages"
+
+
+def is_message_batch(batch_id: str) -> bool:
+    """An Anthropic message batch (`msgbatch_…`, served under /v1/messages/batches) rather than a batch."""
+    return batch_id.startswith(MESSAGE_BATCH_PREFIX)
+
+
 @dataclass(frozen=True)
 class RemoteBatch:
-    """The fields of a batch object (SPEC §3) the commands show."""
+    """The fields of a batch object (SPEC §3), or of a message batch (SPEC §4), the commands show."""
 
     id: str
     status: BatchStatus
@@ -41,7 +51,7 @@ class RemoteBatch:
     error_file_id: str | None
     total: int
     completed: int
-    failed: int
+    failed: int  # every line that did not succeed: errors, and the lines that expired or were cancelled unrun
     input_tokens: int
     output_tokens: int
     times: dict[str, int]
@@ -51,11 +61,28 @@ class RemoteBatch:
     schedule: str | None = None
     waiting: str | None = None  # while no backend can run its lines: "backend X unreachable since …: why"
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # the object as the server sent it
+    expired: int = 0  # of `failed`, lines that expired before they ran
+    cancelled: int = 0  # of `failed`, lines cancelled before they ran
+    results_url: str | None = None  # a message batch's results, once it has ended
+
+    @property
+    def is_message_batch(self) -> bool:
+        return is_message_batch(self.id)
+
+    @property
+    def errored(self) -> int:
+        """Lines that ran and failed."""
+        return max(0, self.failed - self.expired - self.cancelled)
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> RemoteBatch:
+        """From a batch object, or from a message batch object (`type: message_batch`)."""
+        if payload.get("type") == "message_batch":
+            return cls.from_message_batch(payload)
         counts = payload.get("request_counts") or {}
         usage = payload.get("usage") or {}
+        extension = payload.get("backfill") or {}
+        unrun = extension.get("request_counts") or {}
         return cls(
             id=payload["id"],
             status=BatchStatus(payload["status"]),
@@ -73,11 +100,66 @@ class RemoteBatch:
             times={name: int(payload[name]) for name in BATCH_TIMES if payload.get(name) is not None},
             errors=list((payload.get("errors") or {}).get("data") or []),
             metadata=dict(payload.get("metadata") or {}),
-            estimated_completion_at=(payload.get("backfill") or {}).get("estimated_completion_at"),
-            schedule=(payload.get("backfill") or {}).get("schedule"),
+            estimated_completion_at=extension.get("estimated_completion_at"),
+            schedule=extension.get("schedule"),
             raw=payload,
-            waiting=(payload.get("backfill") or {}).get("waiting"),
+            waiting=extension.get("waiting"),
+            expired=int(unrun.get("expired", 0)),
+            cancelled=int(unrun.get("cancelled", 0)),
         )
+
+    @classmethod
+    def from_message_batch(cls, payload: dict[str, Any]) -> RemoteBatch:
+        """A MessageBatch in the terms of a batch: `ended` becomes completed, or cancelled when a cancel was asked,
+        or expired when lines expired; its times become unix seconds."""
+        counts = {name: int(value) for name, value in (payload.get("request_counts") or {}).items()}
+        extension = payload.get("backfill") or {}
+        times = {
+            name: _unix(payload[key])
+            for name, key in (("created_at", "created_at"), ("expires_at", "expires_at"))
+            if payload.get(key)
+        }
+        if payload.get("cancel_initiated_at"):
+            times["cancelling_at"] = _unix(payload["cancel_initiated_at"])
+        status = {"canceling": BatchStatus.CANCELLING, "ended": BatchStatus.COMPLETED}.get(
+            payload.get("processing_status") or "", BatchStatus.IN_PROGRESS
+        )
+        if status is BatchStatus.COMPLETED and payload.get("cancel_initiated_at"):
+            status = BatchStatus.CANCELLED
+        elif status is BatchStatus.COMPLETED and counts.get("expired", 0) and counts.get("processing", 0) == 0:
+            status = BatchStatus.EXPIRED
+        if status.is_terminal and payload.get("ended_at"):
+            times[f"{status.value}_at"] = _unix(payload["ended_at"])
+        unrun = counts.get("expired", 0) + counts.get("canceled", 0)
+        return cls(
+            id=payload["id"],
+            status=status,
+            endpoint=MESSAGES_ENDPOINT,
+            model=None,
+            completion_window="24h",
+            input_file_id="",
+            output_file_id=None,
+            error_file_id=None,
+            total=sum(counts.values()),
+            completed=counts.get("succeeded", 0),
+            failed=counts.get("errored", 0) + unrun,
+            input_tokens=0,
+            output_tokens=0,
+            times=times,
+            errors=[],
+            metadata={},
+            estimated_completion_at=extension.get("estimated_completion_at"),
+            schedule=extension.get("schedule"),
+            raw=payload,
+            waiting=extension.get("waiting"),
+            expired=counts.get("expired", 0),
+            cancelled=counts.get("canceled", 0),
+            results_url=payload.get("results_url"),
+        )
+
+
+def _unix(rfc3339: str) -> int:
+    return int(datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp())
 
 
 class BackfillClient:
@@ -132,10 +214,11 @@ class BackfillClient:
         return RemoteBatch.from_json(self._json("POST", "/v1/batches", json=body))
 
     def get_batch(self, batch_id: str) -> RemoteBatch:
-        return RemoteBatch.from_json(self._json("GET", f"/v1/batches/{batch_id}"))
+        """A batch, or a message batch (by its id's prefix)."""
+        return RemoteBatch.from_json(self._json("GET", _path_of(batch_id)))
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
-        return RemoteBatch.from_json(self._json("POST", f"/v1/batches/{batch_id}/cancel"))
+        return RemoteBatch.from_json(self._json("POST", f"{_path_of(batch_id)}/cancel"))
 
     def retry_batch(self, batch_id: str, only: Sequence[str] | None = None) -> RemoteBatch:
         """A new batch of a finished batch's failed / expired / cancelled lines (`only`: some of those)."""
@@ -173,6 +256,38 @@ class BackfillClient:
                 break
             after = str(page["last_id"])
         return found[:limit]
+
+    def list_message_batches(self, limit: int = 20) -> list[RemoteBatch]:
+        """The newest `limit` message batches, newest first (following pages as needed)."""
+        found: list[RemoteBatch] = []
+        after: str | None = None
+        while len(found) < limit:
+            params: dict[str, Any] = {"limit": min(1000, limit - len(found))}
+            if after is not None:
+                params["after_id"] = after
+            page = self._json("GET", "/v1/messages/batches", params=params)
+            found += [RemoteBatch.from_message_batch(item) for item in page.get("data") or []]
+            if not page.get("has_more") or not page.get("last_id"):
+                break
+            after = str(page["last_id"])
+        return found[:limit]
+
+    def list_all(self, limit: int = 20) -> list[RemoteBatch]:
+        """The newest `limit` batches and message batches together, newest first."""
+        both = self.list_batches(limit) + self.list_message_batches(limit)
+        both.sort(key=lambda batch: batch.times.get("created_at", 0), reverse=True)  # stable: ties keep their order
+        return both[:limit]
+
+    def download_results(self, batch_id: str, dest: Path) -> int:
+        """Stream a message batch's results (JSONL, one line per request in request order) to `dest`."""
+        with (
+            self._transport_errors(),
+            self._http.stream("GET", f"{_path_of(batch_id)}/results") as response,
+        ):
+            if response.is_error:
+                response.read()
+                _raise_for(response)
+            return write_atomically(dest, response.iter_bytes())
 
     def download(self, file_id: str, dest: Path) -> int:
         """Stream a file's content to `dest` (replaced only once complete); the number of bytes written."""
@@ -214,6 +329,10 @@ class BackfillClient:
             raise ServerUnreachable(
                 f"talking to the backfill server at {self.base_url} failed: {_reason(exc)}"
             ) from None
+
+
+def _path_of(batch_id: str) -> str:
+    return f"/v1/messages/batches/{batch_id}" if is_message_batch(batch_id) else f"/v1/batches/{batch_id}"
 
 
 def _reason(exc: Exception) -> str:

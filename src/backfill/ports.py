@@ -78,6 +78,16 @@ class Probes(Protocol):
 
 
 @runtime_checkable
+class LoadsModel(Protocol):
+    """A backend that loads its model in-process before it can answer (the embedded engine). The dispatcher has it
+    load at start, not at its first line, and its batches show `loading_model` meanwhile."""
+
+    async def load(self) -> None:
+        """Load the model (once: later calls return when it is loaded); raises if it cannot be loaded."""
+        ...
+
+
+@runtime_checkable
 class DeclaresFeatures(Protocol):
     """A backend that says which optional request features it accepts. One that does not is taken to accept them
     all: it refuses what it cannot do with an HTTP error, which fails that request."""
@@ -273,6 +283,11 @@ class LineQueue(Protocol):
         """Every line of a batch in input order."""
         ...
 
+    async def settled_successes(self, batch_id: str) -> int:
+        """Succeeded lines before the batch's first line still open: the part of its output that cannot change
+        any more (partial output while it runs)."""
+        ...
+
     async def line_state_counts(self, batch_id: str) -> dict[str, int]: ...
 
 
@@ -320,9 +335,16 @@ class MessageBatchStore(Protocol):
         ...
 
     async def list_message_batches(
-        self, tenant_id: str, *, limit: int, before_id: str | None, after_id: str | None
+        self,
+        tenant_id: str,
+        *,
+        limit: int,
+        before_id: str | None,
+        after_id: str | None,
+        api: BatchApi = BatchApi.ANTHROPIC,
     ) -> tuple[list[Batch], bool] | None:
-        """Newest first, a page next to one cursor; None if the cursor is not one of the tenant's message batches."""
+        """Newest first, a page next to one cursor; None if the cursor is not one of the tenant's batches of `api`
+        (message batches, or Gemini batches)."""
         ...
 
     async def unrun_counts(self, batch_ids: Sequence[str]) -> dict[str, UnrunCounts]:
@@ -333,8 +355,8 @@ class MessageBatchStore(Protocol):
         """Record that a batch's results are no longer kept (once)."""
         ...
 
-    async def delete_message_batch(self, tenant_id: str, batch_id: str) -> Batch:
-        """Remove an ended message batch and its lines: NotFound, or Conflict while it runs."""
+    async def delete_message_batch(self, tenant_id: str, batch_id: str, api: BatchApi = BatchApi.ANTHROPIC) -> Batch:
+        """Remove an ended message batch (or Gemini batch) and its lines: NotFound, or Conflict while it runs."""
         ...
 
 

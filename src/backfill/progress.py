@@ -37,12 +37,20 @@ class Snapshot:
     status: BatchStatus
     total: int = 0
     completed: int = 0
-    failed: int = 0
+    failed: int = 0  # every line that did not succeed, `expired` and `cancelled` included
     output_tokens: int = 0
+    expired: int = 0  # lines that expired before they ran
+    cancelled: int = 0  # lines cancelled before they ran
+    schedule: str | None = None  # the scheduler's state for it (`backfill.schedule`), while in progress
 
     @property
     def done(self) -> int:
         return self.completed + self.failed
+
+    @property
+    def errored(self) -> int:
+        """Lines that ran and failed."""
+        return max(0, self.failed - self.expired - self.cancelled)
 
     @property
     def is_terminal(self) -> bool:
@@ -67,12 +75,17 @@ class Snapshot:
         """From a batch object as the API sends it (SPEC §3)."""
         counts = batch.get("request_counts") or {}
         usage = batch.get("usage") or {}
+        extension = batch.get("backfill") or {}
+        unrun = extension.get("request_counts") or {}
         return cls(
             BatchStatus(batch["status"]),
             int(counts.get("total", 0)),
             int(counts.get("completed", 0)),
             int(counts.get("failed", 0)),
             int(usage.get("output_tokens", 0)),
+            int(unrun.get("expired", 0)),
+            int(unrun.get("cancelled", 0)),
+            extension.get("schedule"),
         )
 
 
@@ -147,16 +160,32 @@ def format_rate(rate: float | None) -> str:
     return f"{rate:.1f}" if rate < 100 else f"{rate:,.0f}"
 
 
+# Schedule states in which nothing runs yet, said in place of a rate and an estimate that would read 0 and --.
+_HELD = {"loading_model": "loading model", "waiting": "waiting: no backend up"}
+
+
+def count_lines(failed: int, expired: int, cancelled: int) -> str:
+    """`3 failed`, `3 failed · 7 cancelled`: lines that did not run said apart from those that failed."""
+    parts = [f"{failed} failed"]
+    parts += [f"{count} {word}" for count, word in ((expired, "expired"), (cancelled, "cancelled")) if count]
+    return " · ".join(parts)
+
+
 def describe(snapshot: Snapshot, meter: RateMeter) -> str:
-    """The text beside the bar: `120/400 done · 3 failed · 12.5 req/s · 830 tok/s · ETA 22s`."""
+    """The text beside the bar: `120/400 done · 3 failed · 12.5 req/s · 830 tok/s · ETA 22s`; while the model
+    loads, `0/400 done · 0 failed · loading model`."""
+    lines = count_lines(snapshot.errored, snapshot.expired, snapshot.cancelled)
+    counts = f"{snapshot.done}/{snapshot.total} done · {lines}"
+    held = _HELD.get(snapshot.schedule or "") if snapshot.status is BatchStatus.IN_PROGRESS else None
+    if held is not None:
+        return f"{counts} · {held}"
     eta: float | None = None  # unknown while validating: there is no total yet
     if snapshot.is_terminal:
         eta = 0.0
     elif snapshot.total:
         eta = meter.eta_s(snapshot.total - snapshot.done)
     return (
-        f"{snapshot.done}/{snapshot.total} done · {snapshot.failed} failed · "
-        f"{format_rate(meter.lines_per_s())} req/s · {format_rate(meter.tokens_per_s())} tok/s · "
+        f"{counts} · {format_rate(meter.lines_per_s())} req/s · {format_rate(meter.tokens_per_s())} tok/s · "
         f"ETA {format_duration(eta)}"
     )
 

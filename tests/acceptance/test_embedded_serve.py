@@ -76,6 +76,10 @@ def test_chat_and_embeddings_batches_run_on_the_embedded_engine(start_server: St
     vectors = [r["response"]["body"]["data"][0]["embedding"] for r in results]
     assert [384, 384, 384] == [len(v) for v in vectors]
     assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
+    loading = [line for line in server.log_text().splitlines() if '"event": "model.load' in line]
+    assert ["model.loading", "model.loaded"] == [orjson.loads(line)["event"] for line in loading]
+    assert {"smollm2-135m-instruct"} == {orjson.loads(line)["model"] for line in loading}
+    assert orjson.loads(loading[1])["seconds"] > 0
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -35,6 +35,7 @@ MAX_BODY_BYTES = 64 * 1024
 BATCH_KEYS = {
     "id", "type", "processing_status", "request_counts", "created_at", "expires_at", "ended_at",
     "cancel_initiated_at", "archived_at", "results_url",
+    "backfill",  # ours: the scheduler's outlook, as on a batch (SPEC keys above, unchanged)
 }  # fmt: skip
 RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
 

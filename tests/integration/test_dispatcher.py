@@ -17,8 +17,9 @@ import pytest
 from backfill import ids
 from backfill.backends.openai_http import OpenAIHttpBackend
 from backfill.config import BackendSettings, Settings
-from backfill.domain.batches import Batch, BatchStatus
+from backfill.domain.batches import Batch, BatchStatus, output_file_id_of
 from backfill.domain.files import FileRecord
+from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.domain.results import CANCELLED_MESSAGE, EXPIRED_MESSAGE
 from backfill.errors import BlobStoreUnavailable
 from backfill.ports import Backend
@@ -353,8 +354,9 @@ async def test_in_progress_batches_show_an_estimated_completion(make_harness: Ma
     assert "on_track" == seen.schedule_state
     assert seen.eta_at is not None
     assert harness.clock() < seen.eta_at < seen.expires_at
-    shown = seen.to_openai()["backfill"]
+    shown = seen.extension()
     assert {"estimated_completion_at": seen.eta_at, "schedule": "on_track", "waiting": None} == shown
+    assert output_file_id_of(seen.id) == seen.to_openai()["backfill"]["output_file_id"]
 
 
 class UnavailableAtFirst:
@@ -394,3 +396,39 @@ async def test_a_blob_store_outage_delays_a_batch_but_fails_and_charges_nothing(
     assert (0, 0) == (flaky.validation_failures, flaky.line_failures)  # the outage did happen
     assert (BatchStatus.COMPLETED, 4, 4, 0) == (done.status, done.total, done.completed, done.failed)
     assert 4 == harness.upstream.stats()["total"]  # each line sent once, when its body could be read
+
+
+class SlowToLoad:
+    """An in-process engine (ports.LoadsModel) whose model is loaded when the test says so."""
+
+    name = "engine"
+    max_concurrency = 2
+
+    def __init__(self, model: str) -> None:
+        self.models = frozenset({model})
+        self.loaded = asyncio.Event()
+
+    async def load(self) -> None:
+        await self.loaded.wait()
+
+    async def send(self, endpoint: str, body: bytes, timeout_s: float) -> Outcome:
+        await self.loaded.wait()  # as the embedded engine: a line sent meanwhile waits for the model
+        return Outcome(OutcomeKind.SUCCESS, 200, orjson.dumps({"choices": []}))
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_batch_waiting_for_the_model_to_load_says_so_until_it_has_loaded(make_harness: MakeHarness) -> None:
+    engine = SlowToLoad(MODEL)
+    harness = await make_harness(backend=engine, outlook_interval_s=0.05)
+    batch = await harness.submit(chat("a"), chat("b"))
+
+    loading = await harness.wait_for(batch.id, lambda b: b.schedule_state == "loading_model")
+    engine.loaded.set()
+    done = await harness.wait_terminal(batch.id)
+
+    shown = loading.extension()
+    assert "loading_model" == shown["schedule"]
+    assert shown["waiting"].startswith(f"loading model {MODEL} since ")
+    assert (BatchStatus.COMPLETED, 2) == (done.status, done.completed)

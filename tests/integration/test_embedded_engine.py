@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
 import struct
@@ -262,7 +263,7 @@ async def test_json_object_output_parses_and_the_responses_api_takes_text_format
 
 @pytest.mark.parametrize(
     ("param", "value"),
-    [("logprobs", True), ("logit_bias", {"1": 5}), ("presence_penalty", 0.5), ("stream", True), ("top_logprobs", 2)],
+    [("logit_bias", {"1": 5}), ("presence_penalty", 0.5), ("stream", True)],
 )
 async def test_parameters_the_engine_cannot_honour_are_a_400_naming_them(chat: Any, param: str, value: Any) -> None:
     outcome = await chat.send("/v1/chat/completions", chat_body("Hi.", max_tokens=4, **{param: value}), 60)
@@ -287,3 +288,90 @@ async def test_an_unknown_response_format_type_is_a_400(chat: Any) -> None:
 
     assert 400 == outcome.status_code
     assert "response_format.type" == orjson.loads(outcome.body)["error"]["param"]
+
+
+def log_softmax(logits: Any) -> Any:
+    import numpy as np
+
+    row = np.asarray(logits, dtype=np.float64)
+    peak = row.max()
+    return row - (peak + np.log(np.exp(row - peak).sum()))
+
+
+def reference_steps(chat: Any, prompt: str, steps: int) -> list[tuple[bytes, Any]]:
+    """A single sequence run alone through llama-cpp-python's `Llama`, on the very file the engine loaded, decoded
+    greedily: each step's token and the log-softmax of the logits it was chosen from."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    # flash_attn as the engine has it (llama.cpp's default, auto, turns it on for this model on the CPU): it moves
+    # logprobs by up to ~0.3 against plain attention.
+    llama = Llama(
+        str(chat.engine.loaded_path), n_ctx=1024, logits_all=True, flash_attn=True, verbose=False, n_threads=2
+    )
+    try:
+        llama.eval(llama.tokenize(prompt.encode(), add_bos=True, special=True))
+        found = []
+        for _ in range(steps):
+            row = log_softmax(llama.scores[llama.n_tokens - 1])
+            token = int(np.argmax(row))
+            found.append((llama.detokenize([token]), row))
+            llama.eval([token])
+        return found
+    finally:
+        llama.close()
+
+
+async def test_chat_logprobs_are_the_models_own_and_the_chosen_token_tops_them_at_temperature_0(chat: Any) -> None:
+    body = chat_body("Name three fruits.", max_tokens=12, temperature=0, logprobs=True, top_logprobs=5)
+    crowd = [chat.send("/v1/chat/completions", chat_body(f"Count to {n}.", max_tokens=12), 60) for n in (3, 4, 5)]
+    outcomes = await asyncio.gather(chat.send("/v1/chat/completions", body, 60), *crowd)  # in one continuous batch
+
+    choice = orjson.loads(outcomes[0].body)["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert choice["message"]["content"] == "".join(token["token"] for token in content)
+    for token in content:
+        tops = token["top_logprobs"]
+        assert 5 == len(tops)
+        assert token["logprob"] == max(top["logprob"] for top in tops)  # greedy: the chosen token is the likeliest
+        assert token["bytes"] == tops[0]["bytes"]
+        assert sum(math.exp(top["logprob"]) for top in tops) <= 1.0
+        assert sorted((top["logprob"] for top in tops), reverse=True) == [top["logprob"] for top in tops]
+    prompt = await asyncio.to_thread(chat.engine.format_chat, (("user", "Name three fruits."),))
+    reference = await asyncio.to_thread(reference_steps, chat, prompt, len(content))
+    assert [bytes(token["bytes"]) for token in content] == [piece for piece, _ in reference]
+    for token, (_, row) in zip(content, reference, strict=True):
+        expected = sorted(row.tolist(), reverse=True)[:5]
+        assert expected == pytest.approx([top["logprob"] for top in token["top_logprobs"]], abs=0.01)
+        assert expected[0] == pytest.approx(token["logprob"], abs=0.01)
+
+
+async def test_completion_logprobs_have_openais_legacy_shape(chat: Any) -> None:
+    body = {"model": "smollm2-135m-instruct", "prompt": "1, 2, 3,", "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    choice = orjson.loads((await chat.send("/v1/completions", orjson.dumps(body), 60)).body)["choices"][0]
+
+    logprobs = choice["logprobs"]
+    assert choice["text"] == "".join(logprobs["tokens"])
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"])
+    assert len("1, 2, 3,") == logprobs["text_offset"][0]
+    assert [3] * len(logprobs["tokens"]) == [len(top) for top in logprobs["top_logprobs"]]
+    for chosen, logprob, top in zip(
+        logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True
+    ):
+        assert logprob == max(top.values())
+        assert logprob == top[chosen]
+        assert sum(math.exp(value) for value in top.values()) <= 1.0 + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logprobs": 3}, "logprobs"),
+    ],
+)
+async def test_bad_logprobs_parameters_are_a_400_naming_them(chat: Any, params: dict[str, Any], param: str) -> None:
+    outcome = await chat.send("/v1/chat/completions", chat_body("Hi.", max_tokens=4, **params), 60)
+
+    assert (400, param) == (outcome.status_code, orjson.loads(outcome.body)["error"]["param"])

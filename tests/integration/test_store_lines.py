@@ -468,11 +468,11 @@ async def test_outlooks_are_written_on_in_progress_batches_only(store: Store) ->
 
     await store.set_outlooks([(running.id, NOW + 60, "promoted"), (validating.id, NOW + 5, "on_track")])
 
-    shown = (await current(store, running.id)).to_openai()["backfill"]
+    shown = (await current(store, running.id)).extension()
     assert {"estimated_completion_at": NOW + 60, "schedule": "promoted", "waiting": None} == shown
     assert {"estimated_completion_at": None, "schedule": None, "waiting": None} == (
         await current(store, validating.id)
-    ).to_openai()["backfill"]
+    ).extension()
 
 
 async def test_a_batch_waiting_for_a_backend_says_so_until_the_next_outlook(store: Store) -> None:
@@ -484,8 +484,8 @@ async def test_a_batch_waiting_for_a_backend_says_so_until_the_next_outlook(stor
     await store.set_outlooks([(running.id, NOW + 60, "on_track")])
     back = await current(store, running.id)
 
-    assert {"estimated_completion_at": None, "schedule": "waiting", "waiting": note} == waiting.to_openai()["backfill"]
-    assert (None, None) == (back.waiting, back.to_openai()["backfill"]["waiting"])
+    assert {"estimated_completion_at": None, "schedule": "waiting", "waiting": note} == waiting.extension()
+    assert (None, None) == (back.waiting, back.extension()["waiting"])
 
 
 async def test_expired_lines_keep_the_last_backend_error_each_met_else_the_batchs(store: Store) -> None:

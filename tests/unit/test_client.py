@@ -218,3 +218,90 @@ def test_status_says_how_the_scheduler_sees_a_running_batch(schedule: str, shown
     console = Console(width=200, record=True)
     console.print(_summary(batch, 1_000.0))
     assert shown in console.export_text()
+
+
+def message_batch_json(batch_id: str = "msgbatch_1", status: str = "in_progress", **extra: Any) -> dict[str, Any]:
+    return {
+        "id": batch_id,
+        "type": "message_batch",
+        "processing_status": status,
+        "request_counts": {"processing": 0, "succeeded": 3, "errored": 1, "canceled": 2, "expired": 0},
+        "created_at": "1970-01-01T00:16:40Z",
+        "expires_at": "1970-01-02T00:16:40Z",
+        "ended_at": None,
+        "cancel_initiated_at": None,
+        "archived_at": None,
+        "results_url": None,
+        **extra,
+    }
+
+
+def test_message_batches_are_asked_for_under_messages_and_read_as_batches() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path}")
+        ended = {"ended_at": "1970-01-01T00:20:00Z", "cancel_initiated_at": "1970-01-01T00:18:00Z"}
+        return httpx.Response(200, json=message_batch_json(status="ended", **ended))
+
+    with client_with(handler) as client:
+        batch = client.get_batch("msgbatch_1")
+        client.cancel_batch("msgbatch_1")
+
+    assert ["GET /v1/messages/batches/msgbatch_1", "POST /v1/messages/batches/msgbatch_1/cancel"] == seen
+    assert (BatchStatus.CANCELLED, 6, 3, 3, 1, 2, 0) == (
+        batch.status,
+        batch.total,
+        batch.completed,
+        batch.failed,
+        batch.errored,
+        batch.cancelled,
+        batch.expired,
+    )
+    assert {"created_at": 1000, "expires_at": 87400, "cancelling_at": 1080, "cancelled_at": 1200} == batch.times
+
+
+def test_list_merges_both_kinds_newest_first() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/messages/batches":
+            data = [message_batch_json("msgbatch_new", created_at="1970-01-01T00:33:20Z")]
+            return httpx.Response(200, json={"data": data, "has_more": False, "first_id": None, "last_id": None})
+        data = [batch_json("batch_mid", created_at=1500), batch_json("batch_old", created_at=1000)]
+        return httpx.Response(200, json={"object": "list", "data": data, "has_more": False})
+
+    with client_with(handler) as client:
+        listed = client.list_all(2)
+
+    assert ["msgbatch_new", "batch_mid"] == [batch.id for batch in listed]
+
+
+def test_lines_that_did_not_run_are_said_apart_from_failed_ones() -> None:
+    from rich.console import Console
+
+    from backfill.cli_client import _summary
+    from backfill.client import RemoteBatch
+
+    extension = {"estimated_completion_at": None, "schedule": None, "request_counts": {"expired": 2, "cancelled": 5}}
+    counts = {"total": 10, "completed": 2, "failed": 8}
+    batch = RemoteBatch.from_json(batch_json(status="cancelled", request_counts=counts, backfill=extension))
+    console = Console(width=200, record=True)
+    console.print(_summary(batch, 1_000.0))
+
+    assert "10 total · 2 succeeded · 1 failed · 2 expired · 5 cancelled" in console.export_text()
+
+
+def test_a_batch_waiting_for_its_model_to_load_says_so() -> None:
+    from rich.console import Console
+
+    from backfill.cli_client import _summary, snapshot_of
+    from backfill.client import RemoteBatch
+    from backfill.progress import RateMeter, describe
+
+    note = "loading model smollm2-135m-instruct since 2026-12-04T05:00:00Z"
+    extension = {"estimated_completion_at": None, "schedule": "loading_model", "waiting": note}
+    batch = RemoteBatch.from_json(batch_json(backfill=extension))
+    console = Console(width=200, record=True)
+    console.print(_summary(batch, 1_000.0))
+
+    assert note in console.export_text()
+    assert "5/10 done · 1 failed · loading model" == describe(snapshot_of(batch), RateMeter())

@@ -7,7 +7,12 @@ import asyncio
 import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 
+import httpx
+import pytest
+
+from backfill.backends.engine_metrics import EngineMetrics
 from backfill.config import Settings
 from backfill.core.dispatch import DispatchCore
 from backfill.core.harvest import Harvest
@@ -186,6 +191,40 @@ def test_harvest_is_on_by_default_and_false_opts_out() -> None:
     config = Settings(backends=[backend | {"harvest": False}])  # type: ignore[list-item]
     pool = Pool.build([Endpoint("a", 64)], {cfg.name: cfg for cfg in config.backends})
     assert {} == Harvest(config, dict(pool.limits), {"m": pool}).harvested
+
+
+def test_unreadable_metrics_set_the_gauge_to_0_log_once_and_1_again_when_they_come_back(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    served = {"status": 404}
+    text = (Path(__file__).parents[1] / "fixtures" / "metrics" / "llamacpp.txt").read_bytes()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(served["status"], content=text if served["status"] == 200 else b"not found")
+
+    config = Settings(
+        backends=[{"name": "a", "url": "http://engine/v1", "models": ["m"], "flavour": "llamacpp", "harvest": True}]
+    )
+    core = DispatchCore(config, [(Endpoint("a", 64), ["m"])])
+    metrics = Metrics()
+    watcher = EngineWatcher(config, core, InMemoryStore(), "w", lambda: 1_000.0, metrics=metrics)
+
+    async def rounds(n: int) -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            probes = [EngineMetrics(cfg, client) for cfg in config.backends]
+            for _ in range(n):
+                await watcher.read(probes)
+
+    def gauge() -> float | None:
+        return metrics.registry.get_sample_value("backfill_engine_metrics_readable", {"backend": "a"})
+
+    asyncio.run(rounds(3))
+    assert 0.0 == gauge()
+    assert 1 == capsys.readouterr().out.count("backend.metrics_unreadable")
+    served["status"] = 200
+    asyncio.run(rounds(2))
+    assert 1.0 == gauge()
+    assert 1 == capsys.readouterr().out.count("backend.metrics_readable")
 
 
 # --- the capacity each line runs in (the usage report's harvested / off-peak / promoted / dedicated) -----------

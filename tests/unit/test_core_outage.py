@@ -18,6 +18,7 @@ from backfill.core.events import (
     Fill,
     Grant,
     Leased,
+    ModelLoading,
     Probe,
     Probed,
     RatesShared,
@@ -125,6 +126,24 @@ def test_batches_of_a_pool_with_no_endpoint_up_say_what_they_wait_for() -> None:
     note = "backend a unreachable since 2027-01-15T08:00:00Z: The backend a could not be reached: ConnectError."
     assert ShowOutlooks([("b1", None, "waiting")], {"b1": note}) == actions[-1]
     assert note == core.waiting_for("m")
+
+
+def test_batches_of_a_pool_whose_every_endpoint_loads_its_model_say_so_until_one_has_loaded() -> None:
+    core = core_for("a", "b")
+    core.handle(ModelLoading("a", T0), T0)
+    core.handle(ModelLoading("b", T0 + 1), T0 + 1)
+
+    loading = core.handle(BatchesRead([BATCH]), T0 + 2) + core.handle(RatesShared({}), T0 + 2)
+    core.handle(ModelLoading("b", None), T0 + 3)
+    loaded = core.handle(BatchesRead([BATCH]), T0 + 3) + core.handle(RatesShared({}), T0 + 3)
+
+    note = "loading model m since 2027-01-15T08:00:00Z"
+    assert ShowOutlooks([("b1", None, "loading_model")], {"b1": note}) == loading[-1]
+    shown = loaded[-1]
+    assert isinstance(shown, ShowOutlooks)
+    assert {} == shown.waiting
+    assert "loading_model" != shown.rows[0][2]
+    assert core.waiting_for("m") is None
 
 
 def test_lines_buffered_when_the_window_closes_in_an_outage_end_expired_with_the_backend_error() -> None:

@@ -143,6 +143,7 @@ def test_a_running_batch_counts_live_and_has_no_results_url() -> None:
         "cancel_initiated_at": None,
         "archived_at": None,
         "results_url": None,
+        "backfill": {"estimated_completion_at": None, "schedule": None, "waiting": None},
     } == shown
 
 

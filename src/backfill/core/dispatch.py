@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 from backfill.config import Settings
 from backfill.core.events import (
@@ -34,6 +35,7 @@ from backfill.core.events import (
     Grant,
     Lease,
     Leased,
+    ModelLoading,
     Probe,
     Probed,
     RatesShared,
@@ -100,6 +102,7 @@ class DispatchCore:
         # One circuit breaker per endpoint (policy/circuit.py): an endpoint that is down takes no lines, a pool's
         # other endpoints take them, and lines that failed with it are not charged.
         self.circuits = {name: Circuit(probe_max_s=settings.probe_max_s) for name in self.limits}
+        self.loading: dict[str, float] = {}  # endpoint -> since when its in-process engine loads its model
         self.flights: dict[int, Flight] = {}
         self.batches: list[DispatchBatch] = []
         self.stopping = False
@@ -138,9 +141,22 @@ class DispatchCore:
 
     def waiting_for(self, model: str) -> str | None:
         """What a batch of `model` waits for when no endpoint of its pool is up ("backend X unreachable since
-        …: why"); None while one is."""
+        …: why"), or while every one is loading the model ("loading model M since …"); None otherwise."""
+        held = self._held(model)
+        return None if held is None else held[1]
+
+    def _held(self, model: str) -> tuple[ScheduleState, str] | None:
         pool = self.pools.get(model)
-        return None if pool is None else waiting_note({name: self.circuits[name] for name in pool.limits})
+        if pool is None:
+            return None
+        note = waiting_note({name: self.circuits[name] for name in pool.limits})
+        if note is not None:
+            return ScheduleState.WAITING, note
+        loading = [self.loading.get(name) for name in pool.limits]
+        if not loading or None in loading:
+            return None
+        since = datetime.fromtimestamp(min(s for s in loading if s is not None), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return ScheduleState.LOADING, f"loading model {model} since {since}"
 
     # --- events ----------------------------------------------------------------------------------------------------
 
@@ -160,9 +176,8 @@ class DispatchCore:
                 return self._batches_read(batches, now)
             case RatesShared(rates):
                 return self._rates_shared(rates, now)
-            case Changed():
-                self._batches_at = -float("inf")
-                return []
+            case Changed() | ModelLoading():
+                return self._changed(event)
             case EngineRead(loads, ttft, others):
                 ceilings, victims = self.harvest.read(now, loads, ttft, others)
                 actions: list[Action] = [SetCeiling(name, value) for name, value in ceilings.items()]
@@ -172,6 +187,17 @@ class DispatchCore:
             case Stop() | GraceOver():
                 return self._shutdown(event)
         raise TypeError(f"not an event: {event!r}")
+
+    def _changed(self, event: Changed | ModelLoading) -> list[Action]:
+        if isinstance(event, Changed):
+            self._batches_at = -float("inf")
+        elif event.since is None:
+            self.loading.pop(event.endpoint, None)
+            self._outlooks_at = -float("inf")  # stop saying it at the next read of the batches
+        else:
+            self.loading[event.endpoint] = event.since
+            self._outlooks_at = -float("inf")  # say it at the next read of the batches
+        return []
 
     def _shutdown(self, event: Stop | GraceOver) -> list[Action]:
         """Stop: buffered lines go back at once; GraceOver: abort what is still in flight."""
@@ -198,11 +224,12 @@ class DispatchCore:
         waiting: dict[str, str] = {}
         for model, pool in self.pools.items():
             batches = [batch for batch in self.batches if batch.model == model]
-            note = self.waiting_for(model)
-            if note is None:
+            held = self._held(model)
+            if held is None:
                 rows += pool.outlooks(now, batches, max(rates.get(model, 0.0), self._mine.get(model, 0.0)))
                 continue
-            rows += [(batch.id, None, ScheduleState.WAITING.value) for batch in batches]
+            state, note = held
+            rows += [(batch.id, None, state.value) for batch in batches]
             waiting |= {batch.id: note for batch in batches}
         return [ShowOutlooks(rows, waiting)]
 

@@ -9,6 +9,7 @@ A driver — the asyncio dispatcher in production, the simulator in virtual time
     Answered / Unsent                        -> Record
     EngineRead                               -> SetCeiling / Abort
     Fill (an endpoint down, its probe due)   -> Probe      (the driver probes)   Probed -> EndpointChanged / Start
+    ModelLoading                             -> (the next outlooks say `loading_model`, or stop saying it)
     Answered (an outage)                     -> Record (handed back uncharged) / EndpointChanged / Abort
     BatchStates                              -> Record (buffered lines closed) / Abort (after the grace)
     Stop                                     -> Record (buffered lines handed back)
@@ -129,6 +130,15 @@ class Probed:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelLoading:
+    """An in-process engine started loading its model (`since`, unix seconds), or finished (`since` None). While
+    every endpoint of a pool is loading, its batches show `loading_model`."""
+
+    endpoint: str
+    since: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """The process is stopping: lease and start nothing more, hand back what is buffered."""
 
@@ -148,6 +158,7 @@ Event = (
     | Unsent
     | EngineRead
     | Probed
+    | ModelLoading
     | BatchStates
     | Stop
     | GraceOver

@@ -37,6 +37,7 @@ from backfill.core.events import (
     Grant,
     Lease,
     Leased,
+    ModelLoading,
     Probe,
     RatesShared,
     Record,
@@ -62,7 +63,7 @@ from backfill.domain.outcomes import Outcome
 from backfill.errors import BlobStoreUnavailable
 from backfill.interactive import InteractiveMeter
 from backfill.metrics import Metrics, outcome_label
-from backfill.ports import Backend, BlobStore, WorkerStore
+from backfill.ports import Backend, BlobStore, LoadsModel, WorkerStore
 
 log = structlog.get_logger(__name__)
 _MAX_INPUTS = 32  # inputs a coalesced request may carry to an in-process engine (config.py has the reasons)
@@ -139,6 +140,11 @@ class Dispatcher:
         """Run until `stop` is set, then hand back what is not done (uncharged) and flush."""
         self.running = True
         await self.endpoints.check_all()
+        loads = [
+            asyncio.create_task(self._load(name, backend))
+            for name, backend in self.backends.items()
+            if isinstance(backend, LoadsModel)
+        ]
         drained = self.housekeeper.drained
         recorder = asyncio.create_task(self.recorder.run(drained))
         housekeeper = asyncio.create_task(self.housekeeper.run())
@@ -157,9 +163,10 @@ class Dispatcher:
             # Leasing has stopped; the housekeeper keeps this process's leases alive and the recorder keeps
             # committing while lines in flight get their grace, so no other worker takes them over meanwhile.
             self.housekeeper.stopping = True
-            watcher.cancel()
+            for task in [watcher, *loads]:
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+                await asyncio.gather(watcher, *loads)
             await self._shutdown()
             # Both end at their next turn rather than being cancelled: a task cancelled inside a database call
             # can leave the connection pool waiting for a connection that never comes back.
@@ -169,6 +176,17 @@ class Dispatcher:
             await self.recorder.flush()
             with contextlib.suppress(Exception):  # else they go stale within a few outlook intervals anyway
                 await self.store.forget_rates(self.owner)
+
+    async def _load(self, name: str, backend: LoadsModel) -> None:
+        """Load an in-process engine's model now rather than at its first line; meanwhile its batches say so."""
+        self.core.handle(ModelLoading(name, self.clock()), self.clock())
+        try:
+            await backend.load()
+        except Exception:  # its lines fail with the reason when they are sent
+            log.exception("backend.load_failed", backend=name)
+        finally:
+            self.core.handle(ModelLoading(name, None), self.clock())
+        self._wake.set()
 
     async def _fill(self) -> None:
         now = self.clock()

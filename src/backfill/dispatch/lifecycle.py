@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from backfill import ids
-from backfill.domain.batches import Batch, BatchApi, BatchStatus, LineError, RequestState
+from backfill.domain.batches import Batch, BatchApi, BatchStatus, LineError, RequestState, output_file_id_of
 from backfill.domain.files import OUTPUT_PURPOSE, FileRecord
 from backfill.domain.lines import FileValidator, ValidationLimits, ValidationResult, missing_input_file, split_lines
 from backfill.domain.results import output_line
@@ -168,7 +168,8 @@ class Lifecycle:
             await writer.commit()
             records.append(
                 FileRecord(
-                    id=ids.file_id(),
+                    # The output's id was known from the start (partial reads while the batch ran).
+                    id=output_file_id_of(batch.id) if kind == "output" else ids.file_id(),
                     tenant_id=batch.tenant_id,
                     filename=f"{batch.id}_{kind}.jsonl",
                     purpose=OUTPUT_PURPOSE,

@@ -16,6 +16,7 @@ class BatchApi(StrEnum):
 
     OPENAI = "openai"
     ANTHROPIC = "anthropic"
+    GEMINI = "gemini"
 
 
 class BatchStatus(StrEnum):
@@ -81,6 +82,18 @@ class ScheduleState(StrEnum):
     THROTTLED = "throttled"  # held back: interactive traffic needs the endpoints now
     OFF_PEAK = "off_peak"  # held to the share its pool's off-peak windows allow at this hour
     WAITING = "waiting"  # no endpoint of its pool is up: it waits for one to come back (`Batch.waiting` says which)
+    LOADING = "loading_model"  # every endpoint of its pool is an embedded engine still loading its model
+
+
+def output_file_id_of(batch_id: str) -> str:
+    """The id an OpenAI batch's output file is registered under when the batch ends, known from the start: its
+    content can be read while the batch runs (partial output, docs/partial-results.md)."""
+    return "file-" + batch_id.removeprefix("batch_")
+
+
+def batch_id_of_output(file_id: str) -> str | None:
+    """The batch whose output file `file_id` would be, if it is shaped like one."""
+    return "batch_" + file_id.removeprefix("file-") if file_id.startswith("file-") else None
 
 
 @dataclass(frozen=True)
@@ -131,11 +144,22 @@ class Batch:
 
     @property
     def is_waiting(self) -> bool:
-        """In progress, with no endpoint up to run its lines (the dispatcher's last outlook said so)."""
-        return self.status is BatchStatus.IN_PROGRESS and self.schedule_state == ScheduleState.WAITING.value
+        """In progress, with no endpoint up to run its lines, or every one still loading its model (the
+        dispatcher's last outlook said so)."""
+        return self.status is BatchStatus.IN_PROGRESS and self.schedule_state in _WAITING_STATES
 
-    def to_openai(self) -> dict[str, Any]:
-        """The batch object exactly as SPEC §3 lists it: every key, null where unset."""
+    def extension(self) -> dict[str, Any]:
+        """backfill's own view of the batch, shown beside the API's keys (`backfill`). An ended batch has no
+        schedule and no estimate any more."""
+        return {
+            "estimated_completion_at": None if self.status.is_terminal else self.eta_at,
+            "schedule": None if self.status.is_terminal else self.schedule_state,
+            "waiting": self.waiting if self.is_waiting else None,
+        }
+
+    def to_openai(self, *, expired: int = 0, cancelled: int = 0) -> dict[str, Any]:
+        """The batch object exactly as SPEC §3 lists it: every key, null where unset. `expired` and `cancelled`:
+        its lines that ended so without running, which `request_counts.failed` counts among the failed."""
         return {
             "id": self.id,
             "object": "batch",
@@ -159,11 +183,16 @@ class Batch:
             "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
             "usage": self.usage.to_openai(),
             "metadata": self.metadata,
-            # Ours, beside SPEC's keys (the SDKs keep unknown fields: `batch.model_extra["backfill"]`). An ended
-            # batch has no schedule and no estimate any more.
-            "backfill": {
-                "estimated_completion_at": None if self.status.is_terminal else self.eta_at,
-                "schedule": None if self.status.is_terminal else self.schedule_state,
-                "waiting": self.waiting if self.is_waiting else None,
+            # Ours, beside SPEC's keys (the SDKs keep unknown fields: `batch.model_extra["backfill"]`). The output
+            # file's id is there from the start: readable while the batch runs (a growing prefix, `X-Incomplete:
+            # true`); `output_file_id` itself stays null until the batch ends, as OpenAI's clients expect.
+            "backfill": self.extension()
+            | {
+                "request_counts": {"expired": expired, "cancelled": cancelled},
+                "output_file_id": self.output_file_id
+                or (output_file_id_of(self.id) if not self.status.is_terminal else None),
             },
         }
+
+
+_WAITING_STATES = frozenset({ScheduleState.WAITING.value, ScheduleState.LOADING.value})

@@ -240,6 +240,8 @@ def message_batch_object(batch: Batch, unrun: UnrunCounts, server_url: str) -> J
         "cancel_initiated_at": rfc3339(batch.cancelling_at),
         "archived_at": rfc3339(batch.archived_at),
         "results_url": f"{server_url}/v1/messages/batches/{batch.id}/results" if status == "ended" else None,
+        # Ours, beside Anthropic's keys (the SDK keeps unknown fields): the scheduler's outlook, as on a batch.
+        "backfill": batch.extension(),
     }
 
 

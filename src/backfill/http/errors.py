@@ -1,4 +1,5 @@
-"""Errors -> the OpenAI error envelope (SPEC §1), or Anthropic's under /v1/messages (SPEC §4), in one table."""
+"""Errors -> the OpenAI error envelope (SPEC §1), Anthropic's under /v1/messages (SPEC §4), Google's under /gemini
+(docs/gemini.md), in one table."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from backfill import ids
+from backfill.domain.gemini import error_body as gemini_error_body
 from backfill.domain.message_batches import error_type as anthropic_error_type
 from backfill.errors import ApiError, BlobStoreUnavailable, QuotaExceeded
 from backfill.http.request_ids import request_id_of
@@ -25,6 +27,7 @@ log = structlog.get_logger(__name__)
 # Errors a retry cannot fix: tell the SDKs not to retry them.
 NO_RETRY = frozenset({400, 401, 403, 404, 405, 409, 413, 422})
 ANTHROPIC_PREFIX = "/v1/messages"
+GEMINI_PREFIX = "/gemini/"
 _TYPES = {
     401: "authentication_error",
     403: "permission_error",
@@ -73,11 +76,26 @@ def anthropic_error_response(
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=answer_headers)
 
 
+def google_error_response(
+    status: int, message: str, request_id: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    """`{"error": {code, message, status}}`, Google's envelope (the google-genai SDK reads it)."""
+    answer_headers = {**(headers or {}), "x-request-id": request_id}
+    return Response(
+        orjson.dumps(gemini_error_body(status, message)),
+        status_code=status,
+        media_type="application/json",
+        headers=answer_headers,
+    )
+
+
 def _answer(
     request: Request, status: int, message: str, headers: Mapping[str, str] | None = None, **openai_fields: Any
 ) -> Response:
     """Each API's own envelope: the anthropic SDK reads only Anthropic's, the openai SDK only OpenAI's."""
     request_id = request_id_of(request)
+    if request.url.path.startswith(GEMINI_PREFIX):
+        return google_error_response(status, message, request_id, headers)
     if request.url.path.startswith(ANTHROPIC_PREFIX):
         openai_fields.pop("retryable", None)  # no Anthropic route has a retryable 4xx
         return anthropic_error_response(status, message, request_id, headers)

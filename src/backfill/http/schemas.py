@@ -134,12 +134,29 @@ class BatchUsage(BaseModel):
     total_tokens: int
 
 
-class BatchExtension(BaseModel):
-    """backfill's own view of a batch, beside OpenAI's keys."""
+class Outlook(BaseModel):
+    """backfill's own view of a batch, beside the API's keys."""
 
     estimated_completion_at: int | None = Field(description="The scheduler's estimate, unix seconds.")
-    schedule: str | None = Field(description="on_track, promoted, at_risk, harvesting, throttled, off_peak, waiting")
-    waiting: str | None = Field(description="While no endpoint is up: which, since when, and why.")
+    schedule: str | None = Field(
+        description="on_track, promoted, at_risk, harvesting, throttled, off_peak, waiting, loading_model"
+    )
+    waiting: str | None = Field(
+        description="While no endpoint is up, or every one is loading its model: which, since when, and why."
+    )
+
+
+class UnrunCounts(BaseModel):
+    expired: int = Field(description="Lines that expired before they ran (counted in `request_counts.failed`).")
+    cancelled: int = Field(description="Lines cancelled before they ran (counted in `request_counts.failed`).")
+
+
+class BatchExtension(Outlook):
+    request_counts: UnrunCounts
+    output_file_id: str | None = Field(
+        description="The output file's id from the start: its content is readable while the batch runs (the "
+        "lines settled so far, `X-Incomplete: true`, `X-Last-Line`; `?offset=` resumes)."
+    )
 
 
 class BatchObject(BaseModel):
@@ -230,6 +247,7 @@ class MessageBatch(BaseModel):
     cancel_initiated_at: datetime | None
     archived_at: datetime | None
     results_url: str | None = Field(description="Where this server serves the results, once the batch has ended.")
+    backfill: Outlook
 
 
 class MessageBatchList(BaseModel):

@@ -300,6 +300,23 @@ class LineQueries:
                 return
             last = rows[-1].line_no
 
+    async def settled_successes(self, batch_id: str) -> int:
+        """Succeeded lines before the batch's first line still open (queued or leased): the part of its output
+        file that can no longer change."""
+        open_states = [RequestState.QUEUED.value, RequestState.LEASED.value]
+        first_open = (
+            select(func.min(requests.c.line_no))
+            .where(requests.c.batch_id == batch_id, requests.c.state.in_(open_states))
+            .scalar_subquery()
+        )
+        query = select(func.count()).where(
+            requests.c.batch_id == batch_id,
+            requests.c.state == RequestState.SUCCEEDED.value,
+            (first_open.is_(None)) | (requests.c.line_no < first_open),
+        )
+        async with self.engine.connect() as conn:
+            return int(await conn.scalar(query) or 0)
+
     async def line_state_counts(self, batch_id: str) -> dict[str, int]:
         async with self.engine.connect() as conn:
             rows = await conn.execute(

@@ -15,8 +15,6 @@ from backfill.store.rows import batch_from_row, batch_to_row
 from backfill.store.tables import batches, requests
 from backfill.store.tenants import check_create_quota
 
-_MESSAGE_BATCH = batches.c.api == BatchApi.ANTHROPIC.value
-
 
 class MessageBatchQueries:
     engine: AsyncEngine
@@ -64,18 +62,23 @@ class MessageBatchQueries:
             await conn.execute(delete(batches).where(batches.c.id == batch_id))
 
     async def list_message_batches(
-        self, tenant_id: str, *, limit: int, before_id: str | None, after_id: str | None
+        self,
+        tenant_id: str,
+        *,
+        limit: int,
+        before_id: str | None,
+        after_id: str | None,
+        api: BatchApi = BatchApi.ANTHROPIC,
     ) -> tuple[list[Batch], bool] | None:
         """Newest first: the page just older than `after_id`, or just newer than `before_id`, and whether more
-        lie beyond it in that direction. None if the cursor is not one of the tenant's message batches."""
-        query = select(batches).where(batches.c.tenant_id == tenant_id, _MESSAGE_BATCH)
+        lie beyond it in that direction. None if the cursor is not one of the tenant's batches of `api`."""
+        of_api = batches.c.api == api.value
+        query = select(batches).where(batches.c.tenant_id == tenant_id, of_api)
         cursor = before_id or after_id
         async with self.engine.connect() as conn:
             if cursor is not None:
                 seq = await conn.scalar(
-                    select(batches.c.seq).where(
-                        batches.c.id == cursor, batches.c.tenant_id == tenant_id, _MESSAGE_BATCH
-                    )
+                    select(batches.c.seq).where(batches.c.id == cursor, batches.c.tenant_id == tenant_id, of_api)
                 )
                 if seq is None:
                     return None
@@ -120,13 +123,14 @@ class MessageBatchQueries:
                 .values(archived_at=archived_at)
             )
 
-    async def delete_message_batch(self, tenant_id: str, batch_id: str) -> Batch:
-        """Remove an ended message batch and its lines; its input file is the caller's to remove."""
+    async def delete_message_batch(self, tenant_id: str, batch_id: str, api: BatchApi = BatchApi.ANTHROPIC) -> Batch:
+        """Remove an ended message batch (or Gemini batch, with `api`) and its lines; its input file is the
+        caller's to remove."""
         async with self.engine.begin() as conn:
             row = (
                 await conn.execute(
                     select(batches)
-                    .where(batches.c.id == batch_id, batches.c.tenant_id == tenant_id, _MESSAGE_BATCH)
+                    .where(batches.c.id == batch_id, batches.c.tenant_id == tenant_id, batches.c.api == api.value)
                     .with_for_update()
                 )
             ).first()

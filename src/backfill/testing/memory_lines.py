@@ -184,6 +184,14 @@ class MemoryLineQueue:
                 return
             last = rows[-1].line_no
 
+    async def settled_successes(self, batch_id: str) -> int:
+        settled = 0
+        for line in self.tables.lines_in(batch_id):
+            if line.state in (RequestState.QUEUED, RequestState.LEASED):
+                break
+            settled += line.state is RequestState.SUCCEEDED
+        return settled
+
     async def line_state_counts(self, batch_id: str) -> dict[str, int]:
         return dict(Counter(line.state.value for line in self.tables.lines_in(batch_id)))
 

@@ -286,12 +286,18 @@ class InMemoryStore(MemoryWebhooks, MemoryTenants, MemoryLineQueue, MemoryWorker
         self.tables.delete_batch(batch_id)
 
     async def list_message_batches(
-        self, tenant_id: str, *, limit: int, before_id: str | None, after_id: str | None
+        self,
+        tenant_id: str,
+        *,
+        limit: int,
+        before_id: str | None,
+        after_id: str | None,
+        api: BatchApi = BatchApi.ANTHROPIC,
     ) -> tuple[list[Batch], bool] | None:
-        rows = self._batch_rows(tenant_id, BatchApi.ANTHROPIC)
+        rows = self._batch_rows(tenant_id, api)
         cursor_id = before_id or after_id
         if cursor_id is not None:
-            cursor = self._batch_row(tenant_id, cursor_id, BatchApi.ANTHROPIC)
+            cursor = self._batch_row(tenant_id, cursor_id, api)
             if cursor is None:
                 return None
             rows = [row for row in rows if (row.seq > cursor.seq if before_id else row.seq < cursor.seq)]
@@ -315,8 +321,8 @@ class InMemoryStore(MemoryWebhooks, MemoryTenants, MemoryLineQueue, MemoryWorker
         if row is not None and row.batch.archived_at is None:
             row.batch.archived_at = archived_at
 
-    async def delete_message_batch(self, tenant_id: str, batch_id: str) -> Batch:
-        row = self._batch_row(tenant_id, batch_id, BatchApi.ANTHROPIC)
+    async def delete_message_batch(self, tenant_id: str, batch_id: str, api: BatchApi = BatchApi.ANTHROPIC) -> Batch:
+        row = self._batch_row(tenant_id, batch_id, api)
         if row is None:
             raise NotFound(f"No such message batch: {batch_id}")
         if not row.batch.status.is_terminal:

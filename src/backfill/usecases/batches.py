@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
@@ -128,6 +129,27 @@ async def create_batch(deps: BatchDeps, tenant_id: str, request: CreateBatch) ->
     )
     await deps.store.create_batch(batch)
     return batch
+
+
+async def batch_objects(deps: BatchDeps, batches: Sequence[Batch]) -> list[dict[str, Any]]:
+    """The batch objects of `batches`, with how many of each one's lines expired or were cancelled unrun."""
+    unrun = await deps.store.unrun_counts([batch.id for batch in batches if _may_have_unrun(batch)])
+    return [
+        batch.to_openai(
+            expired=unrun[batch.id].expired if batch.id in unrun else 0,
+            cancelled=unrun[batch.id].canceled if batch.id in unrun else 0,
+        )
+        for batch in batches
+    ]
+
+
+async def batch_object(deps: BatchDeps, batch: Batch) -> dict[str, Any]:
+    return (await batch_objects(deps, [batch]))[0]
+
+
+def _may_have_unrun(batch: Batch) -> bool:
+    """Lines that expired or were cancelled unrun count as failed: only a batch with failed lines has any."""
+    return batch.failed > 0 and batch.status is not BatchStatus.FAILED
 
 
 async def get_batch(deps: BatchDeps, tenant_id: str, batch_id: str) -> Batch:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from backfill import ids
+from backfill.domain.batches import BatchApi, batch_id_of_output
 from backfill.domain.files import MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S, PURPOSES, FileRecord, is_jsonl
+from backfill.domain.results import output_line
 from backfill.errors import InvalidRequest, NotFound
 from backfill.http.upload import DiscardingWriter, UploadedForm, receive_upload
 from backfill.usecases import idempotency, params
@@ -106,6 +109,73 @@ async def get_file(deps: FileDeps, tenant_id: str, file_id: str) -> FileRecord:
     if record is None:
         raise NotFound(f"No such File object: {file_id}", param="file_id")
     return record
+
+
+@dataclass(frozen=True)
+class Content:
+    """A file's bytes as they will be sent, and the headers that go with them."""
+
+    chunks: AsyncIterator[bytes]
+    headers: dict[str, str]
+
+
+async def file_content(deps: FileDeps, tenant_id: str, file_id: str, offset: int | None = None) -> Content:
+    """A file's bytes; `offset` skips that many lines. A running OpenAI batch's output file can be read before it
+    exists: the lines settled so far, in input order, with `X-Incomplete: true` and `X-Last-Line` (the offset to
+    ask for next) — the convention autobatcher and Doubleword use (docs/partial-results.md)."""
+    record = await deps.store.get_file(tenant_id, file_id) if "\x00" not in file_id else None
+    if record is None:
+        batch_id = batch_id_of_output(file_id)
+        batch = await deps.store.get_batch(tenant_id, batch_id, BatchApi.OPENAI) if batch_id else None
+        if batch is not None and not batch.status.is_terminal:
+            settled = await deps.store.settled_successes(batch.id)
+            skip = min(offset or 0, settled)
+            headers = {"x-incomplete": "true", "x-last-line": str(settled)}
+            return Content(_settled_lines(deps, batch.id, skip, settled - skip), headers)
+        record = await get_file(deps, tenant_id, file_id)  # ended meanwhile, or never a running batch's output
+    if offset is None:
+        return Content(deps.blobs.stream(record.blob_key), {"content-length": str(record.bytes)})
+    total = await _count_lines(deps, record.blob_key)
+    headers = {"x-incomplete": "false", "x-last-line": str(total)}
+    return Content(_lines_after(deps, record.blob_key, min(offset, total)), headers)
+
+
+async def _settled_lines(deps: FileDeps, batch_id: str, skip: int, count: int) -> AsyncIterator[bytes]:
+    """Output lines `skip`+1 to `skip`+`count` of a running batch: the successes, in input order."""
+    chunk = bytearray()
+    seen = sent = 0
+    async for result in deps.store.iter_results(batch_id):
+        if sent >= count:
+            break
+        if not result.is_success:
+            continue
+        seen += 1
+        if seen <= skip:
+            continue
+        chunk += output_line(result, "")  # a settled line has its result id
+        sent += 1
+        if len(chunk) >= 1 << 16:
+            yield bytes(chunk)
+            chunk.clear()
+    if chunk:
+        yield bytes(chunk)
+
+
+async def _count_lines(deps: FileDeps, key: str) -> int:
+    return sum([chunk.count(b"\n") async for chunk in deps.blobs.stream(key)])
+
+
+async def _lines_after(deps: FileDeps, key: str, skip: int) -> AsyncIterator[bytes]:
+    async for chunk in deps.blobs.stream(key):
+        while skip and chunk:
+            end = chunk.find(b"\n")
+            if end < 0:
+                chunk = b""
+                break
+            chunk = chunk[end + 1 :]
+            skip -= 1
+        if chunk:
+            yield chunk
 
 
 async def delete_file(deps: FileDeps, tenant_id: str, file_id: str) -> FileRecord:

@@ -92,8 +92,9 @@ class _Survey:
 
 
 @dataclass(frozen=True)
-class _Translation:
-    """A create body translated: its model, the input lines that can run, the requests that cannot."""
+class Translation:
+    """A create body (or a Gemini batch's requests) translated: its model, the input lines that can run, the
+    requests that cannot."""
 
     model: str | None
     lines: Sequence[ValidLine]
@@ -145,7 +146,7 @@ def _survey(rules: _Rules, body: BinaryIO) -> _Survey:
     return _Survey(model, places)
 
 
-def _write_lines(rules: _Rules, body: BinaryIO, survey: _Survey, sink: _Sink) -> _Translation:
+def _write_lines(rules: _Rules, body: BinaryIO, survey: _Survey, sink: _Sink) -> Translation:
     """Second pass: write line i+1 for request i, its input line or an empty line in the place of a request that
     cannot run. Each written line goes through the validator OpenAI batch files go through; a line it refuses is a
     request that cannot run either."""
@@ -173,10 +174,10 @@ def _write_lines(rules: _Rules, body: BinaryIO, survey: _Survey, sink: _Sink) ->
         )
         if error is not None:
             refused.append(RefusedRequest(number, request.custom_id, line_offset, f"params: {error.message}"))
-    return _Translation(survey.model, validator.passed(), refused)
+    return Translation(survey.model, validator.passed(), refused)
 
 
-def _translate(rules: _Rules, body: BinaryIO, sink: _Sink) -> _Translation:
+def _translate(rules: _Rules, body: BinaryIO, sink: _Sink) -> Translation:
     """Both passes (a 400 from the first leaves the sink untouched)."""
     return _write_lines(rules, body, _survey(rules, body), sink)
 
@@ -191,7 +192,7 @@ class _FileSink:
         self.size += len(data)
 
 
-def translate_file(rules: _Rules, body_path: str, lines_path: str) -> _Translation:
+def translate_file(rules: _Rules, body_path: str, lines_path: str) -> Translation:
     """`_translate` in a worker process: the body read from its spool file, the input lines written to a file of
     their own, that the calling process copies to the blob store. The lines come back as the validator's typed
     columns (`LineColumns`): a list of 100,000 objects would unpickle in one C call that holds the GIL, and so the
@@ -206,7 +207,7 @@ def _copy(path: str, writer: BlobWriter) -> None:
             writer.write(chunk)
 
 
-async def _translated(deps: MessageBatchDeps, body: BinaryIO, writer: BlobWriter) -> _Translation:
+async def _translated(deps: MessageBatchDeps, body: BinaryIO, writer: BlobWriter) -> Translation:
     """The body translated, its input lines written to `writer`. A body of `message_batch_offload_bytes` or more
     is translated in a worker process: the walk is CPU-bound for seconds, and in a thread it would share the GIL
     with the event loop (four maximal creates at once held /healthz for 0.7 s); smaller ones in a thread."""
@@ -229,8 +230,6 @@ async def create_message_batch(deps: MessageBatchDeps, tenant_id: str, body: Bin
 
     `body` is the create call's body in a file: read twice, one request at a time, so that memory holds one
     request and not the whole body (which may be `message_batch_max_bytes`)."""
-    settings, store = deps.settings, deps.store
-    now = deps.now()
     batch_id, file_id = ids.message_batch_id(), ids.file_id()
     writer = deps.blobs.open_writer(f"files/{file_id}")
     try:
@@ -239,13 +238,32 @@ async def create_message_batch(deps: MessageBatchDeps, tenant_id: str, body: Bin
     except BaseException:
         await writer.abort()
         raise
+    await start_translated(deps, tenant_id, batch_id, file_id, writer.size, translation, BatchApi.ANTHROPIC)
+    return await get_message_batch(deps, tenant_id, batch_id)
+
+
+async def start_translated(
+    deps: MessageBatchDeps,
+    tenant_id: str,
+    batch_id: str,
+    file_id: str,
+    size: int,
+    translation: Translation,
+    api: BatchApi,
+    metadata: dict[str, str] | None = None,
+    endpoint: str = CHAT_ENDPOINT,
+) -> None:
+    """Register the translated input lines (already committed under `files/{file_id}`, `size` bytes) and start
+    the batch on them, as a message batch (or Gemini batch, by `api`) whose refused requests end failed."""
+    settings, store = deps.settings, deps.store
+    now = deps.now()
     model, lines, refused = translation.model, translation.lines, translation.refused
     record = FileRecord(
         id=file_id,
         tenant_id=tenant_id,
         filename=f"{batch_id}_requests.jsonl",
         purpose=MESSAGE_BATCH_PURPOSE,
-        bytes=writer.size,
+        bytes=size,
         blob_key=f"files/{file_id}",
         created_at=now,
         expires_at=now + settings.message_batch_retention_s,  # the file sweep removes it when results go
@@ -253,14 +271,15 @@ async def create_message_batch(deps: MessageBatchDeps, tenant_id: str, body: Bin
     batch = Batch(
         id=batch_id,
         tenant_id=tenant_id,
-        endpoint=CHAT_ENDPOINT,
+        endpoint=endpoint,
         input_file_id=file_id,
         completion_window=f"{settings.message_batch_window_s}s",
         status=BatchStatus.VALIDATING,
         created_at=now,
         expires_at=now + settings.message_batch_window_s,
+        metadata=metadata,
         model=model,
-        api=BatchApi.ANTHROPIC,
+        api=api,
     )
     # Claimed while it is started here, so no dispatcher validates it meanwhile; should this process die before
     # it starts, the claim lapses and a dispatcher validates the input file like an OpenAI batch's.
@@ -279,7 +298,6 @@ async def create_message_batch(deps: MessageBatchDeps, tenant_id: str, body: Bin
             raise QuotaExceeded(exc.message, code="token_limit_exceeded", retry_after_s=retry_after_s) from None
         raise
     await store.release_batch(batch_id, owner)
-    return await get_message_batch(deps, tenant_id, batch_id)
 
 
 async def _token_limit(deps: MessageBatchDeps, tenant_id: str) -> int | None:

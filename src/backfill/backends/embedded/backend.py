@@ -97,6 +97,7 @@ class EmbeddedChatBackend:
         self.max_concurrency = slots
         self.engine = LlamaEngine(
             smollm2_gguf(),
+            name=CHAT_MODEL,
             slots=slots,
             context_per_slot=context_per_slot,
             threads=threads,
@@ -126,8 +127,12 @@ class EmbeddedChatBackend:
         if endpoint == "/v1/chat/completions":
             return _ok(chat_completion(CHAT_MODEL, result), usage)
         if endpoint == "/v1/completions":
-            return _ok(text_completion(CHAT_MODEL, result), usage)
+            return _ok(text_completion(CHAT_MODEL, result, text), usage)
         return _ok(complete_response(response_object(CHAT_MODEL, result, request), request_body), usage)
+
+    async def load(self) -> None:
+        """Load the model now (else the first request loads it); the engine logs the start and the time taken."""
+        await asyncio.to_thread(self.engine.start)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.close)

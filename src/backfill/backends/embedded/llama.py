@@ -22,6 +22,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,12 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
+import structlog
 
-from backfill.backends.embedded.shapes import BadRequest, Generation, Sampling
+from backfill.backends.embedded.shapes import BadRequest, Generation, Sampling, TokenLogprob
 from backfill.backends.embedded.weights import WeightType, prepared_gguf, resolve
 
+log = structlog.get_logger(__name__)
 _MAX_PIECE = 256
 # llama.cpp's llama_token_data (id, logit, p), as numpy lays it out: a whole vocabulary's candidates in one array.
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -61,6 +64,7 @@ class _Job:
     sampler: Any = None
     grammar: Any = None  # the output format's grammar sampler, checked after the chain (see `_sample`)
     logits_index: int = -1
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when asked for
 
     def resolve(self, result: Generation | BaseException) -> None:
         def settle() -> None:
@@ -95,8 +99,11 @@ class LlamaEngine:
         threads: int | None = None,
         weights: WeightType = "auto",
         cache_dir: Path | None = None,
+        name: str | None = None,
     ):
+        """`name`: the model's name in the log (default: the file's)."""
         self.model_path = model_path
+        self.name = name or model_path.stem
         self.weights: WeightType = weights
         self.cache_dir = cache_dir
         self.loaded_path: Path | None = None  # the GGUF actually loaded: model_path or its cached conversion
@@ -153,6 +160,10 @@ class LlamaEngine:
 
     # --- the worker thread ---------------------------------------------------------------------------------
 
+    def start(self) -> None:
+        """Load the model now, if that has not begun, and wait until it is loaded (raises if it cannot be)."""
+        self._ensure_started()
+
     def _ensure_started(self) -> None:
         with self._start_lock:
             if self._thread is None:
@@ -196,12 +207,18 @@ class LlamaEngine:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
 
     def _main(self) -> None:
+        log.info("model.loading", model=self.name)
+        started = time.monotonic()
         try:
             self._load()
         except BaseException as exc:
+            log.error("model.load_failed", model=self.name, error=str(exc))
             self._load_error = exc
             self._ready.set()
             return
+        seconds = round(time.monotonic() - started, 2)
+        weights = self.loaded_path.name if self.loaded_path else None
+        log.info("model.loaded", model=self.name, seconds=seconds, weights=weights)
         self._ready.set()
         free = list(range(self.slots))
         running: list[_Job] = []
@@ -354,7 +371,10 @@ class LlamaEngine:
             self._finish(job, free, running, self._result(job, "stop"))
             return
         job.generated.append(token)
-        job.text_out += self._piece(token)
+        piece = self._piece(token)
+        if job.sampling.logprobs:
+            job.logprobs.append(self._logprob(job, token, piece))
+        job.text_out += piece
         stopped = self._stop_at(job)
         if stopped is not None:
             self._finish(job, free, running, stopped)
@@ -388,6 +408,21 @@ class LlamaEngine:
         llama_cpp.llama_sampler_accept(job.grammar, token)
         return token
 
+    def _logprob(self, job: _Job, token: int, piece: bytes) -> TokenLogprob:
+        """`token`'s log probability from the sequence's own logits row of this step (log-softmax over the whole
+        vocabulary, in float64), and the `top_logprobs` most likely tokens there."""
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, job.logits_index), (n_vocab,))
+        logits = row.astype(np.float64)
+        peak = logits.max()
+        logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
+        top: tuple[tuple[bytes, float], ...] = ()
+        if k := job.sampling.top_logprobs:
+            best = np.argpartition(logprobs, -k)[-k:]
+            best = best[np.argsort(-logprobs[best], kind="stable")]
+            top = tuple((self._piece(int(other)), float(logprobs[other])) for other in best)
+        return TokenLogprob(piece, float(logprobs[token]), top)
+
     @staticmethod
     def _add(batch: Any, n: int, token: int, pos: int, seq: int, logits: bool) -> int:
         batch.token[n] = token
@@ -410,10 +445,27 @@ class LlamaEngine:
         if not hits:
             return None
         cut, matched = min(hits)
-        return Generation(text[:cut], "stop", job.prompt_tokens, len(job.generated), matched)
+        return Generation(
+            text[:cut], "stop", job.prompt_tokens, len(job.generated), matched, self._logprobs(job, text[:cut])
+        )
 
     def _result(self, job: _Job, reason: str) -> Generation:
-        return Generation(job.text_out.decode("utf-8", "replace"), reason, job.prompt_tokens, len(job.generated))
+        text = job.text_out.decode("utf-8", "replace")
+        return Generation(text, reason, job.prompt_tokens, len(job.generated), logprobs=self._logprobs(job, text))
+
+    @staticmethod
+    def _logprobs(job: _Job, text: str) -> tuple[TokenLogprob, ...] | None:
+        """The logprobs of the tokens that make up `text` (a stop string cuts the output short: the tokens after
+        the cut are not part of the answer)."""
+        if not job.sampling.logprobs:
+            return None
+        size, at, kept = len(text.encode()), 0, []
+        for token in job.logprobs:
+            if at >= size:
+                break
+            kept.append(token)
+            at += len(token.piece)
+        return tuple(kept)
 
     def _finish(
         self,

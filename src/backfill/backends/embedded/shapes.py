@@ -12,6 +12,7 @@ import orjson
 from backfill import ids
 
 DEFAULT_MAX_TOKENS = 256
+MAX_TOP_LOGPROBS = 20
 
 
 class BadRequest(Exception):
@@ -34,6 +35,8 @@ class Sampling:
     seed: int | None = None
     top_k: int = 0  # 0: off
     grammar: str | None = None  # GBNF the output must match (response_format json_object / json_schema)
+    logprobs: bool = False  # report each output token's log probability
+    top_logprobs: int = 0  # and the most likely tokens at each position, up to MAX_TOP_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,23 @@ class TextRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One output token: its bytes, its log probability under the model (log-softmax of the raw logits, before
+    temperature, top-p or a grammar), and the most likely tokens at its position, most likely first."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Generation:
     text: str
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
     stop_reason: str | None = None  # the stop string that ended it, if one did
+    logprobs: tuple[TokenLogprob, ...] | None = None  # when asked for: the tokens of `text`, in order
 
 
 @dataclass(frozen=True)
@@ -73,7 +87,7 @@ def _number(body: dict[str, Any], key: str, default: float, low: float, high: fl
 # Parameters the embedded engine cannot honour, refused rather than silently ignored, each with the value that
 # means "not asked for" (an SDK may send it explicitly).
 _UNSUPPORTED: dict[str, tuple[object, ...]] = {
-    "logprobs": (None, False),
+    "logprobs": (None, False),  # honoured on chat and completions (see `_chat_logprobs`, `_completion_logprobs`)
     "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
     "presence_penalty": (None, 0, 0.0),
@@ -95,10 +109,38 @@ _UNSUPPORTED: dict[str, tuple[object, ...]] = {
 }
 
 
-def _refuse_unsupported(body: dict[str, Any]) -> None:
+def _refuse_unsupported(body: dict[str, Any], honoured: frozenset[str] = frozenset()) -> None:
     for key, defaults in _UNSUPPORTED.items():
+        if key in honoured:
+            continue
         if key in body and not any(body[key] == default and type(body[key]) is type(default) for default in defaults):
             raise BadRequest(f"'{key}' is not supported by the embedded engine (see README: embedded engine).", key)
+
+
+def _count(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"'{key}' must be an integer between 0 and {MAX_TOP_LOGPROBS}.", key)
+    return value
+
+
+def _chat_logprobs(body: dict[str, Any], sampling: Sampling) -> Sampling:
+    """Chat's `logprobs` (a boolean) and `top_logprobs` (0..20, only with `logprobs`), as OpenAI has them."""
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise BadRequest("'logprobs' must be a boolean.", "logprobs")
+    top = _count(body, "top_logprobs")
+    if top is not None and not wanted:
+        raise BadRequest("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
+    return replace(sampling, logprobs=bool(wanted), top_logprobs=top or 0)
+
+
+def _completion_logprobs(body: dict[str, Any], sampling: Sampling) -> Sampling:
+    """Completions' `logprobs`: how many of the most likely tokens to report at each position (0..20)."""
+    top = _count(body, "logprobs")
+    return sampling if top is None else replace(sampling, logprobs=True, top_logprobs=top)
 
 
 def _grammar(response_format: Any, param: str) -> str | None:
@@ -201,9 +243,9 @@ def _messages(raw: Any, param: str) -> tuple[tuple[str, str], ...]:
 def parse_chat(body: dict[str, Any]) -> TextRequest:
     if body.get("tools") or body.get("functions"):
         raise BadRequest("Tools are not supported by the embedded engine.", "tools")
-    _refuse_unsupported(body)
+    _refuse_unsupported(body, frozenset({"logprobs", "top_logprobs"}))
     sampling = replace(parse_sampling(body), grammar=_grammar(body.get("response_format"), "response_format"))
-    return TextRequest(sampling, messages=_messages(body.get("messages"), "messages"))
+    return TextRequest(_chat_logprobs(body, sampling), messages=_messages(body.get("messages"), "messages"))
 
 
 def parse_completion(body: dict[str, Any]) -> TextRequest:
@@ -212,8 +254,8 @@ def parse_completion(body: dict[str, Any]) -> TextRequest:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise BadRequest("'prompt' must be a string (one prompt per request).", "prompt")
-    _refuse_unsupported(body)
-    return TextRequest(parse_sampling(body), prompt=prompt)
+    _refuse_unsupported(body, frozenset({"logprobs"}))
+    return TextRequest(_completion_logprobs(body, parse_sampling(body)), prompt=prompt)
 
 
 def parse_responses(body: dict[str, Any]) -> TextRequest:
@@ -266,7 +308,9 @@ def chat_completion(model: str, gen: Generation) -> dict[str, Any]:
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": gen.text, "refusal": None},
-                "logprobs": None,
+                "logprobs": None
+                if gen.logprobs is None
+                else {"content": _content_logprobs(gen.logprobs), "refusal": None},
                 "finish_reason": gen.finish_reason,
                 "stop_reason": gen.stop_reason,  # as vLLM does: tells a stop string from the end of the turn
             }
@@ -275,13 +319,47 @@ def chat_completion(model: str, gen: Generation) -> dict[str, Any]:
     }
 
 
-def text_completion(model: str, gen: Generation) -> dict[str, Any]:
+def _token(piece: bytes) -> str:
+    return piece.decode("utf-8", "replace")
+
+
+def _content_logprobs(tokens: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
+    """Chat's `choices[].logprobs.content`."""
+    return [
+        {
+            "token": _token(token.piece),
+            "logprob": token.logprob,
+            "bytes": list(token.piece),
+            "top_logprobs": [
+                {"token": _token(piece), "logprob": logprob, "bytes": list(piece)} for piece, logprob in token.top
+            ],
+        }
+        for token in tokens
+    ]
+
+
+def _legacy_logprobs(tokens: tuple[TokenLogprob, ...], text_offset: int) -> dict[str, Any]:
+    """Completions' `choices[].logprobs`; `text_offset` counts characters from the prompt's start, as OpenAI's."""
+    offsets, at = [], text_offset
+    for token in tokens:
+        offsets.append(at)
+        at += len(_token(token.piece))
+    return {
+        "tokens": [_token(token.piece) for token in tokens],
+        "token_logprobs": [token.logprob for token in tokens],
+        "top_logprobs": [{_token(piece): logprob for piece, logprob in token.top} for token in tokens],
+        "text_offset": offsets,
+    }
+
+
+def text_completion(model: str, gen: Generation, prompt: str = "") -> dict[str, Any]:
+    logprobs = None if gen.logprobs is None else _legacy_logprobs(gen.logprobs, len(prompt))
     return {
         "id": ids.new_id("cmpl-", 12),
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason}],
+        "choices": [{"index": 0, "text": gen.text, "logprobs": logprobs, "finish_reason": gen.finish_reason}],
         "usage": _usage(gen),
     }
 

@@ -48,7 +48,7 @@ async def create_batch(
     async def create() -> tuple[str, dict[str, Any]]:
         batch = await uc.create_batch(services, tenant, uc.parse_create(payload))
         services.work_changed()
-        return asked, batch.to_openai()
+        return asked, batch.to_openai()  # just created: no line has ended
 
     if key is None:
         return json_response((await create())[1])
@@ -70,7 +70,7 @@ async def list_batches(
     return json_response(
         {
             "object": "list",
-            "data": [batch.to_openai() for batch in batches],
+            "data": await uc.batch_objects(services, batches),
             "first_id": batches[0].id if batches else None,
             "last_id": batches[-1].id if batches else None,
             "has_more": has_more,
@@ -80,7 +80,7 @@ async def list_batches(
 
 @router.get("/{batch_id}", responses=ok(BatchObject, "The batch.") | openai_errors(404))
 async def retrieve_batch(batch_id: str, services: ServicesDep, tenant: TenantDep) -> Response:
-    return json_response((await uc.get_batch(services, tenant, batch_id)).to_openai())
+    return json_response(await uc.batch_object(services, await uc.get_batch(services, tenant, batch_id)))
 
 
 @router.post(
@@ -95,7 +95,7 @@ async def retry_batch(batch_id: str, request: Request, services: ServicesDep, te
     payload = await json_body(request) if request.headers.get("content-length", "0") != "0" else None
     batch = await retries.retry_batch(services, tenant, batch_id, retries.parse_retry(payload))
     services.work_changed()
-    return json_response(batch.to_openai())
+    return json_response(batch.to_openai())  # just created: no line has ended
 
 
 @router.post(
@@ -105,4 +105,4 @@ async def retry_batch(batch_id: str, request: Request, services: ServicesDep, te
 async def cancel_batch(batch_id: str, services: ServicesDep, tenant: TenantDep) -> Response:
     batch = await uc.cancel_batch(services, tenant, batch_id)
     services.work_changed()
-    return json_response(batch.to_openai())
+    return json_response(await uc.batch_object(services, batch))

@@ -89,15 +89,19 @@ async def retrieve_file(file_id: str, services: ServicesDep, tenant: TenantDep) 
     "/{file_id}/content",
     response_class=Response,
     responses=raw_ok("application/octet-stream", "The file's bytes.", {"type": "string", "format": "binary"})
-    | openai_errors(404, 503),
+    | openai_errors(400, 404, 503),
 )
-async def file_content(file_id: str, services: ServicesDep, tenant: TenantDep) -> Response:
-    record = await uc.get_file(services, tenant, file_id)
-    return StreamingResponse(
-        services.blobs.stream(record.blob_key),
-        media_type="application/octet-stream",
-        headers={"content-length": str(record.bytes)},
-    )
+async def file_content(
+    file_id: str,
+    services: ServicesDep,
+    tenant: TenantDep,
+    offset: Annotated[
+        int | None,
+        Query(ge=0, description="Skip this many lines (an extension: resume a partial read at `X-Last-Line`)."),
+    ] = None,
+) -> Response:
+    content = await uc.file_content(services, tenant, file_id, offset)
+    return StreamingResponse(content.chunks, media_type="application/octet-stream", headers=content.headers)
 
 
 @router.delete("/{file_id}", responses=ok(FileDeleted, "The file is gone.") | openai_errors(404, 409, 503))
