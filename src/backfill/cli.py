@@ -19,6 +19,7 @@ from backfill.cli_admin import keys, tenants, webhooks
 from backfill.cli_client import COMMANDS as CLIENT_COMMANDS
 from backfill.cli_client import CommandFailed
 from backfill.cli_options import common_options
+from backfill.cli_usage import usage
 from backfill.config import Settings, config_warnings, load_settings, parse_duration_s
 from backfill.domain.batches import ENDPOINTS, BatchStatus
 from backfill.errors import BackfillError, ConfigError
@@ -244,3 +245,4 @@ main.add_command(sim)
 main.add_command(keys)
 main.add_command(tenants)
 main.add_command(webhooks)
+main.add_command(usage)

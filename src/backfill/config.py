@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from backfill.config_errors import Sources, describe, unknown_variables
+from backfill.domain.usage_report import Price
 from backfill.errors import ConfigError
 from backfill.policy.harvest import OffPeak, Window
 
@@ -183,6 +184,20 @@ class OffPeakSettings(BaseModel):
         return OffPeak(tuple(window.to_policy() for window in self.windows), self.default_share, self.timezone)
 
 
+class PriceSettings(BaseModel):
+    """One `[[prices]]` entry: what a model's tokens cost, in US dollars per million (docs/usage.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input_per_million: float = Field(ge=0)
+    output_per_million: float = Field(ge=0)
+    cached_input_per_million: float | None = Field(default=None, ge=0)  # unset: the input price
+
+    def to_price(self) -> Price:
+        return Price(self.input_per_million, self.output_per_million, self.cached_input_per_million)
+
+
 class Settings(BaseSettings):
     """Everything configurable, with its default."""
 
@@ -244,6 +259,9 @@ class Settings(BaseSettings):
     backends: list[BackendSettings] = []
     webhooks: list[WebhookSettings] = []  # endpoints from the config, beside those made through the admin API
     off_peak: list[OffPeakSettings] = []  # per pool (model): batch shares by time of day on harvested endpoints
+    # Cost in the usage API (docs/usage.md): prices per model; batch tokens cost `1 - batch_discount` of them.
+    prices: list[PriceSettings] = []
+    batch_discount: float = Field(default=0.5, ge=0, le=1)
     # The embedded CPU engine, used when no backend is configured and backfill[local] is installed.
     embedded_chat_slots: int = Field(default=8, ge=1, le=64)
     embedded_context_per_slot: int = Field(default=2048, ge=256, le=8192)
@@ -373,6 +391,7 @@ _TABLES: dict[str, type[BaseModel]] = {
     "": Settings,
     "backends": BackendSettings,
     "off_peak": OffPeakSettings,
+    "prices": PriceSettings,
     "webhooks": WebhookSettings,
     "windows": OffPeakWindow,
 }

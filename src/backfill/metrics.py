@@ -11,6 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from backfill.domain.outcomes import Outcome, OutcomeKind
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Batch turnaround, from a minute to past the longest default window (7 d).
+_TURNAROUND_BUCKETS = (60, 300, 900, 1800, 3600, 7200, 14400, 28800, 43200, 86400, 172800, 345600, 604800, 1209600)
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
 
 
@@ -93,6 +95,26 @@ class Metrics:
         )
         self.batches_finished = Counter(
             "backfill_batches_finished", "Batches that reached a terminal status.", ["status"], registry=self.registry
+        )
+        # Batch SLAs (docs/usage.md), by tenant name and completion window, counted by the worker that ended them.
+        self.batch_sla = Counter(
+            "backfill_batch_sla_batches",
+            "Batches that ended, by outcome: in_window (completed by expires_at), late, expired, cancelled, failed.",
+            ["tenant", "window", "outcome"],
+            registry=self.registry,
+        )
+        self.batch_turnaround_seconds = Histogram(
+            "backfill_batch_turnaround_seconds",
+            "From a batch's creation to its completion (completed batches only): p50 / p95 via histogram_quantile.",
+            ["tenant", "window"],
+            buckets=_TURNAROUND_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_lines_expired = Counter(
+            "backfill_batch_lines_expired",
+            "Lines that never ran because their batch's window ended.",
+            ["tenant", "window"],
+            registry=self.registry,
         )
         # Webhook tries by this process's sender (docs/webhooks.md): delivered, failed (to be retried) or dead.
         self.webhook_tries = Counter(

@@ -15,6 +15,7 @@ from backfill.domain.message_batches import RefusedRequest, UnrunCounts
 from backfill.domain.outcomes import Outcome
 from backfill.domain.results import StoredResult
 from backfill.domain.tenants import KeyInfo, KeyMatch, Tenant, TenantChange
+from backfill.domain.usage_report import EndedBatch, UsageCounts, UsageKey, UsageRows
 from backfill.domain.valid_lines import ValidLine
 from backfill.domain.webhooks import Delivery, DeliveryRecord, DeliveryState, WebhookEndpoint
 
@@ -421,7 +422,23 @@ class IdempotencyStore(Protocol):
         ...
 
 
-class Store(WorkerStore, MessageBatchStore, IdempotencyStore, Protocol):
+class UsageStore(Protocol):
+    """Usage per tenant, model, minute and kind (docs/usage.md). Batch lines add theirs in `record`."""
+
+    async def add_usage(self, rows: Mapping[UsageKey, UsageCounts]) -> None:
+        """Add to the rows (interactive requests through the proxy)."""
+        ...
+
+    async def usage_rows(self, start: int, end: int, tenant_id: str | None = None) -> UsageRows:
+        """Rows whose minute is in [start, end), of one tenant or all."""
+        ...
+
+    async def ended_batches(self, start: int, end: int, tenant_id: str | None = None) -> list[EndedBatch]:
+        """Batches that reached a terminal status in [start, end), for the SLA report."""
+        ...
+
+
+class Store(WorkerStore, MessageBatchStore, IdempotencyStore, UsageStore, Protocol):
     """Everything backfill keeps."""
 
     async def close(self) -> None: ...

@@ -21,6 +21,7 @@ from backfill.dispatch.dispatcher import Dispatcher
 from backfill.dispatch.webhooks import WebhookSender
 from backfill.domain.webhooks import RetrySchedule
 from backfill.interactive import InteractiveMeter
+from backfill.interactive_usage import InteractiveUsage
 from backfill.metrics import Metrics
 from backfill.ports import Backend, Store
 from backfill.store.engine import create_engine, create_read_engine, migrate
@@ -73,6 +74,10 @@ class Services:
     _webhooks: asyncio.Task[None] | None = None
     # Interactive requests through the proxy, by backend: what the harvest controller reads.
     interactive: InteractiveMeter = field(init=False)
+    # Their tokens, for the usage report: written every second or so by `run_usage_flusher`.
+    interactive_usage: InteractiveUsage = field(init=False)
+    _usage_stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _usage_flusher: asyncio.Task[None] | None = None
     # Batch lines in flight per backend, for the proxy's routing: this process's dispatcher's, or every worker's.
     batch_load: BatchLoad = field(init=False)
     # One worker process for CPU-bound use-case work (`offload`), started at its first use.
@@ -80,6 +85,7 @@ class Services:
 
     def __post_init__(self) -> None:
         self.interactive = InteractiveMeter(self.metrics)
+        self.interactive_usage = InteractiveUsage(self.clock)
         self._served = frozenset(model for backend in self.backends for model in backend.models)
         if self.dispatcher is not None:
             self.dispatcher.interactive = self.interactive
@@ -161,6 +167,10 @@ class Services:
         # Submitted from a thread: the first submit spawns the worker, which would hold up the event loop.
         return await asyncio.wrap_future(await asyncio.to_thread(self._workers.submit, fn, *args))
 
+    def start_usage_flusher(self) -> None:
+        """Write the proxy's usage counts in the background (API roles), until `close`."""
+        self._usage_flusher = asyncio.create_task(self.interactive_usage.run(self.store, self._usage_stop))
+
     def stop_dispatcher(self) -> None:
         """Stop leasing now (SIGTERM); lines in flight get `shutdown_grace_s` while `close` waits for them."""
         self._stop.set()
@@ -172,6 +182,9 @@ class Services:
             await self._run
         if self._webhooks is not None:
             await self._webhooks
+        if self._usage_flusher is not None:
+            self._usage_stop.set()
+            await self._usage_flusher
         for backend in self.backends:
             await backend.close()
         if self._workers is not None:

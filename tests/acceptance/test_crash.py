@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import time
+from typing import Any
 
+import httpx
 import orjson
 
 from tests.acceptance.conftest import MODEL, StartServer, client_for
@@ -70,3 +72,21 @@ def test_kill_9_mid_batch_then_restart_finishes_every_line_exactly_once(
     committed_keys = {f"{tag} line {cid.removeprefix('crash-')} #slow:40" for cid in committed}
     assert set() == resent & committed_keys
     assert resent, "some lines were in flight or queued at the kill and must have run after the restart"
+    assert _file_usage(output) == _reported_usage(server, int(killed_at) - 3600)
+
+
+def _file_usage(output: list[dict[str, Any]]) -> tuple[int, int, int]:
+    usages = [line["response"]["body"]["usage"] for line in output]
+    return (len(usages), sum(u["prompt_tokens"] for u in usages), sum(u["completion_tokens"] for u in usages))
+
+
+def _reported_usage(server: Server, since: int) -> tuple[int, int, int]:
+    """(requests, input, output) of batch lines in the usage API: written with the lines, so never counted twice."""
+    params = {"start_time": since, "bucket_width": "1h", "batch": "true"}
+    page = httpx.get(f"{server.base_url}/v1/organization/usage/completions", params=params, timeout=30).json()
+    results = [result for bucket in page["data"] for result in bucket["results"]]
+    return (
+        sum(r["num_model_requests"] for r in results),
+        sum(r["input_tokens"] for r in results),
+        sum(r["output_tokens"] for r in results),
+    )

@@ -313,3 +313,44 @@ async def test_a_streamed_response_s_objects_come_back_complete_through_the_prox
         completed.response.tool_choice,
         completed.response.output_text,
     )
+
+
+# --- usage (docs/usage.md) --------------------------------------------------------------------------------------
+
+
+async def _usage_rows(services: Services) -> list[tuple[str, int, int, int]]:
+    await services.interactive_usage.flush(services.store)
+    rows = await services.store.usage_rows(0, 2**40)
+    return [(key.kind.value, counts.requests, counts.input_tokens, counts.output_tokens) for key, counts in rows]
+
+
+async def test_a_streamed_answers_final_usage_chunk_is_counted(tmp_path: Path) -> None:
+    final = b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}\n\n'
+    stream = SSE.replace(b"data: [DONE]", final + b"data: [DONE]")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=stream, headers={"content-type": "text/event-stream"})
+
+    async with running(tmp_path, http_backend("up", handler)) as (client, services):
+        await client.post(CHAT, content=chat(stream=True, stream_options={"include_usage": True}))
+
+        assert [("interactive", 1, 9, 2)] == await _usage_rows(services)
+
+
+async def test_answers_with_usage_are_counted_and_errors_are_not(tmp_path: Path) -> None:
+    answers = iter([httpx.Response(200, json=REPLY), httpx.Response(400, json={"error": {"message": "bad"}})])
+
+    async with running(tmp_path, http_backend("up", lambda request: next(answers))) as (client, services):
+        await client.post(CHAT, content=chat())
+        await client.post(CHAT, content=chat())
+
+        assert [("interactive", 1, 1, 0)] == await _usage_rows(services)
+
+
+async def test_an_in_process_backends_usage_is_counted(tmp_path: Path) -> None:
+    backend = InProcessBackend(Outcome(OutcomeKind.SUCCESS, 200, b"{}", usage=Usage(4, 0, 3, 0)))
+
+    async with running(tmp_path, backend) as (client, services):
+        await client.post(CHAT, content=chat("local-model"))
+
+        assert [("interactive", 1, 4, 3)] == await _usage_rows(services)

@@ -19,6 +19,7 @@ from backfill.core.harvest import Harvest
 from backfill.core.pool import Pool, Start
 from backfill.dispatch.watcher import EngineWatcher
 from backfill.domain.engine_load import EngineLoad
+from backfill.domain.usage_report import Capacity
 from backfill.interactive import InteractiveMeter
 from backfill.metrics import Metrics
 from backfill.policy.harvest import HarvestState
@@ -224,3 +225,52 @@ def test_unreadable_metrics_set_the_gauge_to_0_log_once_and_1_again_when_they_co
     asyncio.run(rounds(2))
     assert 1.0 == gauge()
     assert 1 == capsys.readouterr().out.count("backend.metrics_readable")
+
+
+# --- the capacity each line runs in (the usage report's harvested / off-peak / promoted / dedicated) -----------
+
+
+def test_lines_on_a_harvested_endpoint_run_in_harvested_capacity() -> None:
+    harvest, pool = harvest_for()
+    read(harvest, 1_000.0, EngineLoad(2, 0, 0.1, None))
+    pool.add(batch("b1", "t"), lines("b1", 1))
+
+    start = next_start(pool, 1_000.0)
+
+    assert isinstance(start, Start)
+    assert Capacity.HARVESTED == start.capacity
+
+
+def test_a_promoted_batchs_lines_run_in_promoted_capacity() -> None:
+    harvest, pool = harvest_for()
+    pool.promoted.add("b1")
+    read(harvest, 1_000.0, EngineLoad(2, 0, 0.1, None))
+    pool.add(batch("b1", "t"), lines("b1", 1))
+
+    start = next_start(pool, 1_000.0)
+
+    assert isinstance(start, Start)
+    assert Capacity.PROMOTED == start.capacity
+
+
+def test_an_endpoint_batch_has_to_itself_is_dedicated_capacity() -> None:
+    harvest, pool = harvest_for({"harvest": "auto"})
+    read(harvest, 1_000.0, EngineLoad(2, 0, 0.1, None))
+    pool.add(batch("b1", "t"), lines("b1", 1))
+
+    start = next_start(pool, 1_000.0)
+
+    assert isinstance(start, Start)
+    assert Capacity.DEDICATED == start.capacity
+
+
+def test_inside_an_off_peak_window_lines_run_in_off_peak_capacity() -> None:
+    night = {"model": "m", "windows": [{"start": "00:00", "end": "23:59", "share": 1.0}]}
+    harvest, pool = harvest_for(off_peak=[night])
+    read(harvest, 1_000.0, EngineLoad(2, 0, 0.1, None))
+    pool.add(batch("b1", "t"), lines("b1", 1))
+
+    start = next_start(pool, 1_000.0)
+
+    assert isinstance(start, Start)
+    assert Capacity.OFF_PEAK == start.capacity

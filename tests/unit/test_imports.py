@@ -47,6 +47,7 @@ def test_the_in_memory_store_is_public_and_pure() -> None:
         "memory_store",
         "memory_tables",
         "memory_tenants",
+        "memory_usage",
         "memory_webhooks",
         "memory_workers",
     ]

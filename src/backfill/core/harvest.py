@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from backfill.config import Settings
 from backfill.core.pool import Pool, Start
 from backfill.domain.engine_load import EngineLoad
+from backfill.domain.usage_report import Capacity
 from backfill.policy.harvest import HarvestController, OffPeak, Signals
 from backfill.policy.limits import EndpointLimits
 
@@ -121,7 +122,10 @@ class Harvest:
         promoted = any(pool.promoted for pool in serving)
         dedicated = not controller.shared and cap is None  # harvest "auto" before interactive traffic shows up
         limits.ceiling = None if promoted or dedicated else ceiling
+        off_peak = any(self.off_peak[model].is_in_window(now) for model in models if model in self.off_peak)
+        capacity = Capacity.DEDICATED if dedicated else Capacity.OFF_PEAK if off_peak else Capacity.HARVESTED
         for pool in serving:
+            pool.capacity_of[name] = capacity
             if controller.shared:
                 pool.harvest[name] = controller.state
         if not controller.shed or promoted:

@@ -18,6 +18,7 @@ from backfill.domain.coalescing import COALESCED_ENDPOINTS
 from backfill.domain.estimates import expected_output_tokens
 from backfill.domain.leases import DispatchBatch, LeasedLine
 from backfill.domain.outcomes import Outcome, OutcomeKind
+from backfill.domain.usage_report import Capacity
 from backfill.policy.estimate import WorkItem, estimate_completions, outlook
 from backfill.policy.fair import Candidate, FairScheduler, Scheduler, line_cost, share_gap
 from backfill.policy.harvest import HarvestState
@@ -53,6 +54,7 @@ class Start:
     endpoint: str
     cost: float
     request: int = 0
+    capacity: Capacity = Capacity.DEDICATED  # why it runs now (the usage report counts its tokens so)
 
 
 @dataclass
@@ -123,6 +125,8 @@ class Pool:
     running: dict[int, tuple[Start, float]] = field(default_factory=dict)  # line id -> (start, when)
     preempting: set[int] = field(default_factory=set)  # line ids handed back, their slots not yet free
     harvest: dict[str, HarvestState] = field(default_factory=dict)  # harvested endpoints' states, for users
+    # endpoint name -> the capacity batch lines use there now (core.harvest sets it; dedicated until then)
+    capacity_of: dict[str, Capacity] = field(default_factory=dict)
     # endpoint name -> (lines, estimated tokens) one coalesced request may carry at most
     request_size: dict[str, tuple[int, int]] = field(default_factory=dict)
     requests: dict[int, _Request] = field(default_factory=dict)  # coalesced requests in flight, by id
@@ -220,13 +224,14 @@ class Pool:
         )
         self.tenant_in_flight[chosen.tenant_id] = self.tenant_in_flight.get(chosen.tenant_id, 0.0) + chosen.cost
         batch = self.batches[chosen.batch_id]
+        capacity = Capacity.PROMOTED if batch.id in self.promoted else self.capacity_of.get(name, Capacity.DEDICATED)
         if len(lines) == 1:
-            start = Start(lines[0], batch, name, chosen.cost)
+            start = Start(lines[0], batch, name, chosen.cost, capacity=capacity)
             self.running[lines[0].id] = (start, now)
             return [start]
         request = lines[0].id + 1  # a line is in one request at a time: its id names it (never 0: "alone")
         self.requests[request] = _Request(name, len(lines), sum(line.est_prompt_tokens for line in lines))
-        starts = [Start(line, batch, name, _line_cost(line), request) for line in lines]
+        starts = [Start(line, batch, name, _line_cost(line), request, capacity) for line in lines]
         for start in starts:
             self.running[start.line.id] = (start, now)
         return starts

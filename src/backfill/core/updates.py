@@ -49,6 +49,8 @@ def line_update_after(retry: RetryPolicy, rng: random.Random, start: Start, outc
         error_code=None if has_response else outcome.error_code,
         error_message=None if has_response else f"{outcome.message} ({decision.reason}).",
         usage=outcome.usage,
+        capacity=start.capacity,
+        finished_at=now,
     )
 
 

@@ -87,6 +87,7 @@ class Lifecycle:
     async def _fail(self, batch: Batch, model: str | None, errors: list[LineError], now: float) -> None:
         if await self.store.fail_batch(batch.id, self.owner, model, errors, int(now)) and self.metrics:
             self.metrics.batches_finished.labels(BatchStatus.FAILED.value).inc()
+            await self._observe_sla(batch, BatchStatus.FAILED, now)
 
     async def _limit(self, batch: Batch) -> int | None:
         limit = await self.store.tenant_token_limit(batch.tenant_id)
@@ -128,7 +129,23 @@ class Lifecycle:
         done = await self.store.finish_batch(batch.id, self.owner, terminal, records, int(now))
         if done and self.metrics is not None:
             self.metrics.batches_finished.labels(terminal.value).inc()
+            await self._observe_sla(batch, terminal, now)
         log.info("batch.finished", batch_id=batch.id, status=terminal.value, registered=done)
+
+    async def _observe_sla(self, batch: Batch, terminal: BatchStatus, now: float) -> None:
+        """The batch's outcome against its window, in the SLA metrics (the usage API reads the same from the store)."""
+        if self.metrics is None:
+            return
+        tenant = await self.store.get_tenant(batch.tenant_id)
+        labels = (tenant.name if tenant is not None else batch.tenant_id, batch.completion_window)
+        outcome = terminal.value
+        if terminal is BatchStatus.COMPLETED:
+            outcome = "in_window" if now <= batch.expires_at else "late"
+            self.metrics.batch_turnaround_seconds.labels(*labels).observe(max(0.0, now - batch.created_at))
+        elif terminal is BatchStatus.EXPIRED:
+            expired = (await self.store.line_state_counts(batch.id)).get(RequestState.EXPIRED.value, 0)
+            self.metrics.batch_lines_expired.labels(*labels).inc(expired)
+        self.metrics.batch_sla.labels(*labels, outcome).inc()
 
     async def _write_files(self, batch: Batch, now: float) -> list[FileRecord | None]:
         keys = (f"outputs/{batch.id}/output.jsonl", f"outputs/{batch.id}/error.jsonl")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from backfill.domain.batches import RequestState
 from backfill.domain.usage import Usage
+from backfill.domain.usage_report import Capacity
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,9 @@ class LineUpdate:
     error_code: str | None = None
     error_message: str | None = None
     usage: Usage = field(default_factory=Usage)
+    # For the usage report (domain.usage_report): why the line ran where it did, and when its answer came.
+    capacity: Capacity = Capacity.DEDICATED
+    finished_at: float = 0.0
 
     @property
     def is_final(self) -> bool:

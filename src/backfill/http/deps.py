@@ -57,6 +57,16 @@ async def admin_of(
     return caller
 
 
+async def caller_of(
+    request: Request,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Caller:
+    """Whoever the key belongs to: an admin (or anyone in open mode), or a tenant."""
+    authenticator: Authenticator = request.app.state.authenticator
+    return await authenticator.caller_for(presented_key(authorization, x_api_key))
+
+
 async def idempotency_key_of(
     idempotency_key: Annotated[
         str | None,
@@ -69,6 +79,7 @@ async def idempotency_key_of(
 ServicesDep = Annotated[Services, Depends(services_of)]
 TenantDep = Annotated[str, Depends(tenant_of)]
 AdminDep = Annotated[Caller, Depends(admin_of)]
+CallerDep = Annotated[Caller, Depends(caller_of)]
 IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key_of)]
 
 

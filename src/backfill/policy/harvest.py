@@ -318,8 +318,15 @@ class OffPeak:
     timezone: str = "UTC"
 
     def share(self, now: float) -> float:
+        window = self._window_at(now)
+        return self.default if window is None else window.share
+
+    def is_in_window(self, now: float) -> bool:
+        return self._window_at(now) is not None
+
+    def _window_at(self, now: float) -> Window | None:
         local = datetime.fromtimestamp(now, UTC).astimezone(ZoneInfo(self.timezone)).time()
         for window in self.windows:
             if window.contains(local):
-                return window.share
-        return self.default
+                return window
+        return None

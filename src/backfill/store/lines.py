@@ -13,7 +13,9 @@ from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
 from backfill.domain.results import StoredResult
 from backfill.domain.usage import Usage
+from backfill.domain.usage_report import UsageCounts, UsageKey, UsageKind, fold, row_start
 from backfill.store.tables import batches, files, requests, tenants
+from backfill.store.usage import add_usage
 
 _FAILED_STATES = [RequestState.FAILED.value, RequestState.EXPIRED.value, RequestState.CANCELLED.value]
 _USAGE_COLUMNS = ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
@@ -234,9 +236,14 @@ class LineQueries:
         for u in updates:
             by_batch[u.batch_id].append(u)
         written = 0
+        used: list[tuple[UsageKey, UsageCounts]] = []
         async with self.engine.begin() as conn:
             for batch_id, group in sorted(by_batch.items()):  # one lock order for all workers: no deadlocks
-                written += await _record_batch(conn, self._finish_line, owner, batch_id, group)
+                count, counted = await _record_batch(conn, self._finish_line, owner, batch_id, group)
+                written += count
+                used += counted
+            # In the same transaction as the lines: the usage report never counts a line twice, nor misses one.
+            await add_usage(conn, fold(used))
         return written
 
     async def close_queued_lines(self, batch_id: str, state: RequestState, note: str | None = None) -> int:
@@ -320,7 +327,8 @@ class LineQueries:
 
 async def _record_batch(
     conn: AsyncConnection, finish_line: str, owner: str, batch_id: str, group: list[LineUpdate]
-) -> int:
+) -> tuple[int, list[tuple[UsageKey, UsageCounts]]]:
+    """Write one batch's updates; the lines written, and the usage of the successes among them."""
     final = [u for u in group if u.is_final]
     requeue = [u for u in group if not u.is_final]
     written = 0
@@ -341,12 +349,15 @@ async def _record_batch(
         )
         written += int(result.rowcount)
     if not final:
-        return written
+        return written, []
+    # Which successes this write will land (the fence), read before it, locked: their usage is counted now. After
+    # it, a line written here and one written by the same update in an earlier commit (a retried flush) look alike.
+    succeeded = [u for u in final if u.state is RequestState.SUCCEEDED]
+    counted = await _usage_held(conn, owner, batch_id, succeeded)
     result = await conn.exec_driver_sql(finish_line, [_finish_params(owner, u) for u in final])
     finished = int(result.rowcount)
     written += finished
     if finished == len(final):
-        succeeded = [u for u in final if u.state is RequestState.SUCCEEDED]
         usage = sum((u.usage for u in succeeded), Usage())
         await conn.execute(
             update(batches)
@@ -362,7 +373,41 @@ async def _record_batch(
         )
     else:
         await _recount(conn, batch_id)
-    return written
+    return written, counted
+
+
+async def _usage_held(
+    conn: AsyncConnection, owner: str, batch_id: str, updates: Sequence[LineUpdate]
+) -> list[tuple[UsageKey, UsageCounts]]:
+    """The usage of those of `updates` whose lease `owner` still holds (the fence), keyed by the batch's tenant and
+    model; their rows stay locked until the transaction ends (SQLite's BEGIN IMMEDIATE holds the whole database)."""
+    if not updates:
+        return []
+    query = (
+        select(requests.c.id, requests.c.lease_seq, batches.c.tenant_id, batches.c.model)
+        .join_from(requests, batches, batches.c.id == requests.c.batch_id)
+        .where(
+            requests.c.batch_id == batch_id,
+            requests.c.id.in_([u.id for u in updates]),
+            requests.c.lease_owner == owner,
+            requests.c.state == RequestState.LEASED.value,
+        )
+    )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(of=requests)
+    rows = (await conn.execute(query)).all()
+    held = {row.id: row.lease_seq for row in rows}
+    if not rows:
+        return []
+    owner_key = (rows[0].tenant_id, rows[0].model or "")
+    return [
+        (
+            UsageKey(*owner_key, row_start(u.finished_at), UsageKind.BATCH),
+            UsageCounts.of_request(u.usage, u.capacity),
+        )
+        for u in updates
+        if held.get(u.id) == u.lease_seq
+    ]
 
 
 async def _recount(conn: AsyncConnection, batch_id: str) -> None:

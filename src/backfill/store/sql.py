@@ -32,6 +32,7 @@ from backfill.store.message_batches import MessageBatchQueries
 from backfill.store.rows import batch_from_row, batch_to_row, file_from_row
 from backfill.store.tables import batches, files, requests, tenants
 from backfill.store.tenants import TenantQueries, check_create_quota, check_start_rate, locked_tenant
+from backfill.store.usage import UsageQueries
 from backfill.store.webhooks import WebhookQueries, add_ended_event
 from backfill.store.workers import WorkerQueries
 
@@ -39,7 +40,9 @@ _TERMINAL = [status.value for status in TERMINAL]
 _INSERT_CHUNK = 1_000
 
 
-class SqlStore(TenantQueries, LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueries, WebhookQueries):
+class SqlStore(
+    TenantQueries, LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueries, WebhookQueries, UsageQueries
+):
     """Every query backfill runs, by name. Construct with an engine from `store.engine.create_engine`."""
 
     def __init__(self, engine: AsyncEngine, read_engine: AsyncEngine | None = None) -> None:

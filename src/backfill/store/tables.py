@@ -12,6 +12,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -235,4 +236,25 @@ webhook_deliveries = Table(
     UniqueConstraint("endpoint_id", "batch_id", "type"),  # an event happens once per batch
     Index(None, "state", "next_attempt_at"),
     Index(None, "tenant_id", "state"),
+)
+
+# Usage per tenant, model, minute and kind (batch / interactive): docs/usage.md. Batch rows move in the group
+# commit that writes the lines they count; interactive ones are flushed by the API process every second or so.
+usage_minutes = Table(
+    "usage_minutes",
+    metadata,
+    Column("start_time", BigInteger, nullable=False),
+    Column("tenant_id", String(64), nullable=False),
+    Column("model", String(256), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("requests", BigInteger, nullable=False, default=0),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    # Batch tokens (input + output) by the capacity their lines ran in (domain.usage_report.Capacity).
+    Column("harvested_tokens", BigInteger, nullable=False, default=0),
+    Column("off_peak_tokens", BigInteger, nullable=False, default=0),
+    Column("promoted_tokens", BigInteger, nullable=False, default=0),
+    Column("dedicated_tokens", BigInteger, nullable=False, default=0),
+    PrimaryKeyConstraint("start_time", "tenant_id", "model", "kind"),
 )

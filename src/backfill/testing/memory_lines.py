@@ -11,6 +11,7 @@ from typing import Any
 from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
 from backfill.domain.results import StoredResult
+from backfill.domain.usage_report import UsageCounts, UsageKey, UsageKind, row_start
 from backfill.testing.memory_tables import MemoryTables, StoredLine
 
 
@@ -144,8 +145,16 @@ class MemoryLineQueue:
                 if (line := self._held(owner, u)) is not None:
                     self._finish(line, u)
                     self._count(batch_id, u)
+                    self._add_usage(batch_id, u)
                     written += 1
         return written
+
+    def _add_usage(self, batch_id: str, u: LineUpdate) -> None:
+        row = self.tables.batches.get(batch_id)
+        if row is None or u.state is not RequestState.SUCCEEDED:
+            return
+        key = UsageKey(row.batch.tenant_id, row.batch.model or "", row_start(u.finished_at), UsageKind.BATCH)
+        self.tables.usage[key] = self.tables.usage.get(key, UsageCounts()) + UsageCounts.of_request(u.usage, u.capacity)
 
     async def close_queued_lines(self, batch_id: str, state: RequestState, note: str | None = None) -> int:
         queued = [line for line in self.tables.lines_in(batch_id) if line.state is RequestState.QUEUED]

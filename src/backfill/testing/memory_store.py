@@ -34,11 +34,12 @@ from backfill.testing.memory_tables import (
     page,
 )
 from backfill.testing.memory_tenants import MemoryTenants
+from backfill.testing.memory_usage import MemoryUsage
 from backfill.testing.memory_webhooks import MemoryWebhooks
 from backfill.testing.memory_workers import MemoryWorkerBoard
 
 
-class InMemoryStore(MemoryWebhooks, MemoryTenants, MemoryLineQueue, MemoryWorkerBoard, MemoryIdempotency):
+class InMemoryStore(MemoryWebhooks, MemoryTenants, MemoryLineQueue, MemoryWorkerBoard, MemoryIdempotency, MemoryUsage):
     """Everything backfill keeps, in dictionaries. One instance is one database; nothing is shared between two."""
 
     def __init__(self) -> None:

@@ -12,6 +12,7 @@ from backfill.domain.batches import Batch, RequestState
 from backfill.domain.files import FileRecord
 from backfill.domain.tenants import Tenant
 from backfill.domain.usage import Usage
+from backfill.domain.usage_report import UsageCounts, UsageKey
 
 _Row = TypeVar("_Row")
 
@@ -100,6 +101,7 @@ class MemoryTables:
     worker_rates: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
     worker_backends: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
     worker_in_flight: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+    usage: dict[UsageKey, UsageCounts] = field(default_factory=dict)
     file_seq: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     batch_seq: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     line_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))

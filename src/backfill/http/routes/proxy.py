@@ -5,8 +5,9 @@ arrive, ahead of any batch line waiting for a slot. The body is forwarded as the
 `priority` is added) and the backend's answer comes back unchanged: status, content type and body, an SSE stream
 relayed chunk by chunk. If the client goes away first, the upstream request is closed so the engine frees the
 slot. Each request is measured in `services.interactive` (see `backfill.interactive` for what TTFT means here).
-Keys are checked as on every route; the tenant is not used further (interactive traffic is neither queued nor
-counted against a tenant's batch limits).
+Keys are checked as on every route; interactive traffic is neither queued nor counted against a tenant's batch
+limits, but its tokens are counted in the tenant's usage (docs/usage.md): from a successful answer's `usage`, or
+a stream's last chunk that carries one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 from backfill.backends.openai_http import OpenAIHttpBackend, UpstreamAnswer
 from backfill.domain.outcomes import OutcomeKind
 from backfill.domain.responses import StreamCompleter, complete_response
+from backfill.domain.usage import Usage
 from backfill.errors import BackendError, BackendTimeout, BackendUnavailable, InvalidRequest, NotFound
 from backfill.http.deps import read_body, services_of, tenant_of
 from backfill.http.errors import error_response
@@ -38,6 +40,7 @@ from backfill.http.schemas import (
     ResponseRequest,
 )
 from backfill.interactive import Candidate, FirstTokenScanner, InteractiveMeter, least_loaded
+from backfill.interactive_usage import InteractiveUsage, StreamUsage, usage_in_body
 from backfill.ports import Backend
 from backfill.services import Services
 
@@ -140,13 +143,19 @@ def _backend_failure(exc: BackendError) -> Response:
 
 
 class _Flight:
-    """One interactive request's books: started now, ended exactly once."""
+    """One interactive request's books: started now, ended exactly once; its tokens counted for its tenant."""
 
-    def __init__(self, meter: InteractiveMeter, backend: str) -> None:
+    def __init__(
+        self, meter: InteractiveMeter, backend: str, usage: InteractiveUsage, tenant_id: str, model: str
+    ) -> None:
         self.meter, self.backend = meter, backend
+        self.usage, self.tenant_id, self.model = usage, tenant_id, model
         self.started = time.monotonic()
         self.ended = False
         meter.record_start(backend)
+
+    def used(self, usage: Usage) -> None:
+        self.usage.add(self.tenant_id, self.model, usage)
 
     def first_token(self) -> None:
         self.meter.record_first_token(self.backend, time.monotonic() - self.started)
@@ -185,11 +194,13 @@ class _Relay(Response):
     async def _relay(self, send: Send) -> str:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         scanner = FirstTokenScanner()
+        usage = StreamUsage()
         outcome = status_label(self.status_code)
         try:
             async for chunk in self.answer.chunks():
                 if not scanner.seen and scanner.feed(chunk):
                     self.flight.first_token()
+                usage.feed(chunk)
                 if self.completer is not None:
                     chunk = self.completer.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -203,6 +214,8 @@ class _Relay(Response):
                 {"type": "http.response.body", "body": b"data: " + orjson.dumps(error) + b"\n\n", "more_body": True}
             )
             outcome = "timeout" if isinstance(exc, BackendTimeout) else "unavailable"
+        if usage.usage is not None and 200 <= self.status_code < 300:
+            self.flight.used(usage.usage)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return outcome
 
@@ -233,6 +246,8 @@ async def _forward_http(
         return Response(status_code=499)
     if 200 <= answer.status_code < 300:
         flight.first_token()
+        if (usage := usage_in_body(content)) is not None:
+            flight.used(usage)
         if endpoint == "/v1/responses":
             content = _completed_response(content, body)
     flight.end(status_label(answer.status_code))
@@ -265,6 +280,7 @@ async def _forward_in_process(
         status = outcome.status_code or (200 if outcome.kind is OutcomeKind.SUCCESS else 502)
         if outcome.kind is OutcomeKind.SUCCESS:
             flight.first_token()
+            flight.used(outcome.usage)
         flight.end(status_label(status))
         return Response(outcome.body, status_code=status, media_type="application/json")
     message = outcome.message or f"The backend {backend.name} gave no usable answer."
@@ -278,11 +294,11 @@ def _handler(endpoint: str) -> Callable[[Request], Awaitable[Response]]:
         # Looked up here rather than declared as FastAPI dependencies, whose resolution costs ~0.2 ms (on 2 slow
         # cores) of every interactive request's time to first token.
         services = await services_of(request)
-        await tenant_of(request, request.headers.get("authorization"), request.headers.get("x-api-key"))
+        tenant_id = await tenant_of(request, request.headers.get("authorization"), request.headers.get("x-api-key"))
         body = await read_body(request, MAX_BODY_BYTES)
         model, stream = parse_head(body)
         backend = await choose_backend(services, model, stream)
-        flight = _Flight(services.interactive, backend.name)
+        flight = _Flight(services.interactive, backend.name, services.interactive_usage, tenant_id, model)
         timeout_s = services.settings.request_timeout_s
         try:
             if isinstance(backend, OpenAIHttpBackend):
