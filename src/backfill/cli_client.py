@@ -22,7 +22,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from backfill.client import BackfillClient, RemoteBatch, is_message_batch
+from backfill.client import BackfillClient, RemoteBatch, is_gemini_batch, is_message_batch
 from backfill.config import load_client_settings
 from backfill.domain.batches import ENDPOINTS, BatchStatus
 from backfill.errors import BackfillError, ServerRejected
@@ -258,18 +258,23 @@ def status(batch_id: str, as_json: bool, base_url: str | None, api_key: str | No
     _stdout().print(_summary(batch, time.time()))
 
 
+def _kind(batch: RemoteBatch) -> tuple[str, str]:
+    model = f" (model {batch.model})" if batch.model else ""
+    if batch.is_message_batch:
+        return "kind", f"message batch ({batch.endpoint}), window {batch.completion_window}"
+    if batch.is_gemini_batch:
+        return "kind", f"Gemini batch ({batch.endpoint}){model}, window {batch.completion_window}"
+    return "endpoint", f"{batch.endpoint}{model}, window {batch.completion_window}"
+
+
 def _summary(batch: RemoteBatch, now: float) -> Group:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    model = f" (model {batch.model})" if batch.model else ""
-    if batch.is_message_batch:
-        table.add_row("kind", f"message batch ({batch.endpoint}), window {batch.completion_window}")
-    else:
-        table.add_row("endpoint", f"{batch.endpoint}{model}, window {batch.completion_window}")
+    table.add_row(*_kind(batch))
     lines = count_lines(batch.errored, batch.expired, batch.cancelled)
     table.add_row("requests", f"{batch.total} total · {batch.completed} succeeded · {lines}")
-    if not batch.is_message_batch:  # a message batch object carries no usage
+    if not (batch.is_message_batch or batch.is_gemini_batch):  # their objects carry no usage
         table.add_row("usage", f"{batch.input_tokens:,} input tokens · {batch.output_tokens:,} output tokens")
     for name, label in _TIME_LABELS.items():
         if name in batch.times:
@@ -324,7 +329,8 @@ def _when(at: int, now: float) -> str:
 @click.command(
     epilog="\b\nExamples:\n  backfill results batch_abc123 -o out.jsonl\n"
     "  backfill results batch_abc123 -o out.jsonl --merge-retries\n"
-    "  backfill results msgbatch_abc123 -o results.jsonl"
+    "  backfill results msgbatch_abc123 -o results.jsonl\n"
+    "  backfill results genbatch_abc123 -o responses.jsonl"
 )
 @click.argument("batch_id")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output file.")
@@ -356,15 +362,22 @@ def results(
     base_url: str | None,
     api_key: str | None,
 ) -> None:
-    """Download a finished batch's output and error files, or a message batch's results.
+    """Download a finished batch's output and error files, or a message batch's or Gemini batch's results.
 
-    Both files are written, empty when no line belongs there. A message batch (msgbatch_…) has one results
-    file, every request's result in request order, written to OUTPUT.
+    Both files are written, empty when no line belongs there. A message batch (msgbatch_…) or a Gemini batch
+    (genbatch_…) has one results file, every request's result in request order, written to OUTPUT.
     """
-    if follow and (merge_retries or is_message_batch(batch_id)):
+    if follow and (merge_retries or is_message_batch(batch_id) or is_gemini_batch(batch_id)):
         raise click.UsageError(
-            "--follow reads one batch's output as it runs: not with --merge-retries or a message batch"
+            "--follow reads one OpenAI batch's output as it runs: not with --merge-retries, a message batch or a "
+            "Gemini batch"
         )
+    if is_gemini_batch(batch_id):
+        if errors is not None or merge_retries:
+            raise click.UsageError("a Gemini batch's results are one file: --errors and --merge-retries do not apply")
+        with _connected(base_url, api_key) as client:
+            _gemini_results(client, batch_id, output)
+        return
     if is_message_batch(batch_id):
         if errors is not None or merge_retries:
             raise click.UsageError("a message batch's results are one file: --errors and --merge-retries do not apply")
@@ -413,6 +426,14 @@ def _followed(client: BackfillClient, batch_id: str, output: Path) -> RemoteBatc
             if not more:
                 return client.get_batch(batch_id)
             time.sleep(FOLLOW_POLL_S)
+
+
+def _gemini_results(client: BackfillClient, batch_id: str, output: Path) -> None:
+    batch = client.get_batch(batch_id)
+    if not batch.status.is_terminal:
+        raise CommandFailed(f"{batch.id} is still {batch.status.value}; wait for it: backfill wait {batch.id}")
+    client.download_gemini_results(batch, output)
+    _stderr().print(f"{batch.total} results in {output}: {_counts(batch)}")
 
 
 def _message_batch_results(client: BackfillClient, batch_id: str, output: Path) -> None:
@@ -524,7 +545,7 @@ def list_batches(limit: int, as_json: bool, base_url: str | None, api_key: str |
         created = batch.times.get("created_at")
         table.add_row(
             batch.id,
-            "message" if batch.is_message_batch else "batch",
+            "message" if batch.is_message_batch else "gemini" if batch.is_gemini_batch else "batch",
             batch.status.value,
             batch.endpoint,
             batch.model or "",

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any
 
 import httpx
+import orjson
 
 from backfill import __version__
 from backfill.domain.batches import RETRY_OF, BatchStatus
@@ -30,6 +31,23 @@ BATCH_TIMES = (
 
 MESSAGE_BATCH_PREFIX = "msgbatch_"
 MESSAGES_ENDPOINT = "/v1/messages"
+
+
+GEMINI_BATCH_PREFIX = "genbatch_"
+GEMINI_API = "/gemini/v1beta"
+_GEMINI_STATES = {
+    "BATCH_STATE_PENDING": BatchStatus.VALIDATING,
+    "BATCH_STATE_RUNNING": BatchStatus.IN_PROGRESS,
+    "BATCH_STATE_SUCCEEDED": BatchStatus.COMPLETED,
+    "BATCH_STATE_FAILED": BatchStatus.FAILED,
+    "BATCH_STATE_CANCELLED": BatchStatus.CANCELLED,
+    "BATCH_STATE_EXPIRED": BatchStatus.EXPIRED,
+}
+
+
+def is_gemini_batch(batch_id: str) -> bool:
+    """A Gemini batch (`genbatch_…`, or its resource name `batches/genbatch_…`), served under /gemini."""
+    return batch_id.removeprefix("batches/").startswith(GEMINI_BATCH_PREFIX)
 
 
 def is_message_batch(batch_id: str) -> bool:
@@ -75,11 +93,17 @@ class RemoteBatch:
         """Lines that ran and failed."""
         return max(0, self.failed - self.expired - self.cancelled)
 
+    @property
+    def is_gemini_batch(self) -> bool:
+        return is_gemini_batch(self.id)
+
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> RemoteBatch:
-        """From a batch object, or from a message batch object (`type: message_batch`)."""
+        """From a batch object, a message batch object (`type: message_batch`) or a Gemini batch Operation."""
         if payload.get("type") == "message_batch":
             return cls.from_message_batch(payload)
+        if isinstance(payload.get("name"), str) and isinstance(payload.get("metadata"), dict):
+            return cls.from_gemini(payload)
         counts = payload.get("request_counts") or {}
         usage = payload.get("usage") or {}
         extension = payload.get("backfill") or {}
@@ -159,6 +183,41 @@ class RemoteBatch:
             results_url=payload.get("results_url"),
         )
 
+    @classmethod
+    def from_gemini(cls, payload: dict[str, Any]) -> RemoteBatch:
+        """A Gemini batch Operation in the terms of a batch: Google's states, counts and times."""
+        metadata = payload["metadata"]
+        stats = {name: int(value) for name, value in (metadata.get("batchStats") or {}).items()}
+        status = _GEMINI_STATES.get(metadata.get("state") or "", BatchStatus.IN_PROGRESS)
+        times = {"created_at": _unix(metadata["createTime"])} if metadata.get("createTime") else {}
+        if status.is_terminal and metadata.get("endTime"):
+            times[f"{status.value}_at"] = _unix(metadata["endTime"])
+        output = metadata.get("output") or {}
+        extension = payload.get("backfill") or {}
+        model = metadata.get("model")
+        return cls(
+            id=str(payload["name"]).removeprefix("batches/"),
+            status=status,
+            endpoint="embedContent" if metadata.get("@type", "").endswith("EmbedContentBatch") else "generateContent",
+            model=model.removeprefix("models/") if isinstance(model, str) else None,
+            completion_window="24h",
+            input_file_id="",
+            output_file_id=output.get("responsesFile"),
+            error_file_id=None,
+            total=stats.get("requestCount", 0),
+            completed=stats.get("successfulRequestCount", 0),
+            failed=stats.get("failedRequestCount", 0),
+            input_tokens=0,
+            output_tokens=0,
+            times=times,
+            errors=[],
+            metadata={"display_name": metadata["displayName"]} if metadata.get("displayName") else {},
+            estimated_completion_at=extension.get("estimated_completion_at"),
+            schedule=extension.get("schedule"),
+            raw=payload,
+            waiting=extension.get("waiting"),
+        )
+
 
 def _unix(rfc3339: str) -> int:
     return int(datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp())
@@ -220,6 +279,9 @@ class BackfillClient:
         return RemoteBatch.from_json(self._json("GET", _path_of(batch_id)))
 
     def cancel_batch(self, batch_id: str) -> RemoteBatch:
+        if is_gemini_batch(batch_id):
+            self._json("POST", f"{_path_of(batch_id)}:cancel")  # answers an empty object
+            return self.get_batch(batch_id)
         return RemoteBatch.from_json(self._json("POST", f"{_path_of(batch_id)}/cancel"))
 
     def retry_batch(self, batch_id: str, only: Sequence[str] | None = None) -> RemoteBatch:
@@ -274,11 +336,41 @@ class BackfillClient:
             after = str(page["last_id"])
         return found[:limit]
 
+    def list_gemini_batches(self, limit: int = 20) -> list[RemoteBatch]:
+        """The newest `limit` Gemini batches, newest first (following pages as needed)."""
+        found: list[RemoteBatch] = []
+        token: str | None = None
+        while len(found) < limit:
+            params: dict[str, Any] = {"pageSize": min(1000, limit - len(found))}
+            if token is not None:
+                params["pageToken"] = token
+            page = self._json("GET", f"{GEMINI_API}/batches", params=params)
+            found += [RemoteBatch.from_gemini(item) for item in page.get("operations") or []]
+            if not page.get("nextPageToken"):
+                break
+            token = str(page["nextPageToken"])
+        return found[:limit]
+
     def list_all(self, limit: int = 20) -> list[RemoteBatch]:
-        """The newest `limit` batches and message batches together, newest first."""
-        both = self.list_batches(limit) + self.list_message_batches(limit)
+        """The newest `limit` batches, message batches and Gemini batches together, newest first."""
+        both = self.list_batches(limit) + self.list_message_batches(limit) + self.list_gemini_batches(limit)
         both.sort(key=lambda batch: batch.times.get("created_at", 0), reverse=True)  # stable: ties keep their order
         return both[:limit]
+
+    def download_gemini_results(self, batch: RemoteBatch, dest: Path) -> int:
+        """A Gemini batch's results to `dest`, one JSON line per request in request order: its responses file
+        (`{"key", "response" | "error"}`), or its inline responses (`{"response" | "error", "metadata"}`)."""
+        if batch.output_file_id is not None:
+            name = batch.output_file_id.removeprefix("files/")
+            with self._transport_errors(), self._http.stream("GET", f"{GEMINI_API}/files/{name}:download") as response:
+                if response.is_error:
+                    response.read()
+                    _raise_for(response)
+                return write_atomically(dest, response.iter_bytes())
+        output = (batch.raw.get("metadata") or {}).get("output") or {}
+        inline = output.get("inlinedResponses") or output.get("inlinedEmbedContentResponses") or {}
+        answers = inline.get("inlinedResponses") or []
+        return write_atomically(dest, [orjson.dumps(answer, option=orjson.OPT_APPEND_NEWLINE) for answer in answers])
 
     def download_results(self, batch_id: str, dest: Path) -> int:
         """Stream a message batch's results (JSONL, one line per request in request order) to `dest`."""
@@ -343,6 +435,8 @@ class BackfillClient:
 
 
 def _path_of(batch_id: str) -> str:
+    if is_gemini_batch(batch_id):
+        return f"{GEMINI_API}/batches/{batch_id.removeprefix('batches/')}"
     return f"/v1/messages/batches/{batch_id}" if is_message_batch(batch_id) else f"/v1/batches/{batch_id}"
 
 

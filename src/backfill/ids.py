@@ -20,6 +20,10 @@ def message_batch_id() -> str:
     return new_id("msgbatch_")
 
 
+def gemini_batch_id() -> str:
+    return new_id("genbatch_")
+
+
 def batch_request_id() -> str:
     return new_id("batch_req_")
 

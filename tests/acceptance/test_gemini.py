@@ -4,6 +4,8 @@ whose requests the fake OpenAI upstream runs, through the same store and dispatc
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ from google.genai import errors, types
 
 from backfill.backends.embedded.backend import is_available
 from tests.acceptance.conftest import MODEL, StartServer
-from tests.support.processes import Server, Upstream
+from tests.support.processes import Server, Upstream, child_env
 
 ENDED = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
 _OPENED: list[genai.Client] = []
@@ -323,3 +325,28 @@ def cosine(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True)) / (
         math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
     )
+
+
+def test_the_cli_waits_for_shows_lists_and_downloads_a_gemini_batch(server: Server, tmp_path: Path) -> None:
+    client = gemini_client(server)
+    tag = uuid.uuid4().hex[:8]
+    name = client.batches.create(model=MODEL, src=[ask(f"cli {tag} {i}") for i in range(3)]).name or ""
+    batch_id = name.removeprefix("batches/")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "backfill", *args, "--base-url", server.base_url]
+        return subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=120, check=False)
+
+    waited = cli("wait", name)
+    shown = cli("status", batch_id)
+    listed = cli("list", "--json")
+    results = cli("results", batch_id, "-o", str(tmp_path / "out.jsonl"))
+
+    assert 0 == waited.returncode, waited.stderr
+    assert "completed" in shown.stdout
+    assert "Gemini batch" in shown.stdout
+    assert name in [item.get("name") for item in orjson.loads(listed.stdout)]
+    assert 0 == results.returncode, results.stderr
+    answers = [orjson.loads(line) for line in (tmp_path / "out.jsonl").read_bytes().splitlines()]
+    texts = [answer["response"]["candidates"][0]["content"]["parts"][0]["text"] for answer in answers]
+    assert [reply_to(f"cli {tag} {i}") for i in range(3)] == texts

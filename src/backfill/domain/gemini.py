@@ -604,6 +604,7 @@ def operation(batch: Batch, unrun: UnrunCounts, output: Json | None, display_nam
     if batch.status.is_terminal:
         metadata["endTime"] = rfc3339(_ended_at(batch))
     answer: Json = {"name": batch_name(batch.id), "metadata": {k: v for k, v in metadata.items() if v is not None}}
+    answer["backfill"] = batch.extension()  # ours, beside Google's keys (the SDK reads only the keys it knows)
     if output is not None:
         metadata_output = dict(output)
         answer["metadata"]["output"] = metadata_output

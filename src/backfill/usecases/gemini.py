@@ -143,7 +143,7 @@ async def create_batch(
         if record is None:
             raise NotFound(f"File files/{source.file_id} not found.")
         requests = _file_lines(deps, record, settings.max_lines)
-    batch_id, file_id = ids.batch_id(), ids.file_id()
+    batch_id, file_id = ids.gemini_batch_id(), ids.file_id()
     writer = deps.blobs.open_writer(f"files/{file_id}")
     try:
         limits = ValidationLimits(
