@@ -289,3 +289,24 @@ def test_a_message_batch_that_ends_sends_message_batch_ended(start_server: Start
 
     event = verified(receiver.accepted[0], secret)
     assert ("message_batch.ended", batch.id) == (event["type"], event["data"]["id"])
+
+
+def test_a_batch_promoted_to_make_its_window_announces_batch_at_risk_once(
+    connect: Clients, start_server: StartServer, upstream: Upstream, receiver: Receiver
+) -> None:
+    server = start_server(outlook_interval_s=0.3, **FAST)  # estimates refreshed well inside the window
+    receiver.start()
+    secret = add_endpoint(server, receiver.url)
+    gate = uuid.uuid4().hex
+    lines = [chat_line(f"quick-{i}", f"quick {i}") for i in range(4)] + [chat_line("held", f"held #gate:{gate}")]
+    # A 4 s window is inside the promotion margin (a tenth of the window, at least 5 minutes) from the start.
+    batch = start_batch(connect(server), lines, window="4s")
+
+    receiver.wait(lambda r: any(got.event["type"] == "batch.at_risk" for got in r.accepted), "batch.at_risk")
+    upstream.open_gate(gate)
+    wait_terminal(connect(server), batch.id)
+    receiver.wait(lambda r: any(got.event["type"] != "batch.at_risk" for got in r.accepted), "the batch's end")
+
+    events = [verified(got, secret) for got in receiver.accepted]
+    assert [batch.id] == [event["data"]["id"] for event in events if event["type"] == "batch.at_risk"]
+    assert {batch.id} == {event["data"]["id"] for event in events}
