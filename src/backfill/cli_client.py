@@ -25,6 +25,7 @@ from rich.text import Text
 from backfill.client import BackfillClient, RemoteBatch, is_gemini_batch, is_message_batch
 from backfill.config import load_client_settings
 from backfill.domain.batches import ENDPOINTS, BatchStatus
+from backfill.domain.run_diff import compare
 from backfill.errors import BackfillError, ServerRejected
 from backfill.progress import ExitCode, ProgressDisplay, Snapshot, count_lines, format_duration, make_console
 from backfill.result_files import custom_ids, default_errors_path, merge_results, write_atomically
@@ -556,4 +557,77 @@ def list_batches(limit: int, as_json: bool, base_url: str | None, api_key: str |
     _stdout().print(table)
 
 
-COMMANDS = (submit, status, wait, results, retry, cancel, list_batches)
+@click.command(
+    "diff",
+    epilog="\b\nExamples:\n  backfill diff batch_before batch_after\n  backfill diff batch_before batch_after --json",
+)
+@click.argument("batch_a")
+@click.argument("batch_b")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON (every changed line).")
+@click.option("--show", default=10, show_default=True, help="How many changed lines to print (text output).")
+@client_options
+def diff(batch_a: str, batch_b: str, as_json: bool, show: int, base_url: str | None, api_key: str | None) -> None:
+    """Compare two finished batches of the same requests: changed answers, new failures, tokens, duration.
+
+    Lines are matched by what they asked (endpoint and request body), not by custom_id: eval tools mint new
+    custom_ids every run. Answers are compared on what the model said (a chat message, a completion's text,
+    embedding vectors), not on ids or timestamps.
+    """
+    with _connected(base_url, api_key) as client:
+        a, b = client.get_batch(batch_a), client.get_batch(batch_b)
+        for batch in (a, b):
+            if batch.is_message_batch or batch.is_gemini_batch:
+                raise click.UsageError(f"{batch.id}: diff compares OpenAI batches (their input and output files)")
+            if not batch.status.is_terminal:
+                raise CommandFailed(f"{batch.id} is still {batch.status.value}; wait for it: backfill wait {batch.id}")
+        result = compare(*_run_files(client, a), *_run_files(client, b))
+    durations = [_duration(batch) for batch in (a, b)]
+    if as_json:
+        payload = {"a": a.id, "b": b.id, **result.to_json(), "duration_s": {"a": durations[0], "b": durations[1]}}
+        click.echo(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode())
+        return
+    out = _stdout()
+    out.print(f"{a.id} ({a.status.value}, {a.total} lines) vs {b.id} ({b.status.value}, {b.total} lines)")
+    out.print(
+        f"matched {result.matched} requests: {result.same} same, {len(result.changed)} changed, "
+        f"{len(result.new_failures)} new failures, {len(result.fixed)} fixed, {result.still_failing} still failing"
+    )
+    if result.only_in_a or result.only_in_b:
+        out.print(f"only in {a.id}: {len(result.only_in_a)} · only in {b.id}: {len(result.only_in_b)}")
+    for name, before, after in (
+        ("input tokens", result.tokens_a[0], result.tokens_b[0]),
+        ("output tokens", result.tokens_a[1], result.tokens_b[1]),
+    ):
+        out.print(f"{name} (matched lines): {before:,} → {after:,}{_change(before, after)}")
+    if None not in durations:
+        out.print(f"duration: {format_duration(durations[0] or 0)} → {format_duration(durations[1] or 0)}")
+    for title, pairs in (("changed", result.changed), ("new failures", result.new_failures)):
+        for first, second in pairs[:show]:
+            was = first.output if first.ok else first.error
+            now = second.output if second.ok else second.error
+            out.print(f"{title}: {second.custom_id}: {_short(was)} → {_short(now)}", markup=False)
+
+
+def _run_files(client: BackfillClient, batch: RemoteBatch) -> tuple[list[bytes], list[bytes]]:
+    results = [line for file_id in (batch.output_file_id, batch.error_file_id) if file_id
+               for line in client.read_lines(file_id)]  # fmt: skip
+    return client.read_lines(batch.input_file_id), results
+
+
+def _duration(batch: RemoteBatch) -> int | None:
+    started = batch.times.get("in_progress_at") or batch.times.get("created_at")
+    ended = next((batch.times[f"{s}_at"] for s in ("completed", "expired", "cancelled", "failed")
+                  if f"{s}_at" in batch.times), None)  # fmt: skip
+    return ended - started if started is not None and ended is not None else None
+
+
+def _change(before: int, after: int) -> str:
+    return f" ({(after - before) / before:+.1%})" if before else ""
+
+
+def _short(value: object, width: int = 60) -> str:
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+COMMANDS = (submit, status, wait, results, retry, cancel, list_batches, diff)

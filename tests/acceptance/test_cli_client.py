@@ -202,3 +202,28 @@ def test_cancelling_a_batch_that_has_ended_is_not_an_error(start_server: StartSe
     assert 0 == cancelled.returncode, cancelled.stderr
     assert f"{batch_id} completed" == cancelled.stdout.strip()
     assert "had already ended (completed); nothing to cancel" in cancelled.stderr
+
+
+def test_diff_matches_two_runs_by_request_and_reports_what_moved(start_server: StartServer, tmp_path: Path) -> None:
+    server = start_server(max_attempts=2)
+    tag = f"diff-{time.time_ns()}"
+    common = [f"{tag} {i}" for i in range(5)]
+    flaky = f"{tag} flaky #fail500:2"  # both attempts of the first run fail; the second run's succeed
+    first = write_lines(tmp_path / "a.jsonl", [chat_line(f"a-{i}", text) for i, text in enumerate([*common, flaky])])
+    second = write_lines(
+        tmp_path / "b.jsonl",
+        [chat_line(f"b-{i}", text) for i, text in enumerate([flaky, *reversed(common), f"{tag} new"])],
+    )
+    run_a = cli("submit", first, "--wait", "--base-url", server.base_url)
+    run_b = cli("submit", second, "--wait", "--base-url", server.base_url)
+    batch_a, batch_b = run_a.stdout.strip(), run_b.stdout.strip()
+
+    text = cli("diff", batch_a, batch_b, "--base-url", server.base_url)
+    as_json = cli("diff", batch_a, batch_b, "--json", "--base-url", server.base_url)
+
+    assert 0 == text.returncode, text.stderr
+    assert "matched 6 requests: 5 same, 0 changed, 0 new failures, 1 fixed, 0 still failing" in text.stdout
+    report = orjson.loads(as_json.stdout)
+    assert ([], ["b-6"]) == (report["only_in_a"], report["only_in_b"])
+    assert [("a-5", "b-0")] == [(item["custom_id_a"], item["custom_id_b"]) for item in report["fixed"]]
+    assert report["tokens"]["b"]["output"] > report["tokens"]["a"]["output"]  # the fixed line's tokens
