@@ -373,17 +373,12 @@ def results(
             "--follow reads one OpenAI batch's output as it runs: not with --merge-retries, a message batch or a "
             "Gemini batch"
         )
-    if is_gemini_batch(batch_id):
+    if is_gemini_batch(batch_id) or is_message_batch(batch_id):
+        kind = "Gemini batch" if is_gemini_batch(batch_id) else "message batch"
         if errors is not None or merge_retries:
-            raise click.UsageError("a Gemini batch's results are one file: --errors and --merge-retries do not apply")
+            raise click.UsageError(f"a {kind}'s results are one file: --errors and --merge-retries do not apply")
         with _connected(base_url, api_key) as client:
-            _gemini_results(client, batch_id, output)
-        return
-    if is_message_batch(batch_id):
-        if errors is not None or merge_retries:
-            raise click.UsageError("a message batch's results are one file: --errors and --merge-retries do not apply")
-        with _connected(base_url, api_key) as client:
-            _message_batch_results(client, batch_id, output)
+            _one_file_results(client, batch_id, output)
         return
     errors = errors or default_errors_path(output)
     with _connected(base_url, api_key) as client:
@@ -429,19 +424,15 @@ def _followed(client: BackfillClient, batch_id: str, output: Path) -> RemoteBatc
             time.sleep(FOLLOW_POLL_S)
 
 
-def _gemini_results(client: BackfillClient, batch_id: str, output: Path) -> None:
+def _one_file_results(client: BackfillClient, batch_id: str, output: Path) -> None:
+    """A message batch's or a Gemini batch's results: one file, every request's result in request order."""
     batch = client.get_batch(batch_id)
     if not batch.status.is_terminal:
         raise CommandFailed(f"{batch.id} is still {batch.status.value}; wait for it: backfill wait {batch.id}")
-    client.download_gemini_results(batch, output)
-    _stderr().print(f"{batch.total} results in {output}: {_counts(batch)}")
-
-
-def _message_batch_results(client: BackfillClient, batch_id: str, output: Path) -> None:
-    batch = client.get_batch(batch_id)
-    if not batch.status.is_terminal:
-        raise CommandFailed(f"{batch.id} is still {batch.status.value}; wait for it: backfill wait {batch.id}")
-    client.download_results(batch.id, output)
+    if batch.is_gemini_batch:
+        client.download_gemini_results(batch, output)
+    else:
+        client.download_results(batch.id, output)
     _stderr().print(f"{batch.total} results in {output}: {_counts(batch)}")
 
 

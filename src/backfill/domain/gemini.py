@@ -18,7 +18,13 @@ from backfill.domain.anthropic import Untranslatable
 from backfill.domain.batches import Batch, BatchStatus, RequestState
 from backfill.domain.features import Feature
 from backfill.domain.lines import MAX_BODY_DEPTH
-from backfill.domain.message_batches import CHAT_ENDPOINT, UnrunCounts, rfc3339
+from backfill.domain.message_batches import (
+    CHAT_ENDPOINT,
+    UnrunCounts,
+    backend_error_message,
+    parsed_object,
+    rfc3339,
+)
 from backfill.domain.results import StoredResult
 from backfill.errors import InvalidRequest
 
@@ -212,17 +218,23 @@ def _camel_keys(value: Json) -> Json:
     return {_camel(key): item for key, item in value.items()}
 
 
-def to_chat(request: Any, model: str, features: frozenset[Feature]) -> Json:
-    """The chat-completions body that runs one GenerateContentRequest on `model`; raises Untranslatable."""
+def _checked(request: Any, kind: str, known: frozenset[str], model: str) -> Json:
+    """The request's fields in camelCase, each one known, and the model it names (if any) the batch's."""
     if not isinstance(request, dict):
-        raise Untranslatable("request: a GenerateContentRequest object is required.")
-    request = _camel_keys(request)
-    unknown = sorted(set(request) - _REQUEST_FIELDS)
+        raise Untranslatable(f"request: a {kind} object is required.")
+    fields = _camel_keys(request)
+    unknown = sorted(set(fields) - known)
     if unknown:
         raise Untranslatable(f"request.{_printable(unknown[0])}: this field is not supported by backfill.")
-    named = request.get("model")
+    named = fields.get("model")
     if named is not None and (not isinstance(named, str) or model_of(named) != model):
         raise Untranslatable(f"request.model: this batch runs models/{model}; send {named!r} in a batch of its own.")
+    return fields
+
+
+def to_chat(request: Any, model: str, features: frozenset[Feature]) -> Json:
+    """The chat-completions body that runs one GenerateContentRequest on `model`; raises Untranslatable."""
+    request = _checked(request, "GenerateContentRequest", _REQUEST_FIELDS, model)
     body: Json = {"model": model}
     messages = _system(request.get("systemInstruction")) + _contents(request.get("contents"))
     body["messages"] = messages
@@ -240,15 +252,7 @@ _EMBED_FIELDS = frozenset({"model", "content", "outputDimensionality"})
 def to_embeddings(request: Any, model: str) -> Json:
     """The embeddings body for one EmbedContentRequest on `model`; raises Untranslatable. `taskType` and `title`
     steer Google's own embedding models, which an OpenAI-compatible engine has no way to honour: refused."""
-    if not isinstance(request, dict):
-        raise Untranslatable("request: an EmbedContentRequest object is required.")
-    request = _camel_keys(request)
-    unknown = sorted(set(request) - _EMBED_FIELDS)
-    if unknown:
-        raise Untranslatable(f"request.{_printable(unknown[0])}: this field is not supported by backfill.")
-    named = request.get("model")
-    if named is not None and (not isinstance(named, str) or model_of(named) != model):
-        raise Untranslatable(f"request.model: this batch runs models/{model}; send {named!r} in a batch of its own.")
+    request = _checked(request, "EmbedContentRequest", _EMBED_FIELDS, model)
     content = request.get("content")
     if not isinstance(content, dict):
         raise Untranslatable("request.content: a Content object with 'parts' is required.")
@@ -471,19 +475,13 @@ def outcome(result: StoredResult, model: str | None, endpoint: str = CHAT_ENDPOI
         return {"error": status(1, "The batch was cancelled before this request ran.")}
     if result.is_success and result.body is not None:
         try:
-            answer = _object(result.body)
+            answer = parsed_object(result.body)
             embedded = endpoint == EMBEDDINGS_ENDPOINT
             return {"response": to_embedding(answer) if embedded else to_response(answer, model or "")}
         except Untranslatable as exc:
             return {"error": status(13, str(exc))}
     if result.status_code is not None:
-        message = f"The backend answered {result.status_code}."
-        try:
-            error = _object(result.body or b"").get("error")
-        except Untranslatable:
-            error = None
-        if isinstance(error, dict) and isinstance(error.get("message"), str) and error["message"]:
-            message = f"{message[:-1]}: {error['message']}"
+        message = backend_error_message(result.status_code, result.body)
         return {"error": status(rpc_code(result.status_code), message)}
     code = {"invalid_request": 3, "timeout": 4}.get(result.error_code or "", 13)
     return {"error": status(code, result.error_message or "The request could not be run.")}
@@ -499,16 +497,6 @@ def responses_line(result: StoredResult, model: str | None, endpoint: str = CHAT
     tag = tag_of(result.custom_id)
     line = {**({"key": tag["key"]} if "key" in tag else {}), **outcome(result, model, endpoint)}
     return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
-
-
-def _object(body: bytes) -> Json:
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, dict):
-        raise Untranslatable("The backend's answer is not a JSON object.")
-    return parsed
 
 
 def to_embedding(answer: Json) -> Json:

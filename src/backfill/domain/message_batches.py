@@ -272,13 +272,14 @@ def _succeeded(result: StoredResult, model: str) -> Json:
     # The same id on every read of the results: derived from the line's result id (its custom_id at worst).
     message_id = "msg_" + (result.result_id or result.custom_id).removeprefix("batch_req_")
     try:
-        message = to_message(_object(result.body or b""), message_id=message_id, model=model)
+        message = to_message(parsed_object(result.body or b""), message_id=message_id, model=model)
     except Untranslatable as exc:
         return _errored("api_error", str(exc), result.request_id)
     return {"type": "succeeded", "message": message}
 
 
-def _object(body: bytes) -> Json:
+def parsed_object(body: bytes) -> Json:
+    """A backend's answer as a JSON object; raises Untranslatable for anything else."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -293,15 +294,21 @@ def _errored(kind: str, message: str, request_id: str | None) -> Json:
     return {"type": "errored", "error": error}
 
 
+def backend_error_message(status_code: int, body: bytes | None) -> str:
+    """`The backend answered 400: <its error message>` (without the message when its body has none)."""
+    message = f"The backend answered {status_code}."
+    try:
+        error = parsed_object(body or b"").get("error")
+    except Untranslatable:
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("message"), str) and error["message"]:
+        message = f"{message[:-1]}: {error['message']}"
+    return message
+
+
 def _failure(result: StoredResult) -> Json:
     if result.status_code is not None:
-        message = f"The backend answered {result.status_code}."
-        try:
-            error = _object(result.body or b"").get("error")
-        except Untranslatable:
-            error = None
-        if isinstance(error, dict) and isinstance(error.get("message"), str) and error["message"]:
-            message = f"{message[:-1]}: {error['message']}"
+        message = backend_error_message(result.status_code, result.body)
         return _errored(error_type(result.status_code), message, result.request_id)
     kind = {REFUSED: "invalid_request_error", "timeout": "timeout_error"}.get(result.error_code or "", "api_error")
     return _errored(kind, result.error_message or "The request could not be run.", result.request_id)
