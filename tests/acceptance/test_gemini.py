@@ -133,6 +133,7 @@ def test_a_file_batch_runs_and_its_responses_file_holds_every_key_in_input_order
     assert uploaded.name is not None
     assert uploaded.size_bytes == path.stat().st_size
     assert client.files.get(name=uploaded.name).size_bytes == path.stat().st_size
+    assert uploaded.name in [listed.name for listed in client.files.list(config={"page_size": 2})]
     job = client.batches.create(model=f"models/{MODEL}", src=uploaded.name)
     assert job.name is not None
     ended = wait_ended(client, job.name)

@@ -357,3 +357,21 @@ async def get_file(deps: FileDeps, tenant_id: str, file_id: str) -> FileRecord:
     if record is None:
         raise NotFound(f"File files/{file_id} not found.")
     return record
+
+
+async def list_files(
+    deps: FileDeps, tenant_id: str, *, page_size: int, page_token: str | None
+) -> tuple[list[FileRecord], str | None]:
+    """The tenant's uploads through the Gemini Files API, newest first; the next page's token is the last id."""
+    if not 1 <= page_size <= 100:
+        raise InvalidRequest(f"pageSize: must be between 1 and 100, not {page_size}.")
+    cursor = page_token or None
+    page = None
+    if cursor is None or "\x00" not in cursor:
+        page = await deps.store.list_files(
+            tenant_id, purpose=GEMINI_PURPOSE, limit=page_size, descending=True, after=cursor
+        )
+    if page is None:
+        raise InvalidRequest(f"pageToken: {cursor!r} is not a page token this server gave.")
+    records, more = page
+    return records, (records[-1].id if more and records else None)

@@ -188,6 +188,23 @@ def _file_object(request: Request, services: ServicesDep, version: str, record: 
     )
 
 
+@router.get("/{version}/files")
+async def list_gemini_files(
+    version: str,
+    request: Request,
+    services: ServicesDep,
+    tenant: Tenant,
+    page_size: Annotated[int, Query(alias="pageSize")] = 10,
+    page_token: Annotated[str | None, Query(alias="pageToken")] = None,
+) -> Response:
+    _version(version)
+    records, next_token = await uc.list_files(services, tenant, page_size=page_size, page_token=page_token)
+    answer: dict[str, object] = {"files": [_file_object(request, services, version, record) for record in records]}
+    if next_token is not None:
+        answer["nextPageToken"] = next_token
+    return json_response(answer)
+
+
 @router.get("/{version}/files/{name}")
 async def get_gemini_file(version: str, name: str, request: Request, services: ServicesDep, tenant: Tenant) -> Response:
     """`files/{id}`, or its bytes with `files/{id}:download?alt=media` (a batch's responses file, or an upload)."""
