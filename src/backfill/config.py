@@ -244,6 +244,10 @@ class Settings(BaseSettings):
     batch_file_ttl_s: int = Field(default=30 * 86400, ge=1)
     completion_windows: list[str] = ["1h", "24h", "7d"]
     default_enqueued_token_limit: int | None = Field(default=None, ge=1)
+    # The batch object's `output_file_id` from the start, as Doubleword's API and autobatcher's partial reads have
+    # it, instead of OpenAI's null until the batch ends (docs/partial-results.md). `backfill.output_file_id` has it
+    # either way.
+    output_file_id_at_start: bool = False
 
     # Anthropic Message Batches (SPEC §4). `public_url`: how clients reach this server, for `results_url`; unset,
     # it is read from each request (X-Forwarded-* / Forwarded headers, then Host).

@@ -121,3 +121,18 @@ def test_results_follow_writes_lines_as_they_settle_then_the_error_file(
     assert client.files.content(done.output_file_id).content == output.read_bytes()
     errors = tmp_path / "out.errors.jsonl"
     assert ["b"] == [orjson.loads(line)["custom_id"] for line in errors.read_bytes().splitlines()]
+
+
+def test_output_file_id_at_start_announces_the_id_in_openai_s_field_too(
+    start_server: StartServer, upstream: Upstream
+) -> None:
+    client = client_for(start_server(output_file_id_at_start=True))
+    tag = uuid.uuid4().hex[:8]
+    batch = start_batch(client, [chat_line("a", f"a {tag}"), chat_line("b", f"b {tag} #gate:{tag}")])
+    running = wait_for(client, batch.id, lambda b: b.request_counts is not None and b.request_counts.completed == 1)
+
+    assert running.output_file_id is not None
+    assert running.output_file_id == raw_batch(client, batch.id)["backfill"]["output_file_id"]
+    assert (["a"], {"x-incomplete": "true", "x-last-line": "1"}) == read(client, running.output_file_id)
+    upstream.open_gate(tag)
+    assert running.output_file_id == wait_terminal(client, batch.id).output_file_id

@@ -157,9 +157,11 @@ class Batch:
             "waiting": self.waiting if self.is_waiting else None,
         }
 
-    def to_openai(self, *, expired: int = 0, cancelled: int = 0) -> dict[str, Any]:
+    def to_openai(self, *, expired: int = 0, cancelled: int = 0, output_id_at_start: bool = False) -> dict[str, Any]:
         """The batch object exactly as SPEC §3 lists it: every key, null where unset. `expired` and `cancelled`:
-        its lines that ended so without running, which `request_counts.failed` counts among the failed."""
+        its lines that ended so without running, which `request_counts.failed` counts among the failed.
+        `output_id_at_start`: `output_file_id` while the batch runs too (`output_file_id_at_start`)."""
+        announced = self.output_file_id or (output_file_id_of(self.id) if not self.status.is_terminal else None)
         return {
             "id": self.id,
             "object": "batch",
@@ -169,7 +171,7 @@ class Batch:
             "input_file_id": self.input_file_id,
             "completion_window": self.completion_window,
             "status": self.status.value,
-            "output_file_id": self.output_file_id,
+            "output_file_id": announced if output_id_at_start else self.output_file_id,
             "error_file_id": self.error_file_id,
             "created_at": self.created_at,
             "in_progress_at": self.in_progress_at,
@@ -189,8 +191,7 @@ class Batch:
             "backfill": self.extension()
             | {
                 "request_counts": {"expired": expired, "cancelled": cancelled},
-                "output_file_id": self.output_file_id
-                or (output_file_id_of(self.id) if not self.status.is_terminal else None),
+                "output_file_id": announced,
             },
         }
 

@@ -138,6 +138,7 @@ async def batch_objects(deps: BatchDeps, batches: Sequence[Batch]) -> list[dict[
         batch.to_openai(
             expired=unrun[batch.id].expired if batch.id in unrun else 0,
             cancelled=unrun[batch.id].canceled if batch.id in unrun else 0,
+            output_id_at_start=deps.settings.output_file_id_at_start,
         )
         for batch in batches
     ]

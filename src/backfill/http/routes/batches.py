@@ -48,7 +48,8 @@ async def create_batch(
     async def create() -> tuple[str, dict[str, Any]]:
         batch = await uc.create_batch(services, tenant, uc.parse_create(payload))
         services.work_changed()
-        return asked, batch.to_openai()  # just created: no line has ended
+        # just created: no line has ended
+        return asked, batch.to_openai(output_id_at_start=services.settings.output_file_id_at_start)
 
     if key is None:
         return json_response((await create())[1])
@@ -95,7 +96,8 @@ async def retry_batch(batch_id: str, request: Request, services: ServicesDep, te
     payload = await json_body(request) if request.headers.get("content-length", "0") != "0" else None
     batch = await retries.retry_batch(services, tenant, batch_id, retries.parse_retry(payload))
     services.work_changed()
-    return json_response(batch.to_openai())  # just created: no line has ended
+    # just created: no line has ended
+    return json_response(batch.to_openai(output_id_at_start=services.settings.output_file_id_at_start))
 
 
 @router.post(
