@@ -78,8 +78,10 @@ class Cluster:
             time.sleep(0.2)
 
     def snapshot_committed(self) -> None:
-        taken_at = time.time()
         rows = fetch_rows(self.database_url, "SELECT custom_id FROM requests WHERE state = 'succeeded'")
+        # Taken once the read has answered: every row it saw was committed by then. Taken before the read (as it
+        # was), a line first sent and committed while the read was connecting looked "sent after its commit".
+        taken_at = time.time()
         self.committed.append((taken_at, {str(row[0]) for row in rows}))
 
     def kill_one(self, rng: random.Random, which: Server | None = None) -> None:
