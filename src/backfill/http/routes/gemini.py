@@ -22,8 +22,8 @@ from backfill.usecases import gemini as uc
 
 PREFIX = "/gemini"
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
-# Inline requests ride in the create call's body: as much as a message batch's, at most.
-_MAX_CREATE_BYTES_FLOOR = 1 << 20
+# Inline requests ride in the create call's body, parsed in memory: Google's own limit (20 MB); more goes in a file.
+_MAX_INLINE_BYTES = 20 * 1024 * 1024
 _METHODS = {"batchGenerateContent": CHAT_ENDPOINT, "asyncBatchEmbedContent": gemini.EMBEDDINGS_ENDPOINT}
 
 
@@ -66,8 +66,7 @@ async def gemini_model_method(
             f"Method models/{name} is not served here: models/{{model}}:batchGenerateContent or "
             ":asyncBatchEmbedContent."
         )
-    limit = max(services.settings.message_batch_max_bytes, _MAX_CREATE_BYTES_FLOOR)
-    payload = await json_body(request, limit)
+    payload = await json_body(request, min(services.settings.message_batch_max_bytes, _MAX_INLINE_BYTES))
     shown = await uc.create_batch(services, tenant, model, payload, endpoint)
     services.work_changed()
     return json_response(shown.operation())
