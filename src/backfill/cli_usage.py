@@ -83,8 +83,11 @@ def usage_table(
         row["output_tokens"] += result["output_tokens"]
         for name in _CAPACITIES:
             row[name] += result[name]
+        row["result_cache_hits"] += result.get("result_cache_hits", 0)  # absent from servers before the cache
         row["cost"] += cost
-    header = (*(name.upper() for name in by), "REQUESTS", "INPUT", "CACHED", "OUTPUT", "HARVESTED", "COST USD")
+    header = (
+        *(name.upper() for name in by), "REQUESTS", "INPUT", "CACHED", "OUTPUT", "HARVESTED", "FROM CACHE", "COST USD"
+    )  # fmt: skip
     rows: list[tuple[str, ...]] = [header]
     for group, row in sorted(sums.items()):
         batch_tokens = sum(
@@ -101,6 +104,7 @@ def usage_table(
                 f"{row['cached_tokens']:.0f}",
                 f"{row['output_tokens']:.0f}",
                 harvested,
+                f"{row['result_cache_hits']:.0f}",
                 f"{row['cost']:.4f}",
             )
         )

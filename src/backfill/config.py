@@ -63,6 +63,13 @@ class BackendSettings(BaseModel):
     # runs higher values first: it is sent negated there. An SGLang started with
     # `--schedule-low-priority-values-first` wants a negative setting here.
     batch_priority: int = 10
+    # What the weights behind this endpoint are, for the result cache (docs/evals.md): any string an operator
+    # changes when they change (a checkpoint hash, a release tag). Cached answers are kept per model identity: this
+    # and what the server's GET /v1/models says of the model (its root, context length, …; not its start time).
+    model_revision: str | None = None
+    # How long that answer is trusted (0: asked again before each cached line): a restart with new weights is seen
+    # within it, and at once when the server was unreachable meanwhile.
+    model_identity_ttl_s: float = Field(default=30.0, ge=0)
     # The endpoint also serves interactive traffic (through backfill's proxy or not): batch lines take only the
     # capacity it leaves, under a harvest controller (policy/harvest.py) that reads the proxy's interactive TTFT
     # and the engine's /metrics once a second. Interactive load is its share of the engine's token throughput:
@@ -248,6 +255,12 @@ class Settings(BaseSettings):
     # it, instead of OpenAI's null until the batch ends (docs/partial-results.md). `backfill.output_file_id` has it
     # either way.
     output_file_id_at_start: bool = False
+    # The result cache across batches (docs/evals.md): a deterministic line (temperature 0 or a fixed seed;
+    # embeddings) whose answer an earlier batch of the same tenant got from the same model identity is answered
+    # from it, without a backend. `result_cache`: for batches whose metadata does not say (`backfill_result_cache`);
+    # `result_cache_max_entries`: per tenant, least recently used dropped first (checked once a minute).
+    result_cache: bool = False
+    result_cache_max_entries: int = Field(default=100_000, ge=1)
 
     # Anthropic Message Batches (SPEC §4). `public_url`: how clients reach this server, for `results_url`; unset,
     # it is read from each request (X-Forwarded-* / Forwarded headers, then Host).

@@ -59,6 +59,13 @@ class Metrics:
             ["backend"],
             registry=self.registry,
         )
+        self.result_cache_lookups = Counter(
+            "backfill_result_cache_lookups",
+            "Lines of batches with the result cache on, looked up before sending: `hit` (answered from it, no "
+            "backend request) or `miss`; `error` when the store could not answer (the line is sent).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.lines_shed = Counter(
             "backfill_lines_shed",
             "Lines aborted and handed back uncharged because interactive traffic needed the endpoint (harvest).",

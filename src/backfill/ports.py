@@ -13,6 +13,7 @@ from backfill.domain.keys import NewKey
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
 from backfill.domain.message_batches import RefusedRequest, UnrunCounts
 from backfill.domain.outcomes import Outcome
+from backfill.domain.result_cache import CachedResult
 from backfill.domain.results import StoredResult
 from backfill.domain.tenants import KeyInfo, KeyMatch, Tenant, TenantChange
 from backfill.domain.usage_report import EndedBatch, UsageCounts, UsageKey, UsageRows
@@ -84,6 +85,16 @@ class LoadsModel(Protocol):
 
     async def load(self) -> None:
         """Load the model (once: later calls return when it is loaded); raises if it cannot be loaded."""
+        ...
+
+
+@runtime_checkable
+class IdentifiesModel(Protocol):
+    """A backend that can say which weights serve a model (domain.result_cache.model_identity): the result cache
+    keeps answers per identity. A backend that cannot never answers from the cache."""
+
+    async def model_identity(self, model: str) -> str | None:
+        """The model's identity now; None when it cannot be known at the moment."""
         ...
 
 
@@ -399,7 +410,20 @@ class WebhookStore(Protocol):
         ...
 
 
-class WorkerStore(TenantStore, FileStore, BatchStore, LineQueue, WorkerBoard, WebhookStore, Protocol):
+class ResultCache(Protocol):
+    """Answers of deterministic lines kept across batches, per tenant (domain.result_cache). They are written with
+    the lines they come from: a `LineUpdate` with a `cache_key` that `record` lands keeps its answer."""
+
+    async def cached_result(self, tenant_id: str, key: str, now: int) -> CachedResult | None:
+        """The answer kept under `key` for the tenant, marked used at `now`; None if there is none."""
+        ...
+
+    async def trim_result_cache(self, max_entries: int) -> int:
+        """Drop each tenant's least recently used entries beyond `max_entries`; returns how many went."""
+        ...
+
+
+class WorkerStore(TenantStore, FileStore, BatchStore, LineQueue, WorkerBoard, WebhookStore, ResultCache, Protocol):
     """What a dispatcher worker uses: validation and finalize (lifecycle), leasing and recording, housekeeping."""
 
 

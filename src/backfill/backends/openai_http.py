@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import math
 import time
@@ -16,6 +17,7 @@ from backfill.config import BackendSettings
 from backfill.domain.features import ALL_FEATURES, Feature
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.domain.responses import complete_response
+from backfill.domain.result_cache import model_identity
 from backfill.domain.usage import Usage
 from backfill.errors import BackendTimeout, BackendUnavailable
 
@@ -39,6 +41,7 @@ _PRIORITY_REFUSED = b"priority scheduling is not enabled"
 log = structlog.get_logger(__name__)
 _INTERACTIVE_POOLS = 4  # of _CONNECTIONS_PER_POOL idle connections each
 _PROBE_TIMEOUT_S = 5.0
+_MODELS_RETRY_S = 5.0  # how soon a GET /v1/models that got no answer is asked again
 
 
 def _describe(exc: httpx.HTTPError) -> str:
@@ -166,6 +169,10 @@ class OpenAIHttpBackend:
             else [_pool(headers, None, _CONNECTIONS_PER_POOL) for _ in range(_INTERACTIVE_POOLS)]
         )
         self._interactive_busy = [0] * len(self._interactive)
+        self._flavour, self._revision = settings.flavour, settings.model_revision
+        self._identity_ttl_s = settings.model_identity_ttl_s
+        self._described: asyncio.Task[dict[str, dict[str, Any]] | None] | None = None
+        self._described_until = 0.0
 
     async def _post(self, url: str, body: bytes, timeout_s: float) -> httpx.Response:
         shard = min(range(len(self._clients)), key=self._busy.__getitem__)
@@ -210,6 +217,7 @@ class OpenAIHttpBackend:
         try:
             response = await self._post(self._base + endpoint, body, timeout)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            self._described_until = 0.0  # down: it may come back with other weights (the result cache asks again)
             return Outcome(
                 OutcomeKind.UNAVAILABLE,
                 message=f"The backend {self.name} could not be reached: {_describe(exc)}.",
@@ -307,6 +315,40 @@ class OpenAIHttpBackend:
         if response.status_code >= 500:
             return f"The backend {self.name} answered {response.status_code}."
         return None
+
+    async def model_identity(self, model: str) -> str | None:
+        """What GET /v1/models says of `model` (its entry, less its start time) and the configured `model_revision`
+        (domain.result_cache). A server without /v1/models (404) is known by the revision alone; one that does not
+        answer is not known now (None)."""
+        now = time.monotonic()
+        if self._described is None or (self._described.done() and now >= self._described_until):
+            self._described = asyncio.ensure_future(self._describe_models())
+        described = await asyncio.shield(self._described)
+        if described is None:
+            return None
+        return model_identity(described.get(model), flavour=self._flavour, revision=self._revision)
+
+    async def _describe_models(self) -> dict[str, dict[str, Any]] | None:
+        """Each model's entry in GET /v1/models by id ({} for a server without the route); None: no answer."""
+        self._described_until = time.monotonic() + _MODELS_RETRY_S
+        try:
+            response = await self._interactive[0].get(self._base + "/v1/models", timeout=_PROBE_TIMEOUT_S)
+        except httpx.HTTPError:
+            return None
+        if response.status_code == 404:
+            described: dict[str, dict[str, Any]] | None = {}
+        elif response.status_code != 200:
+            described = None
+        else:
+            entries = (_json_object(response.content) or {}).get("data")
+            described = {
+                entry["id"]: entry
+                for entry in (entries if isinstance(entries, list) else [])
+                if isinstance(entry, dict) and isinstance(entry.get("id"), str)
+            }
+        if described is not None:
+            self._described_until = time.monotonic() + self._identity_ttl_s
+        return described
 
     async def close(self) -> None:
         for client in self._clients:

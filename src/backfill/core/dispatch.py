@@ -294,6 +294,11 @@ class DispatchCore:
         if flight is None:
             return []
         start = flight.start
+        if outcome.cached_from is not None:
+            # Answered from the result cache: the endpoint did no work, so its limits, meters and circuit learn
+            # nothing (its harvest accounting must not see tokens the engine never served).
+            flight.pool.release(start)
+            return [Record(line_update_after(self.retry, self.rng, start, outcome, now))]
         circuit = self.circuits[start.endpoint]
         was = circuit.state
         # A line cut off by its window says nothing about the endpoint (several often end at the same moment).

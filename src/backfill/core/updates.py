@@ -51,6 +51,7 @@ def line_update_after(retry: RetryPolicy, rng: random.Random, start: Start, outc
         usage=outcome.usage,
         capacity=start.capacity,
         finished_at=now,
+        cached_from=outcome.cached_from,
     )
 
 

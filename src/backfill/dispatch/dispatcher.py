@@ -15,6 +15,7 @@ import functools
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import httpx
 import orjson
@@ -55,11 +56,12 @@ from backfill.dispatch.endpoints import EndpointMonitor
 from backfill.dispatch.housekeeper import Housekeeper
 from backfill.dispatch.lifecycle import Lifecycle
 from backfill.dispatch.recorder import Recorder
+from backfill.dispatch.result_cache import ResultCacheLookups
 from backfill.dispatch.watcher import EngineWatcher
 from backfill.domain.batches import ScheduleState
 from backfill.domain.leases import LeasedLine
 from backfill.domain.lines import ValidationLimits
-from backfill.domain.outcomes import Outcome
+from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.errors import BlobStoreUnavailable
 from backfill.interactive import InteractiveMeter
 from backfill.metrics import Metrics, outcome_label
@@ -118,6 +120,7 @@ class Dispatcher:
             before_tend=self.recorder.flush, watch_batches=self._watch_batches,
         )  # fmt: skip
         self.interactive: InteractiveMeter | None = None  # the proxy's measurements, for harvested endpoints
+        self.cache = ResultCacheLookups(store, settings, clock, self.metrics)
         self.endpoints = EndpointMonitor(self.backends, self.core, self.metrics, clock, self._perform_and_look)
         self.watcher: EngineWatcher | None = None
         self.running = False  # `run` has started (an API-only process never runs its dispatcher)
@@ -325,7 +328,12 @@ class Dispatcher:
         line, batch, backend = start.line, start.batch, self.backends[start.endpoint]
         try:
             raw = await self.blobs.read_range(batch.input_blob_key, line.offset, line.length)
-            body = orjson.dumps(orjson.loads(raw)["body"])
+            parsed = orjson.loads(raw)["body"]
+            key = await self.cache.key(batch, backend, parsed)
+            if key is not None and (hit := await self.cache.lookup(batch, key)) is not None:
+                self._answer(line, backend.name, hit, 0.0)
+                return
+            body = orjson.dumps(parsed)
             # A line in flight when the window closes gets the same grace as one in flight at a cancel.
             left_s = batch.expires_at - self.clock() + self.settings.cancel_grace_s
             timeout = max(1.0, min(self.settings.request_timeout_s, left_s))
@@ -338,7 +346,7 @@ class Dispatcher:
             latency_s = max(0.0, self.clock() - started)
             self.metrics.backend_seconds.labels(backend.name).observe(latency_s)
             self.metrics.backend_requests.labels(backend.name, outcome_label(outcome)).inc()
-            self._answer(line, backend.name, outcome, latency_s)
+            self._answer(line, backend.name, outcome, latency_s, key)
         except asyncio.CancelledError:
             self._perform(self.core.handle(Unsent(line.id, Unanswered.ABORTED), self.clock()))
             raise
@@ -355,13 +363,17 @@ class Dispatcher:
 
     async def _run_request(self, request: _Request) -> None:
         """Run the lines of one coalesced request (dispatch/coalesced.py) and tell the core, line by line, what each
-        got — as `_run_line` does for one line."""
+        got — as `_run_line` does for one line. Lines the result cache holds are answered from it first."""
         first = request.starts[0]
         batch, backend = first.batch, self.backends[first.endpoint]
-        lines = [start.line for start in request.starts]
+        started_lines = lines = [start.line for start in request.starts]
         try:
             raws = await read_lines(self.blobs, batch.input_blob_key, lines)
             bodies = [orjson.loads(raw)["body"] for raw in raws]
+            keys = [await self.cache.key(batch, backend, body) for body in bodies]
+            lines, bodies, keys = await self._answer_cached(request, backend.name, lines, bodies, keys)
+            if not lines:
+                return
             left_s = batch.expires_at - self.clock() + self.settings.cancel_grace_s
             timeout = max(1.0, min(self.settings.request_timeout_s, left_s))
             self.metrics.in_flight.labels(backend.name).inc()
@@ -375,12 +387,12 @@ class Dispatcher:
             latency_s = max(0.0, self.clock() - started)
             self.metrics.backend_seconds.labels(backend.name).observe(latency_s)
             request.answered = True
-            for line, outcome in zip(lines, outcomes, strict=True):
+            for line, outcome, key in zip(lines, outcomes, keys, strict=True):
                 if line.id in request.aborted:
                     self._perform(self.core.handle(Unsent(line.id, Unanswered.ABORTED), self.clock()))
                     continue
                 self.metrics.backend_requests.labels(backend.name, outcome_label(outcome)).inc()
-                self._answer(line, backend.name, outcome, latency_s)
+                self._answer(line, backend.name, outcome, latency_s, key)
         except asyncio.CancelledError:
             self._unsend(lines, Unanswered.ABORTED)
             raise
@@ -391,12 +403,42 @@ class Dispatcher:
             log.exception("dispatcher.line_crashed", line_id=lines[0].id, batch_id=batch.id, lines=len(lines))
             self._unsend(lines, Unanswered.CRASHED, type(exc).__name__)
         finally:
-            for line in lines:
+            for line in started_lines:
                 self._lines.pop(line.id, None)
             self._wake.set()
 
-    def _answer(self, line: LeasedLine, backend: str, outcome: Outcome, latency_s: float) -> None:
+    async def _answer_cached(
+        self,
+        request: _Request,
+        backend: str,
+        lines: list[LeasedLine],
+        bodies: list[dict[str, Any]],
+        keys: list[str | None],
+    ) -> tuple[list[LeasedLine], list[dict[str, Any]], list[str | None]]:
+        """Answer the lines of a coalesced request that the result cache holds; return the others, to be sent."""
+        batch = request.starts[0].batch
+        unanswered: list[LeasedLine] = []
+        unanswered_bodies: list[dict[str, Any]] = []
+        unanswered_keys: list[str | None] = []
+        for line, body, key in zip(lines, bodies, keys, strict=True):
+            hit = await self.cache.lookup(batch, key) if key is not None else None
+            if hit is None:
+                unanswered.append(line)
+                unanswered_bodies.append(body)
+                unanswered_keys.append(key)
+            elif line.id in request.aborted:
+                self._perform(self.core.handle(Unsent(line.id, Unanswered.ABORTED), self.clock()))
+            else:
+                self._answer(line, backend, hit, 0.0)
+        return unanswered, unanswered_bodies, unanswered_keys
+
+    def _answer(
+        self, line: LeasedLine, backend: str, outcome: Outcome, latency_s: float, cache_key: str | None = None
+    ) -> None:
+        """Tell the core what the line got; a success gets kept under `cache_key` (the result cache) with it."""
         actions = self.core.handle(Answered(line.id, outcome, latency_s), self.clock())
+        if cache_key is not None and outcome.kind is OutcomeKind.SUCCESS:
+            actions = [self.cache.keep(action, cache_key) for action in actions]
         for action in actions:
             if isinstance(action, Record) and action.update.is_final:
                 self.metrics.lines_finished.labels(action.update.state.value).inc()

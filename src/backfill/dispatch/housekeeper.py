@@ -1,5 +1,5 @@
-"""A worker's housekeeping: keep its leases alive, reclaim lapsed ones, sweep expired files, and tend batches
-(validate, expire, cancel, finalize — each claimed, so it runs once across workers)."""
+"""A worker's housekeeping: keep its leases alive, reclaim lapsed ones, sweep expired files and trim the result
+cache, and tend batches (validate, expire, cancel, finalize — each claimed, so it runs once across workers)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ class Housekeeper:
                 if not self.stopping:
                     if now - swept >= _FILE_SWEEP_S:
                         await self._delete_expired_files(int(now))
+                        await self.store.trim_result_cache(self.settings.result_cache_max_entries)
                         swept = now
                     await self.watch_batches(now)
                     for batch in await self.store.batches_to_tend(now):

@@ -46,6 +46,9 @@ class LineUpdate:
     # For the usage report (domain.usage_report): why the line ran where it did, and when its answer came.
     capacity: Capacity = Capacity.DEDICATED
     finished_at: float = 0.0
+    # The result cache (domain.result_cache): the line whose answer this one reuses, or the key to keep it under.
+    cached_from: str | None = None
+    cache_key: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -69,6 +72,7 @@ class DispatchBatch:
     est_prompt_tokens: int = 0  # over all its lines
     est_output_tokens: int = 0
     total: int = 0
+    result_cache: bool | None = None  # its own choice (domain.result_cache); None: the `result_cache` setting
 
     @property
     def window_s(self) -> float:

@@ -31,6 +31,7 @@ class Outcome:
     # Each input's prompt tokens, where the backend counted them with the model's tokenizer (the embedded engine):
     # how a coalesced request's usage is shared out among its lines (domain/coalescing.py).
     input_tokens: tuple[int, ...] = ()
+    cached_from: str | None = None  # an earlier line's answer from the result cache: no backend saw this one
 
     @property
     def is_retryable(self) -> bool:

@@ -24,6 +24,7 @@ class StoredResult:
     body: bytes | None  # the backend's JSON body, verbatim
     error_code: str | None
     error_message: str | None
+    cached_from: str | None = None  # the line whose answer this one reuses (the result cache)
 
     @property
     def is_success(self) -> bool:
@@ -53,10 +54,12 @@ def output_line(result: StoredResult, fallback_id: str) -> bytes:
         error = {"code": code, "message": message}
     else:
         error = {"code": result.error_code or "backend_unavailable", "message": result.error_message or ""}
-    line = {
+    line: dict[str, object] = {
         "id": result.result_id or fallback_id,
         "custom_id": result.custom_id,
         "response": response,
         "error": error,
     }
+    if result.cached_from is not None:  # extension: answered from the result cache, not by a backend
+        line["backfill"] = {"cached": True, "cached_from": result.cached_from}
     return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)

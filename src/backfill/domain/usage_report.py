@@ -55,13 +55,20 @@ class UsageCounts:
     off_peak_tokens: int = 0
     promoted_tokens: int = 0
     dedicated_tokens: int = 0
+    # Batch lines answered from the result cache (domain.result_cache): no model request, no token spent; the
+    # tokens (input + output) their answers carry, beside.
+    result_cache_hits: int = 0
+    result_cache_tokens: int = 0
 
     def __add__(self, other: UsageCounts) -> UsageCounts:
         return UsageCounts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     @classmethod
-    def of_request(cls, usage: Usage, capacity: Capacity | None = None) -> UsageCounts:
-        """One request's counts; `capacity` for a batch line (None: interactive)."""
+    def of_request(cls, usage: Usage, capacity: Capacity | None = None, *, cached: bool = False) -> UsageCounts:
+        """One request's counts; `capacity` for a batch line (None: interactive); `cached`: a batch line answered
+        from the result cache, which counts as a hit and nothing else (it cost nothing)."""
+        if cached:
+            return cls(result_cache_hits=1, result_cache_tokens=usage.total_tokens)
         by_capacity = {f"{capacity.value}_tokens": usage.total_tokens} if capacity is not None else {}
         return cls(1, usage.input_tokens, usage.cached_tokens, usage.output_tokens, **by_capacity)
 
@@ -166,6 +173,9 @@ def usage_buckets(
                     "off_peak_tokens": counts.off_peak_tokens,
                     "promoted_tokens": counts.promoted_tokens,
                     "dedicated_tokens": counts.dedicated_tokens,
+                    # Extension: batch lines answered from the result cache, and the tokens their answers carry.
+                    "result_cache_hits": counts.result_cache_hits,
+                    "result_cache_tokens": counts.result_cache_tokens,
                 }
             )
         buckets.append(Bucket(start, start + window.width_s, results))

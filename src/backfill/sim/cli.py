@@ -28,15 +28,20 @@ def sim() -> None:
     help="Engine profile (TOML); default: an H100 serving Llama-3-8B (docs/simulator.md).",
 )
 @click.option("--model", help="Served model name (overrides the profile's).")
+@click.option("--root", help="Where the weights come from, as GET /v1/models shows it (default: the model's name).")
 @click.option("--time-scale", type=float, help="Sleep this fraction of each modelled iteration (0.01: 100x faster).")
-def serve(host: str, port: int, profile_path: Path | None, model: str | None, time_scale: float | None) -> None:
+def serve(
+    host: str, port: int, profile_path: Path | None, model: str | None, root: str | None, time_scale: float | None
+) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models and /metrics."""
     import uvicorn
 
     from backfill.sim.server import create_sim_app
 
     overrides: dict[str, Any] = {
-        name: value for name, value in (("model", model), ("time_scale", time_scale)) if value is not None
+        name: value
+        for name, value in (("model", model), ("root", root), ("time_scale", time_scale))
+        if value is not None
     }
     try:
         profile = dataclasses.replace(load_profile(profile_path), **overrides)

@@ -47,6 +47,9 @@ class EngineProfile:
     """Parameters of a simulated engine; invalid values raise ConfigError."""
 
     model: str = "sim-8b"
+    # Where the weights come from, as vLLM's GET /v1/models shows it (`root`; "": the model's name). Serving the
+    # same name from other weights changes it, as `--served-model-name` does on vLLM.
+    root: str = ""
     max_model_len: int = 8192  # Llama-3-8B's context window: prompt + output tokens of one request
     # Scheduler limits, under vLLM's names. vLLM's API server on a >= 70 GiB GPU defaults to 8192 batched tokens
     # and 1024 sequences; 256 sequences (its default elsewhere) is the more common production setting.

@@ -124,7 +124,7 @@ class SimServer:
             "object": "model",
             "created": self._created,
             "owned_by": "backfill-sim",
-            "root": self.profile.model,
+            "root": self.profile.root or self.profile.model,
             "parent": None,
             "max_model_len": self.profile.max_model_len,
         }

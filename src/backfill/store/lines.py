@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+import orjson
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
+from backfill.domain.result_cache import metadata_flag
 from backfill.domain.results import StoredResult
 from backfill.domain.usage import Usage
 from backfill.domain.usage_report import UsageCounts, UsageKey, UsageKind, fold, row_start
+from backfill.store.result_cache import keep_results
 from backfill.store.tables import batches, files, requests, tenants
 from backfill.store.usage import add_usage
 
@@ -48,7 +52,7 @@ _FENCE = (
 _FINISH_LINE_SQL = (
     "UPDATE requests SET state = {p}, attempts = {p}, lease_owner = NULL, lease_expires_at = NULL, result_id = {p},"
     " status_code = {p}, request_id = {p}, body = {p}, error_code = {p}, error_message = {p}, input_tokens = {p},"
-    " cached_tokens = {p}, output_tokens = {p}, reasoning_tokens = {p}"
+    " cached_tokens = {p}, output_tokens = {p}, reasoning_tokens = {p}, cached_from = {p}"
     " WHERE id = {p} AND lease_owner = {p} AND lease_seq = {p} AND state = 'leased'"
 )
 _REQUEUE_LINE = (
@@ -66,6 +70,13 @@ _REQUEUE_LINE = (
 )
 
 
+def _metadata(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    parsed = orjson.loads(text)
+    return parsed if isinstance(parsed, dict) else None
+
+
 def _finish_params(owner: str, u: LineUpdate) -> tuple[Any, ...]:
     usage = u.usage
     return (
@@ -81,6 +92,7 @@ def _finish_params(owner: str, u: LineUpdate) -> tuple[Any, ...]:
         usage.cached_tokens,
         usage.output_tokens,
         usage.reasoning_tokens,
+        u.cached_from,
         u.id,
         owner,
         u.lease_seq,
@@ -110,6 +122,7 @@ class LineQueries:
                 batches.c.est_prompt_tokens,
                 batches.c.est_output_tokens,
                 batches.c.total,
+                batches.c.metadata,
             )
             .select_from(
                 batches.join(files, files.c.id == batches.c.input_file_id).join(
@@ -124,7 +137,11 @@ class LineQueries:
             .order_by(batches.c.expires_at, batches.c.seq)
         )
         async with self.engine.connect() as conn:
-            return [DispatchBatch(*row) for row in await conn.execute(query)]
+            rows = (await conn.execute(query)).all()
+        return [
+            dataclasses.replace(DispatchBatch(*row[:-1]), result_cache=metadata_flag(_metadata(row.metadata)))
+            for row in rows
+        ]
 
     async def set_outlooks(
         self, outlooks: Sequence[tuple[str, int | None, str | None]], waiting: Mapping[str, str] | None = None
@@ -275,6 +292,7 @@ class LineQueries:
             requests.c.body,
             requests.c.error_code,
             requests.c.error_message,
+            requests.c.cached_from,
         )
         while True:
             query = (
@@ -295,6 +313,7 @@ class LineQueries:
                     bytes(row.body) if row.body is not None else None,
                     row.error_code,
                     row.error_message,
+                    row.cached_from,
                 )
             if len(rows) < page_size:
                 return
@@ -353,8 +372,10 @@ async def _record_batch(
     # Which successes this write will land (the fence), read before it, locked: their usage is counted now. After
     # it, a line written here and one written by the same update in an earlier commit (a retried flush) look alike.
     succeeded = [u for u in final if u.state is RequestState.SUCCEEDED]
-    counted = await _usage_held(conn, owner, batch_id, succeeded)
+    tenant_id, model, held = await _held(conn, owner, batch_id, succeeded)
+    counted = _usage_of(tenant_id, model, held)
     result = await conn.exec_driver_sql(finish_line, [_finish_params(owner, u) for u in final])
+    await keep_results(conn, tenant_id, [u for u in held if u.cache_key is not None])
     finished = int(result.rowcount)
     written += finished
     if finished == len(final):
@@ -376,13 +397,13 @@ async def _record_batch(
     return written, counted
 
 
-async def _usage_held(
+async def _held(
     conn: AsyncConnection, owner: str, batch_id: str, updates: Sequence[LineUpdate]
-) -> list[tuple[UsageKey, UsageCounts]]:
-    """The usage of those of `updates` whose lease `owner` still holds (the fence), keyed by the batch's tenant and
-    model; their rows stay locked until the transaction ends (SQLite's BEGIN IMMEDIATE holds the whole database)."""
+) -> tuple[str, str, list[LineUpdate]]:
+    """Those of `updates` whose lease `owner` still holds (the fence), with the batch's tenant and model; their rows
+    stay locked until the transaction ends (SQLite's BEGIN IMMEDIATE holds the whole database)."""
     if not updates:
-        return []
+        return "", "", []
     query = (
         select(requests.c.id, requests.c.lease_seq, batches.c.tenant_id, batches.c.model)
         .join_from(requests, batches, batches.c.id == requests.c.batch_id)
@@ -396,17 +417,19 @@ async def _usage_held(
     if conn.dialect.name == "postgresql":
         query = query.with_for_update(of=requests)
     rows = (await conn.execute(query)).all()
-    held = {row.id: row.lease_seq for row in rows}
     if not rows:
-        return []
-    owner_key = (rows[0].tenant_id, rows[0].model or "")
+        return "", "", []
+    held = {row.id: row.lease_seq for row in rows}
+    return rows[0].tenant_id, rows[0].model or "", [u for u in updates if held.get(u.id) == u.lease_seq]
+
+
+def _usage_of(tenant_id: str, model: str, updates: Sequence[LineUpdate]) -> list[tuple[UsageKey, UsageCounts]]:
     return [
         (
-            UsageKey(*owner_key, row_start(u.finished_at), UsageKind.BATCH),
-            UsageCounts.of_request(u.usage, u.capacity),
+            UsageKey(tenant_id, model, row_start(u.finished_at), UsageKind.BATCH),
+            UsageCounts.of_request(u.usage, u.capacity, cached=u.cached_from is not None),
         )
         for u in updates
-        if held.get(u.id) == u.lease_seq
     ]
 
 

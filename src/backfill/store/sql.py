@@ -29,6 +29,7 @@ from backfill.ports import Store
 from backfill.store.idempotency import IdempotencyQueries
 from backfill.store.lines import LineQueries
 from backfill.store.message_batches import MessageBatchQueries
+from backfill.store.result_cache import ResultCacheQueries
 from backfill.store.rows import batch_from_row, batch_to_row, file_from_row
 from backfill.store.tables import batches, files, requests, tenants
 from backfill.store.tenants import TenantQueries, check_create_quota, check_start_rate, locked_tenant
@@ -41,7 +42,14 @@ _INSERT_CHUNK = 1_000
 
 
 class SqlStore(
-    TenantQueries, LineQueries, MessageBatchQueries, WorkerQueries, IdempotencyQueries, WebhookQueries, UsageQueries
+    TenantQueries,
+    LineQueries,
+    MessageBatchQueries,
+    WorkerQueries,
+    IdempotencyQueries,
+    WebhookQueries,
+    UsageQueries,
+    ResultCacheQueries,
 ):
     """Every query backfill runs, by name. Construct with an engine from `store.engine.create_engine`."""
 

@@ -156,6 +156,8 @@ requests = Table(
     Column("cached_tokens", BigInteger, nullable=False, default=0),
     Column("output_tokens", BigInteger, nullable=False, default=0),
     Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    # The line whose answer this one reuses from the result cache (its result_id); NULL if a backend answered.
+    Column("cached_from", String(64), nullable=True),
     UniqueConstraint("batch_id", "line_no"),
     Index(None, "batch_id", "state", "line_no"),
     Index(None, "batch_id", "state", "prefix_group", "line_no"),
@@ -256,5 +258,28 @@ usage_minutes = Table(
     Column("off_peak_tokens", BigInteger, nullable=False, default=0),
     Column("promoted_tokens", BigInteger, nullable=False, default=0),
     Column("dedicated_tokens", BigInteger, nullable=False, default=0),
+    Column("result_cache_hits", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("result_cache_tokens", BigInteger, nullable=False, default=0, server_default="0"),
     PrimaryKeyConstraint("start_time", "tenant_id", "model", "kind"),
+)
+
+# The result cache across batches (domain.result_cache): a deterministic line's answer, per tenant, by the hash of
+# endpoint, model, model identity and canonical body. `used_at` orders the LRU eviction.
+result_cache = Table(
+    "result_cache",
+    metadata,
+    Column("tenant_id", String(64), nullable=False),
+    Column("key", String(64), nullable=False),
+    Column("result_id", String(64), nullable=False),
+    Column("status_code", Integer, nullable=False),
+    Column("request_id", Text, nullable=True),
+    Column("body", LargeBinary, nullable=False),
+    Column("input_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_tokens", BigInteger, nullable=False, default=0),
+    Column("output_tokens", BigInteger, nullable=False, default=0),
+    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    Column("created_at", BigInteger, nullable=False),
+    Column("used_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "key"),
+    Index(None, "tenant_id", "used_at"),
 )

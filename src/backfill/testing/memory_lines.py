@@ -10,6 +10,7 @@ from typing import Any
 
 from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
+from backfill.domain.result_cache import CachedResult, metadata_flag
 from backfill.domain.results import StoredResult
 from backfill.domain.usage_report import UsageCounts, UsageKey, UsageKind, row_start
 from backfill.testing.memory_tables import MemoryTables, StoredLine
@@ -50,6 +51,7 @@ class MemoryLineQueue:
                     est_prompt_tokens=row.est_prompt_tokens,
                     est_output_tokens=row.est_output_tokens,
                     total=batch.total,
+                    result_cache=metadata_flag(batch.metadata),
                 )
             )
         return sorted(found, key=lambda dispatchable: (dispatchable.expires_at, dispatchable.seq))
@@ -146,6 +148,7 @@ class MemoryLineQueue:
                     self._finish(line, u)
                     self._count(batch_id, u)
                     self._add_usage(batch_id, u)
+                    self._keep_result(batch_id, u)
                     written += 1
         return written
 
@@ -154,7 +157,36 @@ class MemoryLineQueue:
         if row is None or u.state is not RequestState.SUCCEEDED:
             return
         key = UsageKey(row.batch.tenant_id, row.batch.model or "", row_start(u.finished_at), UsageKind.BATCH)
-        self.tables.usage[key] = self.tables.usage.get(key, UsageCounts()) + UsageCounts.of_request(u.usage, u.capacity)
+        counts = UsageCounts.of_request(u.usage, u.capacity, cached=u.cached_from is not None)
+        self.tables.usage[key] = self.tables.usage.get(key, UsageCounts()) + counts
+
+    def _keep_result(self, batch_id: str, u: LineUpdate) -> None:
+        row = self.tables.batches.get(batch_id)
+        if row is None or u.state is not RequestState.SUCCEEDED or u.cache_key is None:
+            return
+        if u.body is None or u.status_code is None or u.result_id is None:
+            return
+        kept = CachedResult(u.result_id, u.status_code, u.request_id, u.body, u.usage)
+        at = int(u.finished_at)
+        self.tables.result_cache[(row.batch.tenant_id, u.cache_key)] = (kept, at, at)
+
+    async def cached_result(self, tenant_id: str, key: str, now: int) -> CachedResult | None:
+        entry = self.tables.result_cache.get((tenant_id, key))
+        if entry is None:
+            return None
+        self.tables.result_cache[(tenant_id, key)] = (entry[0], entry[1], now)
+        return entry[0]
+
+    async def trim_result_cache(self, max_entries: int) -> int:
+        by_tenant: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
+        for (tenant_id, key), (_, created_at, used_at) in self.tables.result_cache.items():
+            by_tenant[tenant_id].append((used_at, created_at, key))
+        dropped = 0
+        for tenant_id, entries in by_tenant.items():
+            for _, _, key in sorted(entries)[: max(0, len(entries) - max_entries)]:
+                del self.tables.result_cache[(tenant_id, key)]
+                dropped += 1
+        return dropped
 
     async def close_queued_lines(self, batch_id: str, state: RequestState, note: str | None = None) -> int:
         queued = [line for line in self.tables.lines_in(batch_id) if line.state is RequestState.QUEUED]
@@ -179,6 +211,7 @@ class MemoryLineQueue:
                     line.body,
                     line.error_code,
                     line.error_message,
+                    line.cached_from,
                 )
             if len(rows) < page_size:
                 return
@@ -216,6 +249,7 @@ class MemoryLineQueue:
             error_code=u.error_code,
             error_message=u.error_message,
             usage=u.usage,
+            cached_from=u.cached_from,
         )
 
     def _count(self, batch_id: str, u: LineUpdate) -> None:

