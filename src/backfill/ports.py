@@ -412,10 +412,11 @@ class WebhookStore(Protocol):
 
 class ResultCache(Protocol):
     """Answers of deterministic lines kept across batches, per tenant (domain.result_cache). They are written with
-    the lines they come from: a `LineUpdate` with a `cache_key` that `record` lands keeps its answer."""
+    the lines they come from: a `LineUpdate` with a `cache_key` that `record` lands keeps its answer, or, for a line
+    answered from the cache (`cached_from`), marks the entry used at its `finished_at` (the LRU order)."""
 
-    async def cached_result(self, tenant_id: str, key: str, now: int) -> CachedResult | None:
-        """The answer kept under `key` for the tenant, marked used at `now`; None if there is none."""
+    async def cached_result(self, tenant_id: str, key: str) -> CachedResult | None:
+        """The answer kept under `key` for the tenant; None if there is none."""
         ...
 
     async def trim_result_cache(self, max_entries: int) -> int:

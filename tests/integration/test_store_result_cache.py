@@ -1,6 +1,6 @@
 """The result cache's contract, on every store: a success recorded with a cache key is kept for its tenant (never a
-fenced-off one), a lookup finds it and marks it used, a line answered from it says so and counts as a hit in usage,
-and each tenant keeps at most so many entries, the least recently used going first."""
+fenced-off one), a lookup finds it, a line answered from it says so, counts as a hit in usage and marks the entry
+used, and each tenant keeps at most so many entries, the least recently used going first."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ async def test_a_success_recorded_with_a_key_is_kept_for_its_tenant(store: Store
 
     assert update.result_id is not None
     expected = CachedResult(update.result_id, 200, update.request_id, b'{"answer":1}', Usage(7, 0, 3, 0))
-    assert expected == await store.cached_result(batch.tenant_id, "k1", NOW + 5)
+    assert expected == await store.cached_result(batch.tenant_id, "k1")
 
 
 async def test_another_tenant_does_not_see_it(store: Store) -> None:
@@ -38,7 +38,7 @@ async def test_another_tenant_does_not_see_it(store: Store) -> None:
     [line] = await store.lease_lines(batch.id, "w1", 1, NOW, TTL_S)
     await store.record("w1", [kept(succeeded(line), "k1")])
 
-    assert await store.cached_result(other.tenant_id, "k1", NOW) is None
+    assert await store.cached_result(other.tenant_id, "k1") is None
 
 
 async def test_a_fenced_off_success_is_not_kept(store: Store) -> None:
@@ -49,7 +49,7 @@ async def test_a_fenced_off_success_is_not_kept(store: Store) -> None:
 
     await store.record("owner-a", [kept(succeeded(stale), "k1")])
 
-    assert await store.cached_result(batch.tenant_id, "k1", NOW + 11) is None
+    assert await store.cached_result(batch.tenant_id, "k1") is None
 
 
 async def test_a_line_answered_from_the_cache_says_so_and_counts_as_a_hit(store: Store) -> None:
@@ -66,13 +66,14 @@ async def test_a_line_answered_from_the_cache_says_so_and_counts_as_a_hit(store:
 
 
 async def test_trimming_drops_the_least_recently_used_beyond_the_bound(store: Store) -> None:
-    batch = await running_batch(store, 3)
-    lines = await store.lease_lines(batch.id, "w1", 3, NOW, TTL_S)
-    await store.record("w1", [kept(succeeded(line), f"k{i}", NOW + i) for i, line in enumerate(lines)])
-    await store.cached_result(batch.tenant_id, "k0", NOW + 100)  # used last: k1 is now the oldest
+    batch = await running_batch(store, 4)
+    lines = await store.lease_lines(batch.id, "w1", 4, NOW, TTL_S)
+    await store.record("w1", [kept(succeeded(line), f"k{i}", NOW + i) for i, line in enumerate(lines[:3])])
+    reuse = dataclasses.replace(succeeded(lines[3]), cached_from="batch_req_0")
+    await store.record("w1", [kept(reuse, "k0", NOW + 100)])  # k0 used last: k1 is now the oldest
 
     dropped = await store.trim_result_cache(2)
 
     assert dropped == 1
-    assert await store.cached_result(batch.tenant_id, "k1", NOW + 101) is None
-    assert await store.cached_result(batch.tenant_id, "k0", NOW + 101) is not None
+    assert await store.cached_result(batch.tenant_id, "k1") is None
+    assert await store.cached_result(batch.tenant_id, "k0") is not None

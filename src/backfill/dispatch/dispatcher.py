@@ -331,7 +331,7 @@ class Dispatcher:
             parsed = orjson.loads(raw)["body"]
             key = await self.cache.key(batch, backend, parsed)
             if key is not None and (hit := await self.cache.lookup(batch, key)) is not None:
-                self._answer(line, backend.name, hit, 0.0)
+                self._answer(line, backend.name, hit, 0.0, key)
                 return
             body = orjson.dumps(parsed)
             # A line in flight when the window closes gets the same grace as one in flight at a cancel.
@@ -429,7 +429,7 @@ class Dispatcher:
             elif line.id in request.aborted:
                 self._perform(self.core.handle(Unsent(line.id, Unanswered.ABORTED), self.clock()))
             else:
-                self._answer(line, backend, hit, 0.0)
+                self._answer(line, backend, hit, 0.0, key)
         return unanswered, unanswered_bodies, unanswered_keys
 
     def _answer(

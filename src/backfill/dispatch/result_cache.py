@@ -47,7 +47,7 @@ class ResultCacheLookups:
         """The kept answer as the line's outcome, or None: the line goes to its backend (also when the store
         cannot answer: a cache is never a reason for a line to fail)."""
         try:
-            hit = await self.store.cached_result(batch.tenant_id, key, int(self.clock()))
+            hit = await self.store.cached_result(batch.tenant_id, key)
         except Exception:
             log.exception("result_cache.lookup_failed", batch_id=batch.id)
             self.metrics.result_cache_lookups.labels("error").inc()
@@ -66,7 +66,8 @@ class ResultCacheLookups:
 
     @staticmethod
     def keep(action: Action, key: str) -> Action:
-        """A line's success, to be kept under `key` when it is recorded; any other action unchanged."""
+        """A line's success, to be kept under `key` when it is recorded (or, answered from the cache, to mark that
+        entry used); any other action unchanged."""
         if isinstance(action, Record) and action.update.state is RequestState.SUCCEEDED:
             return Record(dataclasses.replace(action.update, cache_key=key))
         return action

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -15,11 +15,24 @@ from backfill.domain.usage import Usage
 from backfill.store.tables import result_cache
 
 _TOKENS = ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
+_TOUCH = (
+    update(result_cache)
+    .where(result_cache.c.tenant_id == bindparam("_tenant_id"), result_cache.c.key == bindparam("_key"))
+    .values(used_at=bindparam("_at"))
+)
 _KEPT = ("result_id", "status_code", "request_id", "body", *_TOKENS, "created_at", "used_at")
 
 
 async def keep_results(conn: AsyncConnection, tenant_id: str, updates: Sequence[LineUpdate]) -> None:
-    """Keep succeeded lines' answers under their `cache_key` (a newer answer replaces an older one)."""
+    """Keep succeeded lines' answers under their `cache_key` (a newer answer replaces an older one); lines answered
+    from the cache mark their entry used instead."""
+    used = [
+        {"_tenant_id": tenant_id, "_key": u.cache_key, "_at": int(u.finished_at)}
+        for u in updates
+        if u.cache_key is not None and u.cached_from is not None
+    ]
+    if used:
+        await conn.execute(_TOUCH, sorted(used, key=lambda row: str(row["_key"])))
     rows = [
         {
             "tenant_id": tenant_id,
@@ -36,7 +49,11 @@ async def keep_results(conn: AsyncConnection, tenant_id: str, updates: Sequence[
             "used_at": int(u.finished_at),
         }
         for u in updates
-        if u.cache_key is not None and u.body is not None and u.status_code is not None and u.result_id is not None
+        if u.cache_key is not None
+        and u.cached_from is None
+        and u.body is not None
+        and u.status_code is not None
+        and u.result_id is not None
     ]
     if not rows:
         return
@@ -51,16 +68,13 @@ async def keep_results(conn: AsyncConnection, tenant_id: str, updates: Sequence[
 class ResultCacheQueries:
     engine: AsyncEngine
 
-    async def cached_result(self, tenant_id: str, key: str, now: int) -> CachedResult | None:
-        """The answer kept under `key` for the tenant, marked used now; None if there is none."""
-        stmt = (
-            update(result_cache)
-            .where(result_cache.c.tenant_id == tenant_id, result_cache.c.key == key)
-            .values(used_at=now)
-            .returning(*(result_cache.c[name] for name in ("result_id", "status_code", "request_id", "body", *_TOKENS)))
-        )
-        async with self.engine.begin() as conn:
-            row = (await conn.execute(stmt)).first()
+    async def cached_result(self, tenant_id: str, key: str) -> CachedResult | None:
+        """The answer kept under `key` for the tenant; None if there is none. A read: the entry is marked used by
+        the group commit that records the line it answers."""
+        query = select(*(result_cache.c[name] for name in ("result_id", "status_code", "request_id", "body", *_TOKENS)))
+        query = query.where(result_cache.c.tenant_id == tenant_id, result_cache.c.key == key)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
         if row is None:
             return None
         usage = Usage(row.input_tokens, row.cached_tokens, row.output_tokens, row.reasoning_tokens)

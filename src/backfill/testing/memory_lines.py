@@ -164,18 +164,20 @@ class MemoryLineQueue:
         row = self.tables.batches.get(batch_id)
         if row is None or u.state is not RequestState.SUCCEEDED or u.cache_key is None:
             return
+        entry = self.tables.result_cache.get((row.batch.tenant_id, u.cache_key))
+        if u.cached_from is not None:  # answered from the cache: its entry was used now
+            if entry is not None:
+                self.tables.result_cache[(row.batch.tenant_id, u.cache_key)] = (entry[0], entry[1], int(u.finished_at))
+            return
         if u.body is None or u.status_code is None or u.result_id is None:
             return
         kept = CachedResult(u.result_id, u.status_code, u.request_id, u.body, u.usage)
         at = int(u.finished_at)
         self.tables.result_cache[(row.batch.tenant_id, u.cache_key)] = (kept, at, at)
 
-    async def cached_result(self, tenant_id: str, key: str, now: int) -> CachedResult | None:
+    async def cached_result(self, tenant_id: str, key: str) -> CachedResult | None:
         entry = self.tables.result_cache.get((tenant_id, key))
-        if entry is None:
-            return None
-        self.tables.result_cache[(tenant_id, key)] = (entry[0], entry[1], now)
-        return entry[0]
+        return None if entry is None else entry[0]
 
     async def trim_result_cache(self, max_entries: int) -> int:
         by_tenant: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
