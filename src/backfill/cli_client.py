@@ -308,6 +308,7 @@ _SCHEDULES = {
     "at_risk": "at risk: expected to miss its window",
     "harvesting": "harvesting: running in the capacity interactive traffic leaves",
     "throttled": "throttled: interactive traffic needs the servers now",
+    "harvesting_blind": "harvesting blind: an engine's metrics cannot be read, so batch keeps to half of it",
     "off_peak": "held to its off-peak share at this hour",
     "waiting": "waiting: no backend for its model is up",
     "loading_model": "loading model",

@@ -171,7 +171,9 @@ def test_an_engine_whose_metrics_cannot_be_read_holds_batch_to_half_the_endpoint
     for t in range(40):
         read(harvest, 1_000.0 + t, None)  # scraped, unreadable
     assert 32 == pool.limits["a"].ceiling
-    assert {"a": HarvestState.THROTTLED} == pool.harvest
+    assert {"a": HarvestState.BLIND} == pool.harvest
+    [(_, _, state)] = pool.outlooks(1_050.0, [batch("b1", "t", expires_at=100_000)], rate=0.0)
+    assert "harvesting_blind" == state  # on the batch: `backfill status` says the engine is not watched
 
 
 def test_harvest_auto_leaves_a_dedicated_endpoint_unbounded_and_its_batches_on_track() -> None:

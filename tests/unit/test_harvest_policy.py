@@ -259,7 +259,7 @@ def test_an_engine_whose_metrics_cannot_be_read_is_harvested_blind_at_half_the_e
     limits = [controller.tick(float(t), Signals(engine_unread=True)) for t in range(5)]
     assert limits == [32] * 5
     assert controller.shared
-    assert controller.state is HarvestState.THROTTLED
+    assert controller.state is HarvestState.BLIND  # what users see: batch is held because the engine is unread
     with_baseline(controller)
     controller.tick(10.0, Signals(interactive_ttft_s=[0.1] * 10, engine_unread=True, batch_in_flight=4))
     assert controller.current == 32

@@ -430,6 +430,8 @@ class Pool:
         states = set(self.harvest.values())
         if HarvestState.HARVESTING in states:
             return ScheduleState.HARVESTING
+        if HarvestState.BLIND in states:
+            return ScheduleState.HARVESTING_BLIND
         if HarvestState.OFF_PEAK_CAP in states:
             return ScheduleState.OFF_PEAK
         return ScheduleState.THROTTLED

@@ -81,6 +81,8 @@ class ScheduleState(StrEnum):
     HARVESTING = "harvesting"  # running in the capacity interactive traffic leaves
     THROTTLED = "throttled"  # held back: interactive traffic needs the endpoints now
     OFF_PEAK = "off_peak"  # held to the share its pool's off-peak windows allow at this hour
+    # Running, but an engine's /metrics cannot be read: batch is held to a conservative share of that endpoint.
+    HARVESTING_BLIND = "harvesting_blind"
     WAITING = "waiting"  # no endpoint of its pool is up: it waits for one to come back (`Batch.waiting` says which)
     LOADING = "loading_model"  # every endpoint of its pool is an embedded engine still loading its model
 

@@ -139,7 +139,8 @@ class Outlook(BaseModel):
 
     estimated_completion_at: int | None = Field(description="The scheduler's estimate, unix seconds.")
     schedule: str | None = Field(
-        description="on_track, promoted, at_risk, harvesting, throttled, off_peak, waiting, loading_model"
+        description="on_track, promoted, at_risk, harvesting, harvesting_blind, throttled, off_peak, waiting, "
+        "loading_model"
     )
     waiting: str | None = Field(
         description="While no endpoint is up, or every one is loading its model: which, since when, and why."

@@ -62,6 +62,7 @@ class HarvestState(StrEnum):
     HARVESTING = "harvesting"  # growing or at the ceiling: batch takes what interactive traffic leaves
     THROTTLED = "throttled"  # cut or held low because interactive traffic needs the capacity
     OFF_PEAK_CAP = "off_peak_cap"  # held at the share the time of day allows
+    BLIND = "blind"  # the engine's /metrics cannot be read: held to `blind_share` of the endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +205,8 @@ class HarvestController:
         self.limit = min(self._aimd, ceiling, self.limit + self.step)
         held = self.shed or ceiling < self._aimd
         self.state = HarvestState.THROTTLED if held else HarvestState.HARVESTING
+        if signals.engine_unread and not self.shed:
+            self.state = HarvestState.BLIND
         if cap is not None and self.limit > cap:
             self.limit = float(max(0, math.floor(cap)))
             if self.state is HarvestState.HARVESTING:
