@@ -254,12 +254,17 @@ class LineQueries:
             by_batch[u.batch_id].append(u)
         written = 0
         used: list[tuple[UsageKey, UsageCounts]] = []
+        kept: list[tuple[str, LineUpdate]] = []
         async with self.engine.begin() as conn:
             for batch_id, group in sorted(by_batch.items()):  # one lock order for all workers: no deadlocks
-                count, counted = await _record_batch(conn, self._finish_line, owner, batch_id, group)
+                count, counted, cached = await _record_batch(conn, self._finish_line, owner, batch_id, group)
                 written += count
                 used += counted
-            # In the same transaction as the lines: the usage report never counts a line twice, nor misses one.
+                kept += cached
+            # In the same transaction as the lines, after every batch's rows (each in one order for all writers):
+            # the result cache keeps only answers that were written, and the usage report never counts a line twice,
+            # nor misses one.
+            await keep_results(conn, kept)
             await add_usage(conn, fold(used))
         return written
 
@@ -346,8 +351,9 @@ class LineQueries:
 
 async def _record_batch(
     conn: AsyncConnection, finish_line: str, owner: str, batch_id: str, group: list[LineUpdate]
-) -> tuple[int, list[tuple[UsageKey, UsageCounts]]]:
-    """Write one batch's updates; the lines written, and the usage of the successes among them."""
+) -> tuple[int, list[tuple[UsageKey, UsageCounts]], list[tuple[str, LineUpdate]]]:
+    """Write one batch's updates; the lines written, the usage of the successes among them, and those of them
+    with a result-cache key, with the batch's tenant."""
     final = [u for u in group if u.is_final]
     requeue = [u for u in group if not u.is_final]
     written = 0
@@ -368,14 +374,13 @@ async def _record_batch(
         )
         written += int(result.rowcount)
     if not final:
-        return written, []
+        return written, [], []
     # Which successes this write will land (the fence), read before it, locked: their usage is counted now. After
     # it, a line written here and one written by the same update in an earlier commit (a retried flush) look alike.
     succeeded = [u for u in final if u.state is RequestState.SUCCEEDED]
     tenant_id, model, held = await _held(conn, owner, batch_id, succeeded)
     counted = _usage_of(tenant_id, model, held)
     result = await conn.exec_driver_sql(finish_line, [_finish_params(owner, u) for u in final])
-    await keep_results(conn, tenant_id, [u for u in held if u.cache_key is not None])
     finished = int(result.rowcount)
     written += finished
     if finished == len(final):
@@ -394,7 +399,7 @@ async def _record_batch(
         )
     else:
         await _recount(conn, batch_id)
-    return written, counted
+    return written, counted, [(tenant_id, u) for u in held if u.cache_key is not None]
 
 
 async def _held(

@@ -1,5 +1,6 @@
-"""The result cache (domain.result_cache): kept in the group commit that writes the lines it comes from, looked up
-(and touched, for the LRU order) in one statement, trimmed to a number of entries per tenant."""
+"""The result cache (domain.result_cache): kept in the group commit that writes the lines it comes from (which also
+marks reused entries used, for the LRU order), looked up with a plain read, trimmed to a number of entries per
+tenant."""
 
 from __future__ import annotations
 
@@ -23,16 +24,17 @@ _TOUCH = (
 _KEPT = ("result_id", "status_code", "request_id", "body", *_TOKENS, "created_at", "used_at")
 
 
-async def keep_results(conn: AsyncConnection, tenant_id: str, updates: Sequence[LineUpdate]) -> None:
-    """Keep succeeded lines' answers under their `cache_key` (a newer answer replaces an older one); lines answered
-    from the cache mark their entry used instead."""
+async def keep_results(conn: AsyncConnection, kept: Sequence[tuple[str, LineUpdate]]) -> None:
+    """Keep succeeded lines' answers under their `cache_key` for their tenant (a newer answer replaces an older
+    one); lines answered from the cache mark their entry used instead. Rows are written in (tenant, key) order, the
+    one lock order of every writer."""
     used = [
         {"_tenant_id": tenant_id, "_key": u.cache_key, "_at": int(u.finished_at)}
-        for u in updates
+        for tenant_id, u in kept
         if u.cache_key is not None and u.cached_from is not None
     ]
     if used:
-        await conn.execute(_TOUCH, sorted(used, key=lambda row: str(row["_key"])))
+        await conn.execute(_TOUCH, sorted(used, key=lambda row: (str(row["_tenant_id"]), str(row["_key"]))))
     rows = [
         {
             "tenant_id": tenant_id,
@@ -48,7 +50,7 @@ async def keep_results(conn: AsyncConnection, tenant_id: str, updates: Sequence[
             "created_at": int(u.finished_at),
             "used_at": int(u.finished_at),
         }
-        for u in updates
+        for tenant_id, u in kept
         if u.cache_key is not None
         and u.cached_from is None
         and u.body is not None
@@ -62,7 +64,7 @@ async def keep_results(conn: AsyncConnection, tenant_id: str, updates: Sequence[
     stmt = stmt.on_conflict_do_update(
         index_elements=["tenant_id", "key"], set_={name: stmt.excluded[name] for name in _KEPT}
     )
-    await conn.execute(stmt, sorted(rows, key=lambda row: str(row["key"])))  # one lock order for all writers
+    await conn.execute(stmt, sorted(rows, key=lambda row: (str(row["tenant_id"]), str(row["key"]))))
 
 
 class ResultCacheQueries:
