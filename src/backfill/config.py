@@ -290,7 +290,7 @@ class Settings(BaseSettings):
     embedded_chat_weights: Literal["auto", "q8_0", "q4_0", "f16", "shipped"] = "auto"
     embedded_cache_dir: Path | None = None
     request_timeout_s: float = Field(default=600.0, gt=0)
-    # `service_tier: "flex"` through the proxy (docs/interactive.md): a call waits this long for harvested capacity
+    # `service_tier: "flex"` through the proxy (docs/flex.md): a call waits this long for harvested capacity
     # to start it, then is cancelled and answered 429 `resource_unavailable`, as OpenAI's flex tier does.
     flex_timeout_s: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)

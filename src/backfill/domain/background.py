@@ -1,4 +1,4 @@
-"""Background and flex calls (docs/interactive.md): a `background: true` Responses call or a `service_tier: "flex"`
+"""Background and flex calls (docs/flex.md): a `background: true` Responses call or a `service_tier: "flex"`
 call runs as a one-line batch; this is how its request becomes that line and how the line's state reads back as
 OpenAI's Response object. Pure: no I/O.
 """

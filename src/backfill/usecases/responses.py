@@ -1,4 +1,4 @@
-"""Background Responses calls and flex calls (docs/interactive.md), run as one-line batches.
+"""Background Responses calls and flex calls (docs/flex.md), run as one-line batches.
 
 Each is stored and started through `start_translated`, as message batches and Gemini batches are, with a
 24-hour window: the dispatcher runs it at batch priority in harvested capacity, with retries and crash safety,

@@ -1,4 +1,4 @@
-"""Background Responses calls and flex calls (docs/interactive.md).
+"""Background Responses calls and flex calls (docs/flex.md).
 
 The proxy hands a call here when it asks for `background: true` (/v1/responses) or `service_tier: "flex"`
 (/v1/chat/completions, /v1/completions, /v1/responses): it runs as a one-line batch (`usecases.responses`).
