@@ -38,10 +38,13 @@ test-newest-sdk:
 	$(NEWEST_VENV)/bin/python -c "import openai, anthropic; print('openai', openai.__version__, 'anthropic', anthropic.__version__)"
 	$(NEWEST_VENV)/bin/python -m pytest -q $(WIRE_TESTS)
 
-# inspect-ai and curator for real (tests/eval_tools): each in its own venv, as they pin openai/anthropic SDKs other
-# than backfill's dev pins (and curator is about 850 MB); backfill itself runs from $(VENV). About 1 min of tests.
+# inspect-ai, curator and autobatcher for real (tests/eval_tools): each in its own venv, as they pin openai/anthropic
+# SDKs other than backfill's dev pins (curator is about 850 MB; autobatcher needs openai<3); backfill itself runs
+# from $(VENV). About 1 min of tests.
 INSPECT_VENV ?= .venv-inspect
 CURATOR_VENV ?= .venv-curator
+AUTOBATCHER_VENV ?= .venv-autobatcher
+AUTOBATCHER_SPEC ?= autobatcher==0.12.0
 INSPECT_SPEC ?= inspect-ai==0.3.285 openai==3.60.0 anthropic==2.16.0
 CURATOR_SPEC ?= bespokelabs-curator==0.1.31
 $(INSPECT_VENV)/bin/inspect:
@@ -51,7 +54,12 @@ $(CURATOR_VENV)/bin/curator-installed:
 	$(PYTHON) -m venv $(CURATOR_VENV)
 	$(CURATOR_VENV)/bin/pip install --quiet $(CURATOR_SPEC)
 	touch $@
-test-eval-tools: install $(INSPECT_VENV)/bin/inspect $(CURATOR_VENV)/bin/curator-installed
+$(AUTOBATCHER_VENV)/bin/autobatcher-installed:
+	$(PYTHON) -m venv $(AUTOBATCHER_VENV)
+	$(AUTOBATCHER_VENV)/bin/pip install --quiet $(AUTOBATCHER_SPEC)
+	touch $@
+test-eval-tools: install $(INSPECT_VENV)/bin/inspect $(CURATOR_VENV)/bin/curator-installed \
+		$(AUTOBATCHER_VENV)/bin/autobatcher-installed
 	BACKFILL_REQUIRE_EVAL_TOOLS=1 $(BIN)/python -m pytest -q tests/eval_tools
 
 check: install

@@ -290,6 +290,9 @@ class Settings(BaseSettings):
     embedded_chat_weights: Literal["auto", "q8_0", "q4_0", "f16", "shipped"] = "auto"
     embedded_cache_dir: Path | None = None
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # `service_tier: "flex"` through the proxy (docs/flex.md): a call waits this long for harvested capacity
+    # to start it, then is cancelled and answered 429 `resource_unavailable`, as OpenAI's flex tier does.
+    flex_timeout_s: float = Field(default=600.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     retry_base_s: float = Field(default=1.0, ge=0)
     retry_max_s: float = Field(default=60.0, ge=0)

@@ -18,6 +18,7 @@
      │    │    └── IdempotencyKeyInUse     a create with this Idempotency-Key is still being served: retry
      │    ├── PayloadTooLarge        413  upload or body over its size limit
      │    └── QuotaExceeded          429  a create would take its tenant over a quota (docs/tenants.md)
+     │         └── FlexUnavailable   429  a flex call found no harvested capacity in `flex_timeout_s`
      └── BackendError                a backend call went wrong without a usable HTTP answer
           ├── BackendTimeout         no answer within the per-request timeout
           └── BackendUnavailable     connection refused/reset, or an answer that is not a JSON object
@@ -157,6 +158,13 @@ class QuotaExceeded(ApiError):
     ) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
+
+
+class FlexUnavailable(QuotaExceeded):
+    """No capacity was free to run this flex request in time; retry later, or send it without `service_tier: flex`."""
+
+    def __init__(self, message: str | None = None, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message, code="resource_unavailable", retry_after_s=retry_after_s)
 
 
 class BackendError(BackfillError):

@@ -24,6 +24,11 @@ def gemini_batch_id() -> str:
     return new_id("genbatch_")
 
 
+def response_id() -> str:
+    """A background or flex Responses call: the id of its one-line batch too."""
+    return new_id("resp_")
+
+
 def batch_request_id() -> str:
     return new_id("batch_req_")
 

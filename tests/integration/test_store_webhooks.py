@@ -63,6 +63,18 @@ async def test_a_message_batch_that_ends_queues_message_batch_ended(store: Store
     assert [("message_batch.ended", batch.id)] == [(d.event.type, d.event.batch_id) for d in leased]
 
 
+async def test_a_background_response_or_flex_call_that_ends_queues_no_event(store: Store) -> None:
+    tenant_id = await add_tenant(store)
+    await add_endpoint(store, tenant_id)
+    for api in (BatchApi.RESPONSES, BatchApi.FLEX):
+        batch = dataclasses.replace(await add_batch(store, tenant_id), id=ids.response_id(), api=api)
+        await store.create_batch(batch)
+        assert await store.claim_batch(batch.id, "w1", NOW, 60.0)
+        assert await store.fail_batch(batch.id, "w1", "m", [LineError("invalid_request", "bad", 1)], NOW + 2)
+
+    assert [] == await store.lease_deliveries("s", NOW + 2, 10, 30.0)
+
+
 async def test_no_endpoint_no_delivery_and_distinct_events_have_distinct_ids(store: Store) -> None:
     quiet = await running_batch(store, 1, tenant="quiet")
     await complete(store, quiet.id)

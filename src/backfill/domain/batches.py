@@ -17,6 +17,8 @@ class BatchApi(StrEnum):
     OPENAI = "openai"
     ANTHROPIC = "anthropic"
     GEMINI = "gemini"
+    RESPONSES = "responses"  # a `background: true` Responses call: a one-line batch, read at /v1/responses/{id}
+    FLEX = "flex"  # a `service_tier: "flex"` call the proxy waits for: a one-line batch nobody lists
 
 
 class BatchStatus(StrEnum):

@@ -16,7 +16,7 @@ ROW_S = 60  # usage is kept per minute: exact sums for 1m, 1h and 1d buckets ali
 BUCKET_WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
 # OpenAI's default and largest page (buckets) per width.
 BUCKET_LIMITS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
-USAGE_GROUPS = ("project_id", "model", "batch")
+USAGE_GROUPS = ("project_id", "model", "batch", "kind")
 COST_GROUPS = ("project_id", "line_item")
 SLA_GROUPS = ("project_id", "completion_window")
 
@@ -24,6 +24,8 @@ SLA_GROUPS = ("project_id", "completion_window")
 class UsageKind(StrEnum):
     BATCH = "batch"
     INTERACTIVE = "interactive"  # through the proxy
+    FLEX = "flex"  # `service_tier: "flex"` calls the proxy waited for (run as one-line batches)
+    BACKGROUND = "background"  # `background: true` Responses calls (run as one-line batches)
 
 
 class Capacity(StrEnum):
@@ -33,6 +35,15 @@ class Capacity(StrEnum):
     OFF_PEAK = "off_peak"  # the same, inside an off-peak window of the line's pool (a larger share)
     PROMOTED = "promoted"  # its batch was promoted for its deadline: a guaranteed share, whatever the load
     DEDICATED = "dedicated"  # an endpoint batch work has to itself (harvest off, or "auto" with no interactive yet)
+
+
+# Kinds billed at the batch discount: they all run as batch lines, in harvested capacity.
+BATCH_PRICED = frozenset({UsageKind.BATCH, UsageKind.FLEX, UsageKind.BACKGROUND})
+
+
+def kind_of_api(api: str) -> UsageKind:
+    """The usage kind of a batch line, by the API its batch came through (`BatchApi`'s values)."""
+    return {"flex": UsageKind.FLEX, "responses": UsageKind.BACKGROUND}.get(api, UsageKind.BATCH)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -138,6 +149,8 @@ def _group_value(key: UsageKey, name: str) -> Any:
         return key.tenant_id
     if name == "model":
         return key.model
+    if name == "kind":
+        return key.kind.value
     return key.kind is UsageKind.BATCH
 
 
@@ -168,6 +181,8 @@ def usage_buckets(
                     "api_key_id": None,
                     "model": named.get("model"),
                     "batch": named.get("batch"),
+                    # Extension: batch, interactive, flex or background (docs/usage.md), when grouped by it.
+                    "kind": named.get("kind"),
                     # Extension: batch tokens (input + output) by the capacity they ran in.
                     "harvested_tokens": counts.harvested_tokens,
                     "off_peak_tokens": counts.off_peak_tokens,
@@ -230,7 +245,7 @@ def cost_buckets(
             continue
         bucket = key.start_time // window.width_s * window.width_s
         tenant = key.tenant_id if "project_id" in group_by else None
-        batch = key.kind is UsageKind.BATCH
+        batch = key.kind in BATCH_PRICED
         for item, value in line_items(key.model, counts, price, batch=batch, batch_discount=batch_discount).items():
             sums[bucket][(tenant, item if "line_item" in group_by else None)] += value
     buckets = []

@@ -34,6 +34,11 @@ class DeliveryState(StrEnum):
     DEAD = "dead"  # tried for `retry_for_s` without success: listed at GET /v1/admin/webhooks/dead
 
 
+# One-line batches behind a single call (docs/flex.md): their caller polls or waits, and they are no batch of its
+# to announce. (OpenAI sends `response.*` events for background responses; not built.)
+SILENT_APIS = frozenset({BatchApi.RESPONSES, BatchApi.FLEX})
+
+
 def ended_event(api: BatchApi, status: BatchStatus) -> EventType:
     """The event of a batch reaching a terminal status."""
     if not status.is_terminal:

@@ -20,7 +20,18 @@ from backfill.http.auth import Authenticator
 from backfill.http.errors import install_error_handlers
 from backfill.http.openapi import install_document, operation_id
 from backfill.http.request_ids import RequestIdMiddleware
-from backfill.http.routes import admin, batches, files, gemini, health, message_batches, models, proxy, usage
+from backfill.http.routes import (
+    admin,
+    batches,
+    files,
+    gemini,
+    health,
+    message_batches,
+    models,
+    proxy,
+    responses,
+    usage,
+)
 from backfill.ports import Backend
 from backfill.services import Services
 
@@ -105,6 +116,6 @@ def create_app(
     if serves_api:
         # The proxy's routes first: a request is matched against the routes in order, and only interactive requests
         # wait for their answer's first token (~0.1 ms a request when they came last).
-        for routes in (proxy, files, batches, message_batches, models, admin, gemini, usage):
+        for routes in (proxy, responses, files, batches, message_batches, models, admin, gemini, usage):
             app.include_router(routes.router)
     return app

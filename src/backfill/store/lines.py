@@ -16,7 +16,7 @@ from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
 from backfill.domain.result_cache import metadata_flag
 from backfill.domain.results import StoredResult
 from backfill.domain.usage import Usage
-from backfill.domain.usage_report import UsageCounts, UsageKey, UsageKind, fold, row_start
+from backfill.domain.usage_report import UsageCounts, UsageKey, UsageKind, fold, kind_of_api, row_start
 from backfill.store.result_cache import keep_results
 from backfill.store.tables import batches, files, requests, tenants
 from backfill.store.usage import add_usage
@@ -378,8 +378,8 @@ async def _record_batch(
     # Which successes this write will land (the fence), read before it, locked: their usage is counted now. After
     # it, a line written here and one written by the same update in an earlier commit (a retried flush) look alike.
     succeeded = [u for u in final if u.state is RequestState.SUCCEEDED]
-    tenant_id, model, held = await _held(conn, owner, batch_id, succeeded)
-    counted = _usage_of(tenant_id, model, held)
+    tenant_id, model, api, held = await _held(conn, owner, batch_id, succeeded)
+    counted = _usage_of(tenant_id, model, kind_of_api(api), held)
     result = await conn.exec_driver_sql(finish_line, [_finish_params(owner, u) for u in final])
     finished = int(result.rowcount)
     written += finished
@@ -404,13 +404,13 @@ async def _record_batch(
 
 async def _held(
     conn: AsyncConnection, owner: str, batch_id: str, updates: Sequence[LineUpdate]
-) -> tuple[str, str, list[LineUpdate]]:
-    """Those of `updates` whose lease `owner` still holds (the fence), with the batch's tenant and model; their rows
+) -> tuple[str, str, str, list[LineUpdate]]:
+    """Those of `updates` whose lease `owner` still holds (the fence), with the batch's tenant, model and api; rows
     stay locked until the transaction ends (SQLite's BEGIN IMMEDIATE holds the whole database)."""
     if not updates:
-        return "", "", []
+        return "", "", "", []
     query = (
-        select(requests.c.id, requests.c.lease_seq, batches.c.tenant_id, batches.c.model)
+        select(requests.c.id, requests.c.lease_seq, batches.c.tenant_id, batches.c.model, batches.c.api)
         .join_from(requests, batches, batches.c.id == requests.c.batch_id)
         .where(
             requests.c.batch_id == batch_id,
@@ -423,15 +423,17 @@ async def _held(
         query = query.with_for_update(of=requests)
     rows = (await conn.execute(query)).all()
     if not rows:
-        return "", "", []
+        return "", "", "", []
     held = {row.id: row.lease_seq for row in rows}
-    return rows[0].tenant_id, rows[0].model or "", [u for u in updates if held.get(u.id) == u.lease_seq]
+    return rows[0].tenant_id, rows[0].model or "", rows[0].api, [u for u in updates if held.get(u.id) == u.lease_seq]
 
 
-def _usage_of(tenant_id: str, model: str, updates: Sequence[LineUpdate]) -> list[tuple[UsageKey, UsageCounts]]:
+def _usage_of(
+    tenant_id: str, model: str, kind: UsageKind, updates: Sequence[LineUpdate]
+) -> list[tuple[UsageKey, UsageCounts]]:
     return [
         (
-            UsageKey(tenant_id, model, row_start(u.finished_at), UsageKind.BATCH),
+            UsageKey(tenant_id, model, row_start(u.finished_at), kind),
             UsageCounts.of_request(u.usage, u.capacity, cached=u.cached_from is not None),
         )
         for u in updates

@@ -14,6 +14,7 @@ from backfill import ids
 from backfill.domain.batches import BatchApi, BatchStatus
 from backfill.domain.webhooks import (
     CONFIG_ENDPOINT_PREFIX,
+    SILENT_APIS,
     Delivery,
     DeliveryRecord,
     DeliveryState,
@@ -53,7 +54,7 @@ def _fan_out(batch_id: str, event_type: ColumnElement[str], now: int, *only_if: 
             literal(float(now)),
         )
         .select_from(batches.join(_E, _E.c.tenant_id == batches.c.tenant_id))
-        .where(batches.c.id == batch_id, *only_if)
+        .where(batches.c.id == batch_id, batches.c.api.not_in([api.value for api in SILENT_APIS]), *only_if)
     )
     return insert(_D).from_select([*_COLUMNS, "next_attempt_at"], rows)
 

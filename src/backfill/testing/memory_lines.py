@@ -12,7 +12,7 @@ from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
 from backfill.domain.result_cache import CachedResult, metadata_flag
 from backfill.domain.results import StoredResult
-from backfill.domain.usage_report import UsageCounts, UsageKey, UsageKind, row_start
+from backfill.domain.usage_report import UsageCounts, UsageKey, kind_of_api, row_start
 from backfill.testing.memory_tables import MemoryTables, StoredLine
 
 
@@ -156,7 +156,8 @@ class MemoryLineQueue:
         row = self.tables.batches.get(batch_id)
         if row is None or u.state is not RequestState.SUCCEEDED:
             return
-        key = UsageKey(row.batch.tenant_id, row.batch.model or "", row_start(u.finished_at), UsageKind.BATCH)
+        kind = kind_of_api(row.batch.api.value)
+        key = UsageKey(row.batch.tenant_id, row.batch.model or "", row_start(u.finished_at), kind)
         counts = UsageCounts.of_request(u.usage, u.capacity, cached=u.cached_from is not None)
         self.tables.usage[key] = self.tables.usage.get(key, UsageCounts()) + counts
 

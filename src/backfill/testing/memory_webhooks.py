@@ -11,6 +11,7 @@ from backfill import ids
 from backfill.domain.batches import Batch, BatchStatus
 from backfill.domain.webhooks import (
     CONFIG_ENDPOINT_PREFIX,
+    SILENT_APIS,
     Delivery,
     DeliveryRecord,
     DeliveryState,
@@ -53,6 +54,8 @@ class MemoryWebhooks:
         self._fan_out(batch, ended_event(batch.api, status).value, now)
 
     def _fan_out(self, batch: Batch, event_type: str, now: int) -> int:
+        if batch.api in SILENT_APIS:
+            return 0
         event = Event(ids.new_id("evt_"), event_type, now, batch.id)
         endpoints = [e for e in self._endpoints.values() if e.tenant_id == batch.tenant_id]
         for endpoint in endpoints:

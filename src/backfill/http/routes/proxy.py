@@ -7,7 +7,8 @@ relayed chunk by chunk. If the client goes away first, the upstream request is c
 slot. Each request is measured in `services.interactive` (see `backfill.interactive` for what TTFT means here).
 Keys are checked as on every route; interactive traffic is neither queued nor counted against a tenant's batch
 limits, but its tokens are counted in the tenant's usage (docs/usage.md): from a successful answer's `usage`, or
-a stream's last chunk that carries one.
+a stream's last chunk that carries one. A `background: true` or `service_tier: "flex"` call is not forwarded:
+it runs as a one-line batch (`backfill.http.routes.responses`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from backfill.errors import BackendError, BackendTimeout, BackendUnavailable, In
 from backfill.http.deps import read_body, services_of, tenant_of
 from backfill.http.errors import error_response
 from backfill.http.openapi import ok, openai_errors, request_body
+from backfill.http.routes import responses
 from backfill.http.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -297,6 +299,11 @@ def _handler(endpoint: str) -> Callable[[Request], Awaitable[Response]]:
         tenant_id = await tenant_of(request, request.headers.get("authorization"), request.headers.get("x-api-key"))
         body = await read_body(request, MAX_BODY_BYTES)
         model, stream = parse_head(body)
+        if (deferred := responses.deferred_of(endpoint, body)) is not None:
+            payload, flex = deferred
+            return await responses.run_deferred(
+                request, services, tenant_id, endpoint, payload, flex=flex, unless_gone=_unless_gone
+            )
         backend = await choose_backend(services, model, stream)
         flight = _Flight(services.interactive, backend.name, services.interactive_usage, tenant_id, model)
         timeout_s = services.settings.request_timeout_s
@@ -336,5 +343,5 @@ for _endpoint in ENDPOINTS:
         _handler(_endpoint),
         methods=["POST"],
         openapi_extra=request_body(_BODIES[_endpoint]),
-        responses=_responses | openai_errors(400, 404, 413, 502, 504) | {"default": _ENGINE_ERROR},
+        responses=_responses | openai_errors(400, 404, 413, 429, 502, 504) | {"default": _ENGINE_ERROR},
     )
