@@ -61,7 +61,8 @@ class Simulator:
 
     def restart_on(self, root: str) -> None:
         self.engine.stop()
-        self.engine = sim_process(self.profile, self.engine.port, root).start()
+        self.engine = sim_process(self.profile, self.engine.port, root)  # stopped by the fixture, even if it fails
+        self.engine.start()
 
 
 @pytest.fixture
