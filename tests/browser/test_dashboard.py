@@ -140,7 +140,6 @@ def test_endpoints_and_usage_pages_show_the_backend_and_the_tokens(start_server:
     expect(
         tab.page.locator("section[data-backend='upstream'] polyline[data-series='batch lines in flight']")
     ).to_be_attached()
-    screenshot(tab, "ui-endpoints")
     tab.page.click("nav a[href='/ui/usage']")
     expect(tab.page.locator("#tokens tbody tr").first).to_contain_text("batch")
     screenshot(tab, "ui-usage")
