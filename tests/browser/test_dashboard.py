@@ -15,6 +15,7 @@ from backfill.store.engine import create_engine
 from backfill.store.sql import SqlStore
 from tests.acceptance.conftest import client_for
 from tests.acceptance.helpers import chat_line, start_batch, wait_for
+from tests.acceptance.message_batch_client import AnthropicClients, message
 from tests.browser.conftest import StartServer, screenshot
 from tests.support.processes import Server, Upstream, child_env
 
@@ -59,10 +60,13 @@ def test_a_tenant_sees_neither_another_tenants_batch_nor_its_page(start_server: 
     theirs = start_batch(client_for(server, server.create_key("a")), [chat_line("x", "hi")])
     b_key = server.create_key("b")
     mine = start_batch(client_for(server, b_key), [chat_line("y", "hi")])
+    with AnthropicClients() as anthropic_clients:
+        messages = anthropic_clients(server, b_key).messages.batches.create(requests=[message("z", "hi")])
     tab = open_tab(server.base_url)
 
     tab.sign_in(b_key)
     expect(tab.page.locator(f"tr[data-id='{mine.id}']")).to_be_visible()
+    expect(tab.page.locator(f"tr[data-id='{messages.id}']")).to_contain_text("anthropic")  # every API, one list
     assert 0 == tab.page.locator(f"tr[data-id='{theirs.id}']").count()
     tab.page.goto(f"{server.base_url}/ui/batches/{theirs.id}")
     expect(tab.page.locator("#not-found")).to_contain_text("No such batch")

@@ -200,7 +200,10 @@ function chart(series, t0, t1, id) {
   const y = (v) => H - pad - ((H - 2 * pad) * v) / top;
   const lines = series.map((s) => {
     const points = s.values.filter(([, v]) => v !== null).map(([t, v]) => `${x(t).toFixed(1)},${y(v).toFixed(1)}`);
-    return points.length ? `<polyline class="series" data-series="${esc(s.label)}" fill="none" stroke="${s.color}" stroke-width="2" points="${points.join(" ")}"/>` : "";
+    if (!points.length) return "";
+    const [lx, ly] = points[points.length - 1].split(",");  // the latest value, seen even when it is the only one
+    return `<polyline class="series" data-series="${esc(s.label)}" fill="none" stroke="${s.color}" stroke-width="2" points="${points.join(" ")}"/>
+      <circle cx="${lx}" cy="${ly}" r="3" fill="${s.color}"/>`;
   });
   const legend = series.map((s) => `<span><i style="background:${s.color}"></i>${esc(s.label)}</span>`).join("");
   return `<div class="legend">${legend}</div><svg class="chart" id="${id}" viewBox="0 0 ${W} ${H}" preserveAspectRatio="none">
@@ -265,11 +268,35 @@ function usagePage() {
       .filter((r) => r.batches_ended)
       .map((r) => `<tr><td>${new Date(r.day * 1000).toLocaleDateString()}</td><td>${esc(r.project_id)}</td><td>${r.batches_ended}</td><td>${r.batches_in_window}</td></tr>`)
       .join("");
-    document.getElementById("usage").innerHTML = `<h3>Tokens</h3><table id="tokens"><thead><tr><th>day</th><th>tenant</th><th>model</th><th>kind</th>
+    document.getElementById("usage").innerHTML = `<h3>Tokens a day</h3>${bars(usage.data)}<table id="tokens"><thead><tr><th>day</th><th>tenant</th><th>model</th><th>kind</th>
       <th>requests</th><th>input</th><th>output</th><th>harvested</th></tr></thead><tbody>${table}</tbody></table>
-      <h3>Cost (USD)</h3><table><thead><tr><th>day</th><th>tenant</th><th>line item</th><th>amount</th></tr></thead><tbody>${cost}</tbody></table>
+      <h3>Cost (USD)</h3><table><thead><tr><th>day</th><th>tenant</th><th>line item</th><th>amount</th></tr></thead><tbody>${cost || '<tr><td colspan="4" class="muted">nothing priced: no [[prices]] in the config, or no tokens</td></tr>'}</tbody></table>
       <h3>Windows met</h3><table><thead><tr><th>day</th><th>tenant</th><th>batches ended</th><th>in window</th></tr></thead><tbody>${sla}</tbody></table>`;
   });
+}
+
+// Tokens a day as stacked bars: batch (harvested part darker) under interactive.
+function bars(buckets) {
+  const W = 900, H = 160, pad = 30;
+  const days = buckets.map((b) => {
+    const sum = (pick) => b.results.filter(pick).reduce((n, r) => n + r.input_tokens + r.output_tokens, 0);
+    const harvested = b.results.filter((r) => r.batch).reduce((n, r) => n + r.harvested_tokens + r.off_peak_tokens, 0);
+    return { at: b.start_time, batch: sum((r) => r.batch), interactive: sum((r) => !r.batch), harvested };
+  });
+  const top = Math.max(1, ...days.map((d) => d.batch + d.interactive));
+  const step = (W - 2 * pad) / Math.max(1, days.length);
+  const h = (v) => ((H - 2 * pad) * v) / top;
+  const rects = days.map((d, i) => {
+    const x = pad + i * step + 4, w = step - 8, base = H - pad;
+    return `<rect x="${x}" y="${base - h(d.batch)}" width="${w}" height="${h(d.batch)}" fill="#93c5fd"/>
+      <rect x="${x}" y="${base - h(d.harvested)}" width="${w}" height="${h(d.harvested)}" fill="#2563eb"/>
+      <rect x="${x}" y="${base - h(d.batch) - h(d.interactive)}" width="${w}" height="${h(d.interactive)}" fill="#16a34a"/>
+      <text x="${x}" y="${H - 10}">${new Date(d.at * 1000).toLocaleDateString()}</text>`;
+  });
+  const legend = [["#2563eb", "batch, harvested"], ["#93c5fd", "batch, other"], ["#16a34a", "interactive"]]
+    .map(([color, label]) => `<span><i style="background:${color}"></i>${label}</span>`).join("");
+  return `<div class="legend">${legend}</div><svg class="chart" id="usage-chart" viewBox="0 0 ${W} ${H}" preserveAspectRatio="none">
+    <text x="2" y="${pad}">${num(top)}</text>${rects.join("")}</svg>`;
 }
 
 document.addEventListener("click", (event) => {
