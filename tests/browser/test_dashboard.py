@@ -59,7 +59,7 @@ def test_a_tenant_sees_neither_another_tenants_batch_nor_its_page(start_server: 
     server = start_server()
     theirs = start_batch(client_for(server, server.create_key("a")), [chat_line("x", "hi")])
     b_key = server.create_key("b")
-    mine = start_batch(client_for(server, b_key), [chat_line("y", "hi")])
+    mine = start_batch(client_for(server, b_key), [chat_line("y", "hi")], metadata={"team": "eval"})
     with AnthropicClients() as anthropic_clients:
         messages = anthropic_clients(server, b_key).messages.batches.create(requests=[message("z", "hi")])
     tab = open_tab(server.base_url)
@@ -68,6 +68,10 @@ def test_a_tenant_sees_neither_another_tenants_batch_nor_its_page(start_server: 
     expect(tab.page.locator(f"tr[data-id='{mine.id}']")).to_be_visible()
     expect(tab.page.locator(f"tr[data-id='{messages.id}']")).to_contain_text("anthropic")  # every API, one list
     assert 0 == tab.page.locator(f"tr[data-id='{theirs.id}']").count()
+    tab.page.fill("input[name=metadata]", "team=eval")
+    tab.page.click("#filters button")
+    expect(tab.page.locator("#count")).to_have_text("1 batches")  # the message batch has no such metadata
+    expect(tab.page.locator(f"tr[data-id='{mine.id}']")).to_be_visible()
     tab.page.goto(f"{server.base_url}/ui/batches/{theirs.id}")
     expect(tab.page.locator("#not-found")).to_contain_text("No such batch")
     refused = tab.page.request.get(f"{server.base_url}/ui/api/batches/{theirs.id}/files/input")

@@ -135,3 +135,10 @@ async def test_a_worker_serves_no_dashboard(tmp_path: Path) -> None:
         httpx.AsyncClient(transport=httpx.ASGITransport(app=worker), base_url="http://backfill") as client,
     ):
         assert 404 == (await client.get("/ui")).status_code
+
+
+async def test_signing_in_takes_json_only(http: httpx.AsyncClient) -> None:
+    """A cross-site form cannot post JSON without a preflight: sign-in CSRF is refused."""
+    form = await http.post("/ui/api/login", content=b'{"key": ""}', headers={"content-type": "text/plain"})
+
+    assert 400 == form.status_code

@@ -5,7 +5,7 @@ from __future__ import annotations
 from backfill.domain.batches import Batch, BatchStatus
 from backfill.http.ui_history import Ring, Sample, quantile
 from backfill.http.ui_session import SESSION_S, SessionSigner
-from backfill.usecases.dashboard import progress_of
+from backfill.usecases.dashboard import metadata_fragment, progress_of
 
 
 def running(total: int, completed: int, failed: int, started: int, expires_at: int) -> Batch:
@@ -78,3 +78,8 @@ def test_a_ring_keeps_only_its_last_samples() -> None:
         ring.add(Sample(float(at), "b", at, None, None, None, None, None))
 
     assert [7.0, 8.0, 9.0] == [sample["at"] for sample in ring.since(0)["b"]]
+
+
+def test_a_metadata_filter_of_key_value_looks_for_the_stored_pair() -> None:
+    assert '"team":"eval"' == metadata_fragment("team = eval")
+    assert "eval" == metadata_fragment("eval")

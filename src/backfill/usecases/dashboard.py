@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from backfill.domain.batches import CANCELLABLE, Batch
 from backfill.errors import NotFound
 from backfill.services import Services
@@ -65,10 +67,20 @@ def queries(services: Services) -> DashboardQueries:
     return DashboardQueries(getattr(store, "read_engine", None) or store.engine)
 
 
+def metadata_fragment(text: str) -> str:
+    """What the metadata filter looks for in the stored JSON: `key=value` becomes `"key":"value"` (the stored form);
+    anything else is looked for as typed."""
+    key, equals, value = text.partition("=")
+    if not equals:
+        return text
+    return (orjson.dumps(key.strip()) + b":" + orjson.dumps(value.strip())).decode()
+
+
 async def list_batches(services: Services, scope: str | None, where: BatchFilter, limit: int) -> list[dict[str, Any]]:
     """Newest first; a tenant's caller gets its own tenant's whatever `where.tenant_id` asks."""
     tenant_id = where.tenant_id if scope is None else scope
-    scoped = BatchFilter(tenant_id, where.status, where.model, where.metadata)
+    metadata = metadata_fragment(where.metadata) if where.metadata else None
+    scoped = BatchFilter(tenant_id, where.status, where.model, metadata)
     rows = await queries(services).list_batches(scoped, min(limit, MAX_LIST))
     now = services.clock()
     return [batch_view(batch, tenant, now) for batch, tenant in rows]

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Cookie, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from backfill.domain.tenants import DEFAULT_TENANT
-from backfill.errors import AuthenticationFailed, NotFound, PermissionDenied
+from backfill.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from backfill.http.auth import Authenticator, Caller
 from backfill.http.deps import ServicesDep, json_body, json_response
 from backfill.http.ui_history import EndpointHistory
@@ -99,6 +99,9 @@ async def _acting_scope(request: Request, services: Services, token: str | None,
 
 @router.post("/api/login")
 async def login(request: Request, services: ServicesDep) -> Response:
+    # JSON only: a form on another site cannot send it without a CORS preflight, which this origin never answers.
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise InvalidRequest('Sign in with a JSON body: {"key": "..."}.', code="json_required")
     payload = await json_body(request)
     key = payload.get("key") if isinstance(payload, dict) else None
     authenticator: Authenticator = request.app.state.authenticator

@@ -118,7 +118,7 @@ function batchesPage() {
   const statuses = ["", "validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled"];
   main.innerHTML = `<h2>Batches</h2><form class="filters" id="filters">
     <select name="status">${statuses.map((s) => `<option ${params.get("status") === s ? "selected" : ""} value="${s}">${s || "any status"}</option>`).join("")}</select>
-    ${me.admin ? field("tenant", "tenant") : ""}${field("model", "model")}${field("metadata", "metadata contains")}
+    ${me.admin ? field("tenant", "tenant") : ""}${field("model", "model")}${field("metadata", "metadata key=value")}
     <button>Filter</button></form>
     <table><thead><tr><th>id</th><th>api</th><th>tenant</th><th>status</th><th>model</th><th>progress</th>
     <th>throughput</th><th>ETA</th><th>deadline</th><th>schedule</th></tr></thead><tbody id="rows"></tbody></table>
