@@ -15,6 +15,7 @@ from backfill.domain.keys import make_key
 from backfill.http.app import create_app
 from backfill.store.dashboard import BatchFilter, DashboardQueries
 from backfill.store.sql import SqlStore
+from tests.support.store_data import NOW, failed, running_batch
 
 
 def a_batch(batch_id: str, tenant_id: str, **fields: object) -> Batch:
@@ -47,6 +48,16 @@ async def test_the_list_holds_every_api_and_filters_by_tenant_status_model_and_m
     assert ["msgbatch_anthropic"] == await ids(BatchFilter(model="m2"))
     assert ["batch_openai"] == await ids(BatchFilter(metadata='"team":"eval"'))
     assert [("batch_done", "b")] == [(x.id, name) for x, name in await queries.list_batches(BatchFilter(b), 10)]
+
+
+async def test_failed_lines_are_grouped_by_error_code_with_examples(sql_store: SqlStore) -> None:
+    batch = await running_batch(sql_store, 5)
+    leased = await sql_store.lease_lines(batch.id, "w1", 5, NOW, 60.0)
+    await sql_store.record("w1", [failed(leased[0]), failed(leased[1], None), failed(leased[2], None)])
+
+    groups = await DashboardQueries(sql_store.engine).error_groups(batch.id, examples=1)
+
+    assert [("timeout", 2, 1), ("http_400", 1, 1)] == [(g.code, g.count, len(g.examples)) for g in groups]
 
 
 @pytest.fixture

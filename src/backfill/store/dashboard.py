@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from backfill.domain.batches import Batch
+from backfill.domain.batches import Batch, RequestState
 from backfill.store.rows import batch_from_row
 from backfill.store.tables import batches, requests, tenants
 
@@ -62,21 +62,29 @@ class DashboardQueries:
             return {row.id: row.name for row in await conn.execute(select(tenants.c.id, tenants.c.name))}
 
     async def error_groups(self, batch_id: str, examples: int = 3) -> list[ErrorGroup]:
-        """The batch's failed lines grouped by error code, most frequent first, a few examples each."""
-        failed = and_(requests.c.batch_id == batch_id, requests.c.error_code.is_not(None))
+        """The batch's lines that ended in error, grouped by error code (`http_<status>` when the backend answered
+        with an error status), most frequent first, with a few examples each."""
+        ended_in_error = and_(
+            requests.c.batch_id == batch_id,
+            or_(requests.c.error_code.is_not(None), requests.c.state == RequestState.FAILED.value),
+        )
         counts = (
-            select(requests.c.error_code, func.count())
-            .where(failed)
-            .group_by(requests.c.error_code)
+            select(requests.c.error_code, requests.c.status_code, func.count())
+            .where(ended_in_error)
+            .group_by(requests.c.error_code, requests.c.status_code)
             .order_by(func.count().desc())
             .limit(20)
         )
         async with self.engine.connect() as conn:
             groups = []
-            for code, count in (await conn.execute(counts)).all():
-                sample = select(requests.c.custom_id, requests.c.error_message).where(
-                    failed, requests.c.error_code == code
+            for code, status, count in (await conn.execute(counts)).all():
+                same = and_(
+                    ended_in_error,
+                    requests.c.error_code == code if code is not None else requests.c.error_code.is_(None),
+                    requests.c.status_code == status if status is not None else requests.c.status_code.is_(None),
                 )
+                sample = select(requests.c.custom_id, requests.c.error_message).where(same)
                 rows = (await conn.execute(sample.order_by(requests.c.line_no).limit(examples))).all()
-                groups.append(ErrorGroup(code, int(count), [(row[0], row[1] or "") for row in rows]))
+                label = code or (f"http_{status}" if status is not None else "unknown")
+                groups.append(ErrorGroup(label, int(count), [(row[0], row[1] or "") for row in rows]))
         return groups
