@@ -233,6 +233,9 @@ class Settings(BaseSettings):
     # expiry), serving only /healthz, /readyz and /metrics; "all", both. Any number of each may share one
     # PostgreSQL database and one S3 bucket (docs/deploy.md).
     role: Literal["all", "api", "worker"] = "all"
+    # Signs the dashboard's session cookies (/ui, docs/dashboard.md). Unset: a random secret per process, so
+    # several API replicas behind one load balancer need the same value here (or sticky sessions).
+    ui_secret: str | None = Field(default=None, min_length=16)
     # Slow or hostile HTTP clients (http/protocol.py): a request line plus headers over max_header_bytes is a 431;
     # a head not complete header_timeout_s after the connection (or the request's first byte), or a body that
     # pauses longer than body_timeout_s, is a 408. Both close the connection.

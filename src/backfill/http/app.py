@@ -30,8 +30,11 @@ from backfill.http.routes import (
     models,
     proxy,
     responses,
+    ui,
     usage,
 )
+from backfill.http.ui_history import EndpointHistory
+from backfill.http.ui_session import SessionSigner
 from backfill.ports import Backend
 from backfill.services import Services
 
@@ -93,7 +96,8 @@ def create_app(
             services.start_usage_flusher()
         try:
             if serves_api:
-                async with authenticator.running():
+                app.state.ui_history = history = EndpointHistory(services)
+                async with authenticator.running(), history.running():
                     yield
             else:
                 yield
@@ -109,6 +113,7 @@ def create_app(
         redoc_url=None,
         generate_unique_id_function=operation_id,
     )
+    app.state.ui_signer = SessionSigner.from_setting(settings.ui_secret)
     install_document(app)
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
@@ -116,6 +121,6 @@ def create_app(
     if serves_api:
         # The proxy's routes first: a request is matched against the routes in order, and only interactive requests
         # wait for their answer's first token (~0.1 ms a request when they came last).
-        for routes in (proxy, responses, files, batches, message_batches, models, admin, gemini, usage):
+        for routes in (proxy, responses, files, batches, message_batches, models, admin, gemini, usage, ui):
             app.include_router(routes.router)
     return app
