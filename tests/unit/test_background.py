@@ -61,6 +61,7 @@ def shown(state: RequestState, body: bytes | None = None, batch: BatchStatus = B
         (RequestState.LEASED, BatchStatus.IN_PROGRESS, "in_progress"),
         (RequestState.QUEUED, BatchStatus.CANCELLING, "cancelled"),
         (RequestState.CANCELLED, BatchStatus.CANCELLED, "cancelled"),
+        (RequestState.SUCCEEDED, BatchStatus.CANCELLED, "cancelled"),  # answered in the cancel's grace: cancelled
         (RequestState.FAILED, BatchStatus.COMPLETED, "failed"),
         (RequestState.EXPIRED, BatchStatus.EXPIRED, "failed"),
     ],

@@ -56,12 +56,13 @@ def is_finished(result: StoredResult) -> bool:
 
 
 def response_status(batch_status: BatchStatus, result: StoredResult) -> str:
-    """OpenAI's Response status of a background call, from its batch and its one line."""
+    """OpenAI's Response status of a background call, from its batch and its one line. A cancel that was accepted
+    wins (it is refused once the call is finished), even if the engine's answer came in during the cancel's grace."""
+    if result.state is RequestState.CANCELLED or batch_status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
+        return "cancelled"
     if result.state is RequestState.SUCCEEDED:
         body = _object(result.body)
         return "incomplete" if body.get("status") == "incomplete" else "completed"
-    if result.state is RequestState.CANCELLED or batch_status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
-        return "cancelled"
     if result.state in (RequestState.FAILED, RequestState.EXPIRED):
         return "failed"
     return "in_progress" if result.state is RequestState.LEASED else "queued"
