@@ -59,6 +59,20 @@ class Metrics:
             ["backend"],
             registry=self.registry,
         )
+        self.engine_waiting = Gauge(
+            "backfill_engine_waiting",
+            "Requests waiting in each engine's own queue, as its /metrics said at the last reading (what the harvest "
+            "controller watches; absent for an engine whose queue is not read).",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.harvest_ttft_baseline = Gauge(
+            "backfill_harvest_ttft_baseline_seconds",
+            "The interactive time to first token the harvest controller holds batch work to: its learned baseline "
+            "(absent until learned).",
+            ["backend"],
+            registry=self.registry,
+        )
         self.result_cache_lookups = Counter(
             "backfill_result_cache_lookups",
             "Lines of batches with the result cache on, looked up before sending: `hit` (answered from it, no "

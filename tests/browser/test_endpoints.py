@@ -62,6 +62,8 @@ def test_the_harvest_ceiling_drops_on_the_chart_when_interactive_load_rises(
         user.start()
     try:
         tab.page.wait_for_function(f"() => {shown} < {before}", timeout=30_000)
+        # The engine's own queue, as the controller reads it from the simulator's /metrics, is drawn beside it.
+        tab.page.wait_for_selector("section[data-backend='shared'] polyline[data-series='engine queue']")
         screenshot(tab, "ui-endpoints")
     finally:
         stop.set()

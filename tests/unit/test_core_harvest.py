@@ -15,6 +15,7 @@ import pytest
 from backfill.backends.engine_metrics import EngineMetrics
 from backfill.config import Settings
 from backfill.core.dispatch import DispatchCore
+from backfill.core.events import EngineRead, SetCeiling
 from backfill.core.harvest import Harvest
 from backfill.core.pool import Pool, Start
 from backfill.dispatch.watcher import EngineWatcher
@@ -276,3 +277,19 @@ def test_inside_an_off_peak_window_lines_run_in_off_peak_capacity() -> None:
 
     assert isinstance(start, Start)
     assert Capacity.OFF_PEAK == start.capacity
+
+
+def test_the_core_tells_the_ceiling_with_the_ttft_baseline_it_holds_batch_to_once_learned() -> None:
+    config = Settings(
+        backends=[{"name": "a", "url": "http://127.0.0.1:9/v1", "models": ["m"], "flavour": "vllm", "harvest": True}]
+    )
+    core = DispatchCore(config, [(Endpoint("a", 64), ["m"])])
+    unlearned = core.handle(EngineRead({"a": None}, {"a": []}, {}), 1_000.0)
+    clean = [0.1] * 50 + [0.2] * 50  # measured while no batch line runs: baseline samples
+
+    learned = core.handle(EngineRead({"a": None}, {"a": clean}, {}), 1_001.0)
+
+    assert [None] == [action.ttft_baseline_s for action in unlearned if isinstance(action, SetCeiling)]
+    [baseline] = [action.ttft_baseline_s for action in learned if isinstance(action, SetCeiling)]
+    assert baseline is not None
+    assert 0.1 <= baseline <= 0.2

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import cast
+
 from backfill.domain.batches import Batch, BatchStatus
-from backfill.http.ui_history import Ring, Sample, quantile
+from backfill.http.ui_history import EndpointHistory, Ring, Sample, quantile
 from backfill.http.ui_session import SESSION_S, SessionSigner
+from backfill.metrics import Metrics
+from backfill.services import Services
 from backfill.usecases.dashboard import metadata_fragment, progress_of
 
 
@@ -83,3 +88,36 @@ def test_a_ring_keeps_only_its_last_samples() -> None:
 def test_a_metadata_filter_of_key_value_looks_for_the_stored_pair() -> None:
     assert '"team":"eval"' == metadata_fragment("team = eval")
     assert "eval" == metadata_fragment("eval")
+
+
+def test_a_sample_reads_the_engine_queue_and_the_ttft_baseline_from_this_process_s_metrics() -> None:
+    metrics = Metrics()
+    metrics.engine_waiting.labels("b").set(3)
+    metrics.harvest_ttft_baseline.labels("b").set(0.25)
+    history = EndpointHistory(cast(Services, _Services(metrics)))
+
+    asyncio.run(history.sample())
+
+    [sample] = history.hour.since(0)["b"]
+    assert (3.0, 0.25) == (sample["engine_waiting"], sample["ttft_baseline_s"])
+
+
+class _Load:
+    async def in_flight(self) -> dict[str, int]:
+        return {"b": 1}
+
+
+class _Backend:
+    name = "b"
+
+
+class _Services:
+    """What the sampler reads of `Services`: its clock, metrics, backends and batch load."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.backends = [_Backend()]
+        self.batch_load = _Load()
+
+    def clock(self) -> float:
+        return 1_000.0

@@ -180,7 +180,9 @@ class DispatchCore:
                 return self._changed(event)
             case EngineRead(loads, ttft, others):
                 ceilings, victims = self.harvest.read(now, loads, ttft, others)
-                actions: list[Action] = [SetCeiling(name, value) for name, value in ceilings.items()]
+                actions: list[Action] = [
+                    SetCeiling(name, value, self.harvest.ttft_baseline_s(name)) for name, value in ceilings.items()
+                ]
                 return actions + self._abort(victims, AbortReason.SHED)
             case BatchStates(states):
                 return self._batch_states(states, now)

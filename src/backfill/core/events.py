@@ -218,10 +218,12 @@ class WakeAt:
 
 @dataclass(frozen=True, slots=True)
 class SetCeiling:
-    """The harvest controller set an endpoint's ceiling (this worker's part of it)."""
+    """The harvest controller set an endpoint's ceiling (this worker's part of it); with the interactive TTFT it
+    holds batch work to (its learned baseline, None until learned), for operators to see."""
 
     endpoint: str
     ceiling: int
+    ttft_baseline_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,11 @@ class Harvest:
         }
         self.off_peak: dict[str, OffPeak] = {entry.model: entry.to_policy() for entry in settings.off_peak}
 
+    def ttft_baseline_s(self, name: str) -> float | None:
+        """The interactive TTFT the endpoint's controller holds batch work to (None: not learned, or not harvested)."""
+        harvested = self.harvested.get(name)
+        return None if harvested is None else harvested.controller.baseline_s
+
     def counters(self) -> dict[str, int]:
         """This worker's batch-token counter per harvested endpoint, for the other workers to read."""
         return {name: self.limits[name].served_tokens for name in self.harvested}

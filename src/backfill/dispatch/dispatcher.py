@@ -250,8 +250,10 @@ class Dispatcher:
                     self.recorder.add(update)
                 case WakeAt(when):
                     self._wake_at(when)
-                case SetCeiling(endpoint, ceiling):
+                case SetCeiling(endpoint, ceiling, baseline):
                     self.metrics.harvest_limit.labels(endpoint).set(ceiling)
+                    if baseline is not None:
+                        self.metrics.harvest_ttft_baseline.labels(endpoint).set(baseline)
                 case Probe(endpoint):
                     self.endpoints.probe(endpoint)
                 case EndpointChanged():

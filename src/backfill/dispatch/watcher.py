@@ -76,8 +76,12 @@ class EngineWatcher:
 
     def _note_unreadable(self, probes: Sequence[EngineMetrics], loads: Mapping[str, object]) -> None:
         for probe in probes:
+            load = loads.get(probe.name)
             if self.metrics is not None:
-                self.metrics.engine_metrics_readable.labels(probe.name).set(loads.get(probe.name) is not None)
+                self.metrics.engine_metrics_readable.labels(probe.name).set(load is not None)
+                waiting = getattr(load, "waiting", None)
+                if waiting is not None:
+                    self.metrics.engine_waiting.labels(probe.name).set(waiting)
             if loads.get(probe.name) is not None:
                 if self.unreadable.pop(probe.name, None) is not None:
                     log.info("backend.metrics_readable", backend=probe.name)

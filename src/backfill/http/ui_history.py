@@ -2,8 +2,9 @@
 bounded rings (the last hour every `HOUR_STEP_S`, the last day every `DAY_STEP_S`).
 
 Lines in flight come from `Services.batch_load` (this process's dispatcher, or every worker's through the
-database); the harvest ceiling, up/down and interactive TTFT from this process's metrics, which hold them where a
-dispatcher runs here (`--role all`). With `--role api` those figures are null: they live in the workers."""
+database); the harvest ceiling and the TTFT baseline it holds batch work to, the engine's queue, up/down and
+interactive TTFT from this process's metrics, which hold them where a dispatcher runs here (`--role all`). With
+`--role api` those figures are null: they live in the workers."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ class Sample:
     up: bool | None
     ttft_p50_s: float | None
     ttft_p99_s: float | None
+    engine_waiting: float | None = None  # requests in the engine's own queue
+    ttft_baseline_s: float | None = None  # what the harvest controller holds interactive TTFT to
 
 
 def quantile(bounds: Sequence[float], counts: Sequence[float], q: float) -> float | None:
@@ -115,6 +118,8 @@ class EndpointHistory:
                 up=None if up is None else up >= 1,
                 ttft_p50_s=p50,
                 ttft_p99_s=p99,
+                engine_waiting=self._value(registry, "backfill_engine_waiting", name),
+                ttft_baseline_s=self._value(registry, "backfill_harvest_ttft_baseline_seconds", name),
             )
             self.hour.add(sample)
             if take_day:

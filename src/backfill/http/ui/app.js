@@ -230,15 +230,18 @@ function endpointsPage() {
       const state = last.up === false ? '<span class="error">down</span>' : last.up ? '<span class="status-completed">up</span>' : "—";
       return `<section class="backend" data-backend="${esc(name)}"><h3>${esc(name)} · ${state}</h3>
         <p class="muted">now: batch lines in flight <b class="batch-in-flight">${num(last.batch_in_flight)}</b> ·
-        harvest ceiling <b class="ceiling">${num(last.harvest_ceiling)}</b> · interactive in flight ${num(last.interactive_in_flight)}</p>
+        harvest ceiling <b class="ceiling">${num(last.harvest_ceiling)}</b> · interactive in flight ${num(last.interactive_in_flight)} ·
+        engine queue <b class="engine-queue">${num(last.engine_waiting)}</b></p>
         ${chart([
           { label: "batch lines in flight", color: "#2563eb", values: pick("batch_in_flight") },
           { label: "harvest ceiling", color: "#d97706", values: pick("harvest_ceiling") },
           { label: "interactive in flight", color: "#16a34a", values: pick("interactive_in_flight") },
+          { label: "engine queue", color: "#7c3aed", values: pick("engine_waiting") },
         ], t0, t1, `load-${name}`)}
         ${chart([
           { label: "interactive TTFT p50 (ms)", color: "#16a34a", values: pick("ttft_p50_s", 1000) },
           { label: "interactive TTFT p99 (ms)", color: "#dc2626", values: pick("ttft_p99_s", 1000) },
+          { label: "TTFT baseline (ms)", color: "#64748b", values: pick("ttft_baseline_s", 1000) },
         ], t0, t1, `ttft-${name}`)}</section>`;
     });
     document.getElementById("backends").innerHTML = parts.join("") || '<p class="muted">No backends.</p>';
