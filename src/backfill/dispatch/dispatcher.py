@@ -120,7 +120,7 @@ class Dispatcher:
             before_tend=self.recorder.flush, watch_batches=self._watch_batches,
         )  # fmt: skip
         self.interactive: InteractiveMeter | None = None  # the proxy's measurements, for harvested endpoints
-        self.cache = ResultCacheLookups(store, settings, clock, self.metrics)
+        self.cache = ResultCacheLookups(store, settings, self.metrics)
         self.endpoints = EndpointMonitor(self.backends, self.core, self.metrics, clock, self._perform_and_look)
         self.watcher: EngineWatcher | None = None
         self.running = False  # `run` has started (an API-only process never runs its dispatcher)

@@ -4,7 +4,7 @@ it, and a success marked to be kept. A line's key is worked out only when its ba
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -22,10 +22,9 @@ log = structlog.get_logger(__name__)
 
 
 class ResultCacheLookups:
-    def __init__(self, store: ResultCache, settings: Settings, clock: Callable[[], float], metrics: Metrics) -> None:
+    def __init__(self, store: ResultCache, settings: Settings, metrics: Metrics) -> None:
         self.store = store
         self.default = settings.result_cache
-        self.clock = clock
         self.metrics = metrics
 
     def wanted(self, batch: DispatchBatch) -> bool:
