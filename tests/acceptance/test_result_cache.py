@@ -17,9 +17,9 @@ import orjson
 import pytest
 from openai import OpenAI
 
-from tests.acceptance.conftest import StartServer, client_for
-from tests.acceptance.helpers import read_jsonl, start_batch, wait_terminal
-from tests.support.processes import EngineProcess, free_port
+from tests.acceptance.conftest import MODEL, StartServer, client_for
+from tests.acceptance.helpers import read_jsonl, start_batch, upload, wait_terminal
+from tests.support.processes import EngineProcess, Upstream, free_port
 
 SIM_MODEL = "sim-eval"
 CASES = 500
@@ -169,3 +169,44 @@ def test_a_batch_with_an_unreadable_cache_flag_is_refused(start_server: StartSer
         start_batch(client, [case("x")], metadata={"backfill_result_cache": "yes"})
 
     assert getattr(refused.value, "status_code", None) == 400
+
+
+def test_embeddings_lines_sent_together_reuse_kept_vectors_and_send_only_the_new_inputs(
+    start_server: StartServer,
+) -> None:
+    upstream = Upstream.start()  # its own: its counts are this test's alone
+    try:
+        backend = {
+            "name": "up", "url": upstream.url, "models": [MODEL], "max_concurrency": 4, "max_inputs_per_request": 16,
+            "model_revision": "emb-v1",  # the test upstream has no /v1/models: known by its revision
+        }  # fmt: skip
+        client = client_for(start_server(backends=[backend]))
+
+        def embed(texts: list[str]) -> list[Any]:
+            lines = [
+                {"custom_id": uuid.uuid4().hex, "method": "POST", "url": "/v1/embeddings",
+                 "body": {"model": MODEL, "input": text}}
+                for text in texts
+            ]  # fmt: skip
+            batch = client.batches.create(
+                input_file_id=upload(client, lines),
+                endpoint="/v1/embeddings",
+                completion_window="24h",
+                metadata=CACHE_ON,
+            )
+            done = wait_terminal(client, batch.id, timeout_s=120)
+            assert done.output_file_id is not None
+            return read_jsonl(client, done.output_file_id)
+
+        first = embed([f"document {i}" for i in range(40)])
+        before = upstream.stats()["answered"]["/v1/embeddings"]["inputs"]
+        second = embed([f"document {i}" for i in range(40)] + ["a new document", "another new one"])
+        after = upstream.stats()["answered"]["/v1/embeddings"]["inputs"]
+    finally:
+        upstream.stop()
+
+    assert (40, 2) == (before, after - before)
+    reused = [line for line in second if line.get("backfill", {}).get("cached")]
+    assert 40 == len(reused)
+    vectors = {repr(line["response"]["body"]["data"][0]["embedding"]) for line in first}
+    assert all(repr(line["response"]["body"]["data"][0]["embedding"]) in vectors for line in reused)

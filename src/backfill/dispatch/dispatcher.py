@@ -418,6 +418,8 @@ class Dispatcher:
         keys: list[str | None],
     ) -> tuple[list[LeasedLine], list[dict[str, Any]], list[str | None]]:
         """Answer the lines of a coalesced request that the result cache holds; return the others, to be sent."""
+        if not any(keys):  # the cache is off for the batch (the common case): nothing to look up
+            return lines, bodies, keys
         batch = request.starts[0].batch
         unanswered: list[LeasedLine] = []
         unanswered_bodies: list[dict[str, Any]] = []
