@@ -1,5 +1,6 @@
-"""Batch lines in flight per backend, for the proxy's choice of backend: from the dispatcher in this process, or,
-in an API replica with the dispatchers elsewhere, from what the workers publish in the database."""
+"""Batch work per backend as an API process sees it: from the dispatcher in this process, or, in an API replica with
+the dispatchers elsewhere, from what the workers publish in the database. Lines in flight choose the proxy's
+backend; the whole report (ceiling, engine queue, up, TTFT baseline) feeds the dashboard's endpoints page."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from backfill.core.dispatch import DispatchCore
+from backfill.domain.endpoint_report import EndpointReport
 from backfill.ports import WorkerBoard
 
 
 class BatchLoad(Protocol):
     async def in_flight(self) -> Mapping[str, int]:
         """Batch lines in flight per backend name (a backend with none may be missing)."""
+        ...
+
+    async def reports(self) -> Mapping[str, EndpointReport]:
+        """What the dispatchers know of each backend (a backend none reports on is missing)."""
         ...
 
 
@@ -25,9 +31,13 @@ class LocalBatchLoad:
     async def in_flight(self) -> Mapping[str, int]:
         return self.core.batch_in_flight()
 
+    async def reports(self) -> Mapping[str, EndpointReport]:
+        return self.core.endpoint_reports()
+
 
 class SharedBatchLoad:
-    """Every live worker's count, as they publish it about once a second; read at most once per `max_age_s`."""
+    """Every live worker's figures, as they publish them about once a second; each read at most once per
+    `max_age_s`."""
 
     def __init__(
         self, board: WorkerBoard, clock: Callable[[], float], *, max_age_s: float = 1.0, stale_after_s: float = 5.0
@@ -38,6 +48,8 @@ class SharedBatchLoad:
         self.stale_after_s = stale_after_s
         self._read_at = -float("inf")
         self._counts: Mapping[str, int] = {}
+        self._reports_at = -float("inf")
+        self._reports: Mapping[str, EndpointReport] = {}
 
     async def in_flight(self) -> Mapping[str, int]:
         now = self.clock()
@@ -45,3 +57,10 @@ class SharedBatchLoad:
             self._counts = await self.board.batch_in_flight(now, self.stale_after_s)
             self._read_at = now
         return self._counts
+
+    async def reports(self) -> Mapping[str, EndpointReport]:
+        now = self.clock()
+        if now - self._reports_at >= self.max_age_s:
+            self._reports = await self.board.endpoint_reports(now, self.stale_after_s)
+            self._reports_at = now
+        return self._reports

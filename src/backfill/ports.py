@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequen
 from typing import Protocol, runtime_checkable
 
 from backfill.domain.batches import Batch, BatchApi, BatchStatus, LineError, RequestState
+from backfill.domain.endpoint_report import EndpointReport
 from backfill.domain.features import Feature
 from backfill.domain.files import FileRecord
 from backfill.domain.idempotency import IdempotencyRecord
@@ -317,14 +318,19 @@ class WorkerBoard(Protocol):
         tokens: Mapping[str, int],
         now: float,
         stale_after_s: float,
-        in_flight: Mapping[str, int] | None = None,
+        reports: Mapping[str, EndpointReport] | None = None,
     ) -> dict[str, dict[str, int]]:
-        """Publish this process's batch-token counter per harvested backend (and its lines in flight per backend);
-        return every live process's counters, by backend."""
+        """Publish this process's batch-token counter per harvested backend (and what it knows of each backend: its
+        lines in flight there, its part of the harvest ceiling, …); return every live process's counters, by
+        backend."""
         ...
 
     async def batch_in_flight(self, now: float, stale_after_s: float) -> dict[str, int]:
         """Batch lines in flight per backend, every live dispatcher process together."""
+        ...
+
+    async def endpoint_reports(self, now: float, stale_after_s: float) -> dict[str, EndpointReport]:
+        """What every live dispatcher process reports of each backend, combined (domain/endpoint_report.py)."""
         ...
 
     async def forget_rates(self, owner: str) -> None:

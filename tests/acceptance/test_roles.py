@@ -7,15 +7,22 @@ import io
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import orjson
 from openai.types import Batch
 
 from tests.acceptance.conftest import MODEL, StartServer, client_for
-from tests.acceptance.helpers import chat_line, jsonl, wait_terminal
+from tests.acceptance.helpers import chat_line, jsonl, start_batch, wait_terminal
+from tests.acceptance.test_harvest import MODEL as HARVEST_MODEL
+from tests.acceptance.test_harvest import PROFILE as HARVEST_PROFILE
 from tests.support.databases import fetch_rows
-from tests.support.processes import Server, Upstream
+from tests.support.processes import Server, Upstream, sim_serve
+
+T = TypeVar("T")
 
 
 def test_an_api_replica_and_a_worker_run_a_batch_together(start_server: StartServer) -> None:
@@ -157,3 +164,40 @@ def _line_states(server: Server, batch_id: str) -> dict[str, int]:
     query = "SELECT state, attempts, count(*) FROM requests WHERE batch_id = %s GROUP BY state, attempts"
     rows = fetch_rows(server.database_url, query, (batch_id,))
     return {f"{state}/{attempts}": int(str(n)) for state, attempts, n in rows}
+
+
+def test_an_api_replica_s_dashboard_draws_what_the_workers_know_of_each_backend(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """With the dispatchers in another process, the endpoints page still has the harvest ceiling, the engine's queue
+    and up/down: the worker publishes them through the database (worker_backends) and the replica reads them."""
+    profile = tmp_path / "sim.toml"
+    profile.write_text(HARVEST_PROFILE)
+    with sim_serve(profile) as url:
+        shared = {"name": "shared", "url": url, "models": [HARVEST_MODEL], "flavour": "vllm", "harvest": True}
+        api = start_server(role="api", backends=[shared])
+        start_server(role="worker", backends=[shared], data_dir=api.data_dir, engine_metrics_interval_s=0.2)
+        start_batch(client_for(api), [chat_line(f"l{n}", f"line {n}", model=HARVEST_MODEL) for n in range(200)])
+        with httpx.Client(base_url=f"{api.base_url}/ui/api", timeout=10) as ui:
+            ui.post("/login", json={"key": ""}).raise_for_status()
+
+            def drawn() -> dict[str, object] | None:
+                samples = ui.get("/endpoints").json()["backends"].get("shared", [])
+                full = [s for s in samples if s["harvest_ceiling"] is not None and s["engine_waiting"] is not None]
+                return full[-1] if full else None
+
+            sample = poll(drawn, timeout_s=60)
+
+    assert sample["up"] is True
+    assert sample["harvest_ceiling"] >= 1
+    assert isinstance(sample["batch_in_flight"], int)
+
+
+def poll(read: Callable[[], T | None], timeout_s: float) -> T:
+    """`read()` once it gives something, asking again every tenth of a second (the figures are sampled by a
+    process we cannot signal from here)."""
+    deadline = time.monotonic() + timeout_s
+    while (got := read()) is None:
+        assert time.monotonic() < deadline, f"nothing after {timeout_s} s"
+        time.sleep(0.1)
+    return got

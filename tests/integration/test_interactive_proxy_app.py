@@ -22,6 +22,7 @@ from backfill.domain.usage import Usage
 from backfill.http.app import create_app
 from backfill.ports import Backend
 from backfill.services import Services
+from tests.integration.test_store_workers import flying
 from tests.unit.test_responses_objects import STREAM
 
 CHAT = "/v1/chat/completions"
@@ -180,11 +181,11 @@ async def test_an_api_replica_routes_by_the_lines_workers_elsewhere_have_in_flig
         services,
     ):
         assert services.dispatcher is None
-        await services.store.share_batch_tokens("worker-1", {}, now[0], 5.0, in_flight={"a": 10, "b": 0})
+        await services.store.share_batch_tokens("worker-1", {}, now[0], 5.0, flying(a=10, b=0))
         await client.post(CHAT, content=chat())
         now[0] += 2  # past the replica's one-second cache
-        await services.store.share_batch_tokens("worker-1", {}, now[0], 5.0, in_flight={"a": 0, "b": 7})
-        await services.store.share_batch_tokens("worker-2", {}, now[0], 5.0, in_flight={"b": 5})
+        await services.store.share_batch_tokens("worker-1", {}, now[0], 5.0, flying(a=0, b=7))
+        await services.store.share_batch_tokens("worker-2", {}, now[0], 5.0, flying(b=5))
         await client.post(CHAT, content=chat())
 
     assert ["b", "a"] == hits

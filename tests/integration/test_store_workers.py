@@ -1,7 +1,9 @@
-"""share_rates / forget_rates: dispatcher processes sum their rates per model through the store."""
+"""share_rates / share_batch_tokens / forget_rates: what dispatcher processes tell each other and API replicas through
+the store."""
 
 from __future__ import annotations
 
+from backfill.domain.endpoint_report import EndpointReport
 from backfill.ports import Store
 
 STALE_S = 20.0
@@ -45,9 +47,25 @@ async def test_a_dead_worker_s_counters_go_stale_and_a_stopped_one_s_go_with_it(
 
 
 async def test_api_replicas_see_every_live_worker_s_batch_lines_in_flight_per_backend(store: Store) -> None:
-    await store.share_batch_tokens("w1", {}, 100.0, STALE_S, in_flight={"a": 3, "b": 1})
-    await store.share_batch_tokens("w2", {"a": 10}, 101.0, STALE_S, in_flight={"a": 2})
-    await store.share_batch_tokens("dead", {}, 80.0, STALE_S, in_flight={"a": 50})  # not refreshed since
+    await store.share_batch_tokens("w1", {}, 100.0, STALE_S, flying(a=3, b=1))
+    await store.share_batch_tokens("w2", {"a": 10}, 101.0, STALE_S, flying(a=2))
+    await store.share_batch_tokens("dead", {}, 80.0, STALE_S, flying(a=50))  # not refreshed since
     assert {"a": 5, "b": 1} == await store.batch_in_flight(101.0, STALE_S)
     await store.forget_rates("w1")
     assert {"a": 2} == await store.batch_in_flight(101.0, STALE_S)
+
+
+async def test_api_replicas_see_what_every_live_worker_knows_of_each_backend_combined(store: Store) -> None:
+    one = EndpointReport(in_flight=3, ceiling=4.0, engine_waiting=2, up=True, ttft_baseline_s=0.3)
+    two = EndpointReport(in_flight=1, ceiling=5.0, engine_waiting=6, up=False, ttft_baseline_s=0.2)
+    await store.share_batch_tokens("w1", {"a": 1}, 100.0, STALE_S, {"a": one, "b": EndpointReport(in_flight=2)})
+    await store.share_batch_tokens("w2", {"a": 1}, 101.0, STALE_S, {"a": two})
+    await store.share_batch_tokens("dead", {}, 80.0, STALE_S, {"a": EndpointReport(in_flight=50, up=True)})
+
+    reports = await store.endpoint_reports(101.0, STALE_S)
+
+    assert {"a": EndpointReport(4, 9.0, 6, False, 0.2), "b": EndpointReport(in_flight=2)} == reports
+
+
+def flying(**counts: int) -> dict[str, EndpointReport]:
+    return {backend: EndpointReport(in_flight=count) for backend, count in counts.items()}

@@ -156,6 +156,18 @@ def test_a_worker_publishes_its_lines_in_flight_for_api_replicas() -> None:
     assert {"a": 3} == asyncio.run(store.batch_in_flight(1_000.0, 5.0))
 
 
+def test_a_worker_publishes_its_ceiling_the_engine_queue_and_the_baseline_for_the_dashboard() -> None:
+    watcher, store, _ = watcher_for(role="worker")
+    core = watcher.core
+    core.handle(EngineRead({"a": EngineLoad(2, 4, 0.1, None)}, {}, {}), 1_000.0)  # the ceiling set at this reading
+
+    asyncio.run(watcher.read())  # published at the next
+
+    [report] = asyncio.run(store.endpoint_reports(1_000.0, 5.0)).values()
+    assert (core.harvest.ceilings["a"], 4, True) == (report.ceiling, report.engine_waiting, report.up)
+    assert core.harvest.ttft_baseline_s("a") == report.ttft_baseline_s
+
+
 class Unreachable(InMemoryStore):
     async def share_batch_tokens(self, *args: object, **kwargs: object) -> dict[str, dict[str, int]]:
         raise ConnectionError("the database is down")

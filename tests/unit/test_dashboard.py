@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
+from backfill.batch_load import BatchLoad, SharedBatchLoad
 from backfill.domain.batches import Batch, BatchStatus
+from backfill.domain.endpoint_report import EndpointReport
 from backfill.http.ui_history import EndpointHistory, Ring, Sample, quantile
 from backfill.http.ui_session import SESSION_S, SessionSigner
 from backfill.metrics import Metrics
 from backfill.services import Services
+from backfill.testing.memory_store import InMemoryStore
 from backfill.usecases.dashboard import metadata_fragment, progress_of
 
 
@@ -90,21 +93,33 @@ def test_a_metadata_filter_of_key_value_looks_for_the_stored_pair() -> None:
     assert "eval" == metadata_fragment("eval")
 
 
-def test_a_sample_reads_the_engine_queue_and_the_ttft_baseline_from_this_process_s_metrics() -> None:
+def test_a_sample_of_an_api_replica_draws_what_every_worker_reports_of_the_backend() -> None:
+    store = InMemoryStore()
+    worker_1 = EndpointReport(in_flight=3, ceiling=4, engine_waiting=2, up=True, ttft_baseline_s=0.30)
+    worker_2 = EndpointReport(in_flight=1, ceiling=5, engine_waiting=3, up=True, ttft_baseline_s=0.25)
+    asyncio.run(store.share_batch_tokens("w1", {"b": 10}, 999.0, 5.0, {"b": worker_1}))
+    asyncio.run(store.share_batch_tokens("w2", {"b": 20}, 999.5, 5.0, {"b": worker_2}))
+    asyncio.run(store.share_batch_tokens("dead", {"b": 30}, 990.0, 50.0, {"b": EndpointReport(in_flight=9, up=False)}))
     metrics = Metrics()
-    metrics.engine_waiting.labels("b").set(3)
-    metrics.harvest_ttft_baseline.labels("b").set(0.25)
-    history = EndpointHistory(cast(Services, _Services(metrics)))
+    metrics.interactive_in_flight.labels("b").set(6)
+    history = EndpointHistory(cast(Services, _Services(metrics, SharedBatchLoad(store, lambda: 1_000.0))))
 
     asyncio.run(history.sample())
 
     [sample] = history.hour.since(0)["b"]
-    assert (3.0, 0.25) == (sample["engine_waiting"], sample["ttft_baseline_s"])
+    drawn = ("batch_in_flight", "harvest_ceiling", "engine_waiting", "up", "ttft_baseline_s", "interactive_in_flight")
+    assert (4, 9, 3, True, 0.25, 6) == tuple(sample[key] for key in drawn)
 
 
-class _Load:
-    async def in_flight(self) -> dict[str, int]:
-        return {"b": 1}
+def test_a_backend_no_worker_reports_on_is_drawn_from_the_proxy_s_view() -> None:
+    metrics = Metrics()
+    metrics.backend_up.labels("b").set(0)
+    history = EndpointHistory(cast(Services, _Services(metrics, SharedBatchLoad(InMemoryStore(), lambda: 1_000.0))))
+
+    asyncio.run(history.sample())
+
+    [sample] = history.hour.since(0)["b"]
+    assert (0, None, False) == (sample["batch_in_flight"], sample["harvest_ceiling"], sample["up"])
 
 
 class _Backend:
@@ -114,10 +129,10 @@ class _Backend:
 class _Services:
     """What the sampler reads of `Services`: its clock, metrics, backends and batch load."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, batch_load: BatchLoad) -> None:
         self.metrics = metrics
         self.backends = [_Backend()]
-        self.batch_load = _Load()
+        self.batch_load = batch_load
 
     def clock(self) -> float:
         return 1_000.0

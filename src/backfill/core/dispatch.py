@@ -52,6 +52,7 @@ from backfill.core.harvest import Harvest
 from backfill.core.pool import Endpoint, Pool, Start
 from backfill.core.updates import closed, cut_by_window, line_update_after
 from backfill.domain.batches import BatchStatus, RequestState, ScheduleState
+from backfill.domain.endpoint_report import EndpointReport
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.policy.circuit import Circuit, CircuitState, due_probes, waiting_note
@@ -134,6 +135,19 @@ class DispatchCore:
     def batch_in_flight(self) -> dict[str, int]:
         """Batch lines this worker has in flight, per endpoint."""
         return {name: limits.in_flight for name, limits in self.limits.items()}
+
+    def endpoint_reports(self) -> dict[str, EndpointReport]:
+        """What this worker knows of each endpoint, for the dashboard (domain/endpoint_report.py)."""
+        return {
+            name: EndpointReport(
+                in_flight=limits.in_flight,
+                ceiling=self.harvest.ceilings.get(name),
+                engine_waiting=self.harvest.waiting.get(name),
+                up=self.circuits[name].state is CircuitState.CLOSED,
+                ttft_baseline_s=self.harvest.ttft_baseline_s(name),
+            )
+            for name, limits in self.limits.items()
+        }
 
     @property
     def harvesting(self) -> bool:

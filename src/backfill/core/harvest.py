@@ -57,6 +57,8 @@ class Harvest:
             if cfg.harvest is not False and cfg.name in limits
         }
         self.off_peak: dict[str, OffPeak] = {entry.model: entry.to_policy() for entry in settings.off_peak}
+        self.ceilings: dict[str, int] = {}  # the ceiling each controller set at the last reading (this worker's part)
+        self.waiting: dict[str, int] = {}  # the engine's queue at the last reading that had it
 
     def ttft_baseline_s(self, name: str) -> float | None:
         """The interactive TTFT the endpoint's controller holds batch work to (None: not learned, or not harvested)."""
@@ -78,6 +80,9 @@ class Harvest:
         for name, load in loads.items():
             if load is not None and load.waiting is not None and name in self.limits:
                 self.limits[name].on_engine_load(now, load.waiting)
+                self.waiting[name] = load.waiting
+            else:
+                self.waiting.pop(name, None)
         ceilings: dict[str, int] = {}
         victims: list[Start] = []
         for name, harvested in self.harvested.items():
@@ -86,6 +91,7 @@ class Harvest:
                 now, name, harvested, loads.get(name), unread, ttft.get(name, ()), others.get(name, {})
             )
             victims += shed
+        self.ceilings = ceilings
         return ceilings, victims
 
     def _harvest(

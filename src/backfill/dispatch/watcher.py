@@ -46,7 +46,7 @@ class EngineWatcher:
         self._watched = [cfg for cfg in settings.backends if cfg.name in core.limits and EngineMetrics.supports(cfg)]
         self.harvested = set(core.harvest.harvested)
         # A worker of a split deployment publishes its load every round, harvested or not: API replicas elsewhere
-        # route interactive requests by it (batch_load.SharedBatchLoad).
+        # route interactive requests by its lines in flight and draw the rest on the dashboard (batch_load.py).
         self.publish = settings.role == "worker"
         # Endpoints whose /metrics cannot be scraped: (since, why), logged once when it starts and when it ends.
         self.unreadable: dict[str, tuple[float, str]] = {}
@@ -95,10 +95,10 @@ class EngineWatcher:
         if not (self.harvested or self.publish):
             return {}
         stale_after_s = 5 * self.settings.engine_metrics_interval_s
-        in_flight = self.core.batch_in_flight() if self.publish else {}
+        reports = self.core.endpoint_reports() if self.publish else {}
         try:
             shared = await self.board.share_batch_tokens(
-                self.owner, self.core.batch_token_counters(), self.clock(), stale_after_s, in_flight
+                self.owner, self.core.batch_token_counters(), self.clock(), stale_after_s, reports
             )
         except Exception:
             log.exception("watcher.share_failed")  # harvest as if alone until the database answers again

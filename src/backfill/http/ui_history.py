@@ -1,10 +1,10 @@
 """The endpoints page's history: per backend, batch versus interactive load sampled in the API process into two
 bounded rings (the last hour every `HOUR_STEP_S`, the last day every `DAY_STEP_S`).
 
-Lines in flight come from `Services.batch_load` (this process's dispatcher, or every worker's through the
-database); the harvest ceiling and the TTFT baseline it holds batch work to, the engine's queue, up/down and
-interactive TTFT from this process's metrics, which hold them where a dispatcher runs here (`--role all`). With
-`--role api` those figures are null: they live in the workers."""
+What batch work does comes from `Services.batch_load`: lines in flight, the harvest ceiling and the TTFT baseline it
+holds batch work to, the engine's queue and up/down, from this process's dispatcher (`--role all`) or from every
+worker's reports through the database (`--role api`). Interactive load (requests in flight, TTFT) comes from this
+process's metrics: the proxy runs here."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import structlog
 from prometheus_client import CollectorRegistry
 
+from backfill.domain.endpoint_report import EndpointReport
 from backfill.services import Services
 
 log = structlog.get_logger(__name__)
@@ -102,24 +103,25 @@ class EndpointHistory:
     async def sample(self) -> None:
         now = self.services.clock()
         registry = self.services.metrics.registry
-        in_flight = await self.services.batch_load.in_flight()
+        reports = await self.services.batch_load.reports()
         take_day = now - self._day_at >= DAY_STEP_S
         for backend in self.services.backends:
             name = backend.name
-            up = self._value(registry, "backfill_backend_up", name)
+            report = reports.get(name, EndpointReport())
+            up = self._value(registry, "backfill_backend_up", name)  # the proxy's view, where no worker reports
             interactive = self._value(registry, "backfill_interactive_in_flight", name)
             p50, p99 = self._ttft(registry, name)
             sample = Sample(
                 at=now,
                 backend=name,
-                batch_in_flight=int(in_flight.get(name, 0)),
+                batch_in_flight=report.in_flight,
                 interactive_in_flight=None if interactive is None else int(interactive),
-                harvest_ceiling=self._value(registry, "backfill_harvest_limit", name),
-                up=None if up is None else up >= 1,
+                harvest_ceiling=report.ceiling,
+                up=report.up if report.up is not None else None if up is None else up >= 1,
                 ttft_p50_s=p50,
                 ttft_p99_s=p99,
-                engine_waiting=self._value(registry, "backfill_engine_waiting", name),
-                ttft_baseline_s=self._value(registry, "backfill_harvest_ttft_baseline_seconds", name),
+                engine_waiting=report.engine_waiting,
+                ttft_baseline_s=report.ttft_baseline_s,
             )
             self.hour.add(sample)
             if take_day:

@@ -188,6 +188,11 @@ worker_backends = Table(
     Column("batch_tokens", BigInteger, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("in_flight", Integer, nullable=False, server_default="0"),  # its batch lines in flight there now
+    # What it knows of the endpoint, for the dashboard (domain/endpoint_report.py); null where not known.
+    Column("ceiling", Float, nullable=True),
+    Column("engine_waiting", Integer, nullable=True),
+    Column("up", Boolean, nullable=True),
+    Column("ttft_baseline_s", Float, nullable=True),
 )
 
 # Idempotency-Key of a create (POST /v1/files, POST /v1/batches), per tenant: the request's fingerprint and, once

@@ -1,5 +1,5 @@
-"""What dispatcher processes tell each other through the database: the rate each serves per model pool, and the
-batch tokens each has sent to each harvested backend."""
+"""What dispatcher processes tell each other through the database: the rate each serves per model pool, the
+batch tokens each has sent to each harvested backend, and what each knows of each backend (for API replicas)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ from typing import Any
 from sqlalchemy import Table, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from backfill.domain.endpoint_report import EndpointReport, combine
 from backfill.store.tables import worker_backends, worker_rates
+
+_REPORTED = ("ceiling", "engine_waiting", "up", "ttft_baseline_s")
+
+
+def _report_row(report: EndpointReport | None) -> dict[str, Any]:
+    report = report or EndpointReport()
+    return {"in_flight": report.in_flight, **{name: getattr(report, name) for name in _REPORTED}}
 
 
 async def _publish(
@@ -43,14 +51,14 @@ class WorkerQueries:
         tokens: Mapping[str, int],
         now: float,
         stale_after_s: float,
-        in_flight: Mapping[str, int] | None = None,
+        reports: Mapping[str, EndpointReport] | None = None,
     ) -> dict[str, dict[str, int]]:
-        """Publish this process's batch-token counter per harvested backend (and its lines in flight per backend);
+        """Publish this process's batch-token counter per harvested backend (and what it knows of each backend);
         return every live process's counters, by backend."""
-        in_flight = in_flight or {}
+        reports = reports or {}
         rows = [
-            {"backend": backend, "batch_tokens": tokens.get(backend, 0), "in_flight": in_flight.get(backend, 0)}
-            for backend in {*tokens, *in_flight}
+            {"backend": backend, "batch_tokens": tokens.get(backend, 0), **_report_row(reports.get(backend))}
+            for backend in {*tokens, *reports}
         ]
         table = worker_backends
         async with self.engine.begin() as conn:
@@ -72,6 +80,24 @@ class WorkerQueries:
         )
         async with self.engine.connect() as conn:
             return {backend: int(total) for backend, total in await conn.execute(query)}
+
+    async def endpoint_reports(self, now: float, stale_after_s: float) -> dict[str, EndpointReport]:
+        """What every live dispatcher process reports of each backend, combined (domain/endpoint_report.py)."""
+        table = worker_backends
+        columns = [table.c.backend, table.c.in_flight, *(table.c[name] for name in _REPORTED)]
+        query = select(*columns).where(table.c.updated_at >= now - stale_after_s)
+        by_backend: dict[str, list[EndpointReport]] = {}
+        async with self.engine.connect() as conn:
+            for backend, in_flight, ceiling, waiting, up, baseline in await conn.execute(query):
+                report = EndpointReport(
+                    in_flight=int(in_flight),
+                    ceiling=ceiling,
+                    engine_waiting=waiting,
+                    up=None if up is None else bool(up),
+                    ttft_baseline_s=baseline,
+                )
+                by_backend.setdefault(backend, []).append(report)
+        return {backend: combine(reports) for backend, reports in by_backend.items()}
 
     async def forget_rates(self, owner: str) -> None:
         """A process that stops takes its rates and counters with it."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from backfill.domain.batches import Batch, RequestState
+from backfill.domain.endpoint_report import EndpointReport
 from backfill.domain.files import FileRecord
 from backfill.domain.result_cache import CachedResult
 from backfill.domain.tenants import Tenant
@@ -102,7 +103,7 @@ class MemoryTables:
     # (owner, model) -> (rate, updated_at) and (owner, backend) -> (batch tokens, updated_at)
     worker_rates: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
     worker_backends: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
-    worker_in_flight: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+    worker_reports: dict[tuple[str, str], tuple[EndpointReport, float]] = field(default_factory=dict)
     usage: dict[UsageKey, UsageCounts] = field(default_factory=dict)
     # The result cache: (tenant id, key) -> (answer, created_at, used_at).
     result_cache: dict[tuple[str, str], tuple[CachedResult, int, int]] = field(default_factory=dict)

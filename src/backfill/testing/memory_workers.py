@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TypeVar
 
+from backfill.domain.endpoint_report import EndpointReport, combine
 from backfill.testing.memory_tables import MemoryTables
 
-_Value = TypeVar("_Value", int, float)
+_Value = TypeVar("_Value", int, float, EndpointReport)
 
 
 class MemoryWorkerBoard:
@@ -29,26 +30,32 @@ class MemoryWorkerBoard:
         tokens: Mapping[str, int],
         now: float,
         stale_after_s: float,
-        in_flight: Mapping[str, int] | None = None,
+        reports: Mapping[str, EndpointReport] | None = None,
     ) -> dict[str, dict[str, int]]:
-        in_flight = in_flight or {}
-        backends = {*tokens, *in_flight}
+        reports = reports or {}
+        backends = {*tokens, *reports}
         _publish(self.tables.worker_backends, owner, {b: tokens.get(b, 0) for b in backends}, now, stale_after_s)
-        _publish(self.tables.worker_in_flight, owner, {b: in_flight.get(b, 0) for b in backends}, now, stale_after_s)
+        published = {b: reports.get(b, EndpointReport()) for b in backends}
+        _publish(self.tables.worker_reports, owner, published, now, stale_after_s)
         shared: dict[str, dict[str, int]] = {}
         for (who, backend), (counter, _) in self.tables.worker_backends.items():
             shared.setdefault(backend, {})[who] = counter
         return shared
 
     async def batch_in_flight(self, now: float, stale_after_s: float) -> dict[str, int]:
-        totals: dict[str, int] = {}
-        for (_, backend), (count, updated_at) in self.tables.worker_in_flight.items():
+        return {
+            backend: report.in_flight for backend, report in (await self.endpoint_reports(now, stale_after_s)).items()
+        }
+
+    async def endpoint_reports(self, now: float, stale_after_s: float) -> dict[str, EndpointReport]:
+        by_backend: dict[str, list[EndpointReport]] = {}
+        for (_, backend), (report, updated_at) in self.tables.worker_reports.items():
             if updated_at >= now - stale_after_s:
-                totals[backend] = totals.get(backend, 0) + count
-        return totals
+                by_backend.setdefault(backend, []).append(report)
+        return {backend: combine(reports) for backend, reports in by_backend.items()}
 
     async def forget_rates(self, owner: str) -> None:
-        for table in (self.tables.worker_rates, self.tables.worker_backends, self.tables.worker_in_flight):
+        for table in (self.tables.worker_rates, self.tables.worker_backends, self.tables.worker_reports):
             for key in [key for key in table if key[0] == owner]:
                 del table[key]
 
