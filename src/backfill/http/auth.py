@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -14,6 +14,7 @@ import structlog
 from backfill.domain.keys import key_matches, prefix_of
 from backfill.domain.tenants import DEFAULT_TENANT, KeyMatch
 from backfill.errors import AuthenticationFailed
+from backfill.http.background import in_background
 from backfill.services import Services
 
 log = structlog.get_logger(__name__)
@@ -144,16 +145,9 @@ class Authenticator:
             except Exception as exc:
                 log.warning("auth.revalidate_failed", error=f"{type(exc).__name__}: {exc}")
 
-    @contextlib.asynccontextmanager
-    async def running(self, interval_s: float = REVALIDATE_S) -> AsyncIterator[None]:
+    def running(self, interval_s: float = REVALIDATE_S) -> contextlib.AbstractAsyncContextManager[None]:
         """`run` in the background while the block runs."""
-        task = asyncio.create_task(self.run(interval_s))
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        return in_background(self.run(interval_s))
 
 
 def presented_key(authorization: str | None, x_api_key: str | None) -> str | None:

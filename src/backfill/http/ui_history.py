@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import structlog
 from prometheus_client import CollectorRegistry
 
 from backfill.domain.endpoint_report import EndpointReport
+from backfill.http.background import in_background
 from backfill.services import Services
 
 log = structlog.get_logger(__name__)
@@ -137,12 +138,6 @@ class EndpointHistory:
                 log.warning("ui.sample_failed", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(self.step_s)
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        task = asyncio.create_task(self.run())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    def running(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """`run` in the background while the block runs."""
+        return in_background(self.run())
