@@ -33,6 +33,7 @@ class EndpointRules:
     # its score `queries` with `documents`, …): when the first of `required` is absent, the first set that is all
     # there is checked instead, else the first set whose first field is there.
     instead: tuple[tuple[Required, ...], ...] = ()
+    typed: tuple[Required, ...] = ()  # fields of this endpoint alone, checked where present and not null
 
     def fields_for(self, body: dict[str, Any]) -> tuple[Required, ...]:
         if body.get(self.required[0].field) is not None:
@@ -78,6 +79,7 @@ _RERANK = EndpointRules(
         Required("query", "a string or an object", lambda value: isinstance(value, str | dict)),
         Required("documents", _SCORE_INPUT, _is_score_input),
     ),
+    typed=(Required("top_n", "an integer", lambda value: type(value) is int),),
 )
 
 RULES: dict[str, EndpointRules] = {
@@ -124,7 +126,6 @@ _FIELD_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "user": ("a string", lambda value: isinstance(value, str)),
     "metadata": ("an object", lambda value: isinstance(value, dict)),
     "tools": ("an array", lambda value: isinstance(value, list)),
-    "top_n": ("an integer", _is_integer),  # rerank
 }
 
 _JSON_NAMES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer"}
@@ -160,7 +161,8 @@ def check_body(endpoint: str, body: dict[str, Any]) -> BodyProblem | None:
         return BodyProblem(
             "streaming_unsupported", f"{rules.name}: Streaming is not supported in the Batch API.", "body.stream"
         )
-    for name, (expected, accepts) in _FIELD_TYPES.items():
+    checks = [*((t.field, t.kind, t.accepts) for t in rules.typed), *((n, *c) for n, c in _FIELD_TYPES.items())]
+    for name, expected, accepts in checks:
         field = body.get(name)
         if field is not None and not accepts(field):
             return BodyProblem(
