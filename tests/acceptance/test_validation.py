@@ -395,8 +395,9 @@ def test_an_unsupported_endpoint_gets_the_list_of_supported_values(client: OpenA
         )
 
     assert {
-        "message": "Invalid value: '/v1/invalid/endpoint'. Supported values are: '/v1/chat/completions', "
-        "'/v1/completions', '/v1/embeddings', '/v1/moderations', and '/v1/responses'.",
+        "message": "Invalid value: '/v1/invalid/endpoint'. Supported values are: '/classify', '/rerank', '/score', "
+        "'/v1/chat/completions', '/v1/completions', '/v1/embeddings', '/v1/moderations', '/v1/rerank', "
+        "'/v1/responses', and '/v1/score'.",
         "type": "invalid_request_error",
         "param": "endpoint",
         "code": "invalid_value",

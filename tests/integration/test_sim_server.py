@@ -24,6 +24,7 @@ from backfill.cli import main
 from backfill.sim.profile import EngineProfile
 from backfill.sim.server import create_sim_app
 from backfill.sim.tokens import count_text_tokens, render_chat
+from backfill.testing.pooling import class_probs, pair_score
 from backfill.testing.processes import free_port, wait_http
 from tests.support.processes import child_env
 
@@ -353,3 +354,25 @@ def test_backfill_sim_serve_refuses_a_bad_profile(tmp_path: Path) -> None:
 
     assert 1 == result.exit_code
     assert "unknown key(s) max_num_seq" in result.output
+
+
+def test_vllm_pooling_apis_answer_each_input_with_vllm_s_shapes(sim: RunningSim) -> None:
+    classify = sim.http.post("/classify", json={"model": MODEL, "input": ["a red teapot", "a kettle"]}).json()
+    score = sim.http.post("/v1/score", json={"model": MODEL, "text_1": "tea", "text_2": ["pot", "cup"]}).json()
+    rerank = sim.http.post("/rerank", json={"model": MODEL, "query": "tea", "documents": ["pot", "cup"], "top_n": 1})
+
+    assert [(0, class_probs("a red teapot"), 2), (1, class_probs("a kettle"), 2)] == [
+        (item["index"], item["probs"], item["num_classes"]) for item in classify["data"]
+    ]
+    assert 3 + 2 == classify["usage"]["prompt_tokens"]
+    assert [(0, pair_score("tea", "pot")), (1, pair_score("tea", "cup"))] == [
+        (item["index"], item["score"]) for item in score["data"]
+    ]
+    best = max((0, 1), key=lambda i: pair_score("tea", ("pot", "cup")[i]))
+    assert [best] == [result["index"] for result in rerank.json()["results"]]
+
+
+def test_a_pooling_request_without_its_inputs_is_a_400(sim: RunningSim) -> None:
+    response = sim.http.post("/v1/score", json={"model": MODEL, "text_1": "tea"})
+
+    assert (400, "text_2") == (response.status_code, response.json()["error"]["param"])

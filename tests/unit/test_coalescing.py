@@ -54,13 +54,15 @@ def test_moderations_merge_text_only() -> None:
 
 def test_the_merged_body_carries_every_line_s_inputs_in_order() -> None:
     parts = [part_of(EMBEDDINGS, body("a")), part_of(EMBEDDINGS, body(["b", "c"]))]
-    merged = orjson.loads(merged_body(body("a", user="u"), [p for p in parts if p is not None]))
+    merged = orjson.loads(merged_body(EMBEDDINGS, body("a", user="u"), [p for p in parts if p is not None]))
     assert {"model": "e5", "input": ["a", "b", "c"], "user": "u"} == merged
 
 
 def test_a_token_array_line_stays_one_input() -> None:
     parts = [part_of(EMBEDDINGS, body([1, 2])), part_of(EMBEDDINGS, body([3]))]
-    assert [[1, 2], [3]] == orjson.loads(merged_body(body([1, 2]), [p for p in parts if p is not None]))["input"]
+    assert [[1, 2], [3]] == orjson.loads(merged_body(EMBEDDINGS, body([1, 2]), [p for p in parts if p is not None]))[
+        "input"
+    ]
 
 
 def test_apportioned_shares_sum_to_the_total_and_follow_the_weights() -> None:

@@ -1,5 +1,6 @@
-"""Run lines the dispatch core started together (embeddings, moderations) as few upstream requests, and give each
-line the outcome it would have had alone. The merging and splitting are domain/coalescing.py's; this performs them.
+"""Run lines the dispatch core started together (embeddings, moderations, classify, score) as few upstream
+requests, and give each line the outcome it would have had alone. The merging and splitting are
+domain/coalescing.py's; this performs them.
 
 - Lines are read from the input blob in one ranged read when they lie close together (they were leased in order).
 - Lines with equal parameters go in one request, up to the backend's `max_inputs_per_request` inputs; lines whose
@@ -64,7 +65,7 @@ async def _send(
         outcomes[indexes[0]] = await backend.send(endpoint, orjson.dumps(bodies[indexes[0]]), timeout_s)
         return
     mine = [part for part in (parts[i] for i in indexes) if part is not None]
-    outcome = await backend.send(endpoint, merged_body(bodies[indexes[0]], mine), timeout_s)
+    outcome = await backend.send(endpoint, merged_body(endpoint, bodies[indexes[0]], mine), timeout_s)
     if outcome.kind is OutcomeKind.HTTP_ERROR and not outcome.is_retryable:
         half = len(indexes) // 2
         await _send(backend, endpoint, bodies, parts, indexes[:half], timeout_s, outcomes)

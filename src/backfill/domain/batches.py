@@ -8,7 +8,13 @@ from typing import Any
 
 from backfill.domain.usage import Usage
 
-ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations"})
+# OpenAI's batch endpoints, and vLLM's pooling APIs as vLLM serves them (docs/embeddings.md): `/classify` has no
+# `/v1` spelling; score and rerank have both, and vLLM's own batch runner accepts either.
+OPENAI_ENDPOINTS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations"}
+)
+POOLING_ENDPOINTS = frozenset({"/classify", "/v1/score", "/score", "/v1/rerank", "/rerank"})
+ENDPOINTS = OPENAI_ENDPOINTS | POOLING_ENDPOINTS
 
 
 class BatchApi(StrEnum):

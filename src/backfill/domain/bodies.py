@@ -19,11 +19,28 @@ class BodyProblem:
 
 
 @dataclass(frozen=True, slots=True)
-class EndpointRules:
-    name: str  # as OpenAI names the API in its messages
-    required: str  # the body field the endpoint cannot do without
-    required_kind: str  # what that field must be, for the message
+class Required:
+    field: str  # a body field the endpoint cannot do without
+    kind: str  # what it must be, for the message
     accepts: Callable[[Any], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRules:
+    name: str  # as OpenAI (or vLLM) names the API in its messages
+    required: tuple[Required, ...]
+    # Other sets of fields that may stand in for `required` (vLLM's classify takes `messages` instead of `input`,
+    # its score `queries` with `documents`, …): when the first of `required` is absent, the first set that is all
+    # there is checked instead, else the first set whose first field is there.
+    instead: tuple[tuple[Required, ...], ...] = ()
+    typed: tuple[Required, ...] = ()  # fields of this endpoint alone, checked where present and not null
+
+    def fields_for(self, body: dict[str, Any]) -> tuple[Required, ...]:
+        if body.get(self.required[0].field) is not None:
+            return self.required
+        begun = [fields for fields in self.instead if body.get(fields[0].field) is not None]
+        complete = [fields for fields in begun if all(body.get(f.field) is not None for f in fields)]
+        return (complete or begun or [self.required])[0]
 
 
 def _is_text_or_list(value: Any) -> bool:
@@ -34,12 +51,50 @@ def _is_nonempty_list(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 0
 
 
+def _is_score_input(value: Any) -> bool:
+    """vLLM's score inputs: a text, an array (of texts or content parts), or a multimodal object."""
+    return isinstance(value, str | list | dict)
+
+
+def _input(kind: str = "a string or an array", accepts: Callable[[Any], bool] = _is_text_or_list) -> Required:
+    return Required("input", kind, accepts)
+
+
+_MESSAGES = Required("messages", "a non-empty array", _is_nonempty_list)
+_SCORE_INPUT = "a string, an array or an object"
+
+
+def _score_pair(first: str, second: str) -> tuple[Required, ...]:
+    return Required(first, _SCORE_INPUT, _is_score_input), Required(second, _SCORE_INPUT, _is_score_input)
+
+
+_SCORE = EndpointRules(
+    "Score",
+    _score_pair("text_1", "text_2"),
+    (_score_pair("queries", "documents"), _score_pair("queries", "items"), _score_pair("data_1", "data_2")),
+)
+_RERANK = EndpointRules(
+    "Rerank",
+    (
+        Required("query", "a string or an object", lambda value: isinstance(value, str | dict)),
+        Required("documents", _SCORE_INPUT, _is_score_input),
+    ),
+    typed=(Required("top_n", "an integer", lambda value: type(value) is int),),
+)
+
 RULES: dict[str, EndpointRules] = {
-    "/v1/chat/completions": EndpointRules("Chat Completions", "messages", "a non-empty array", _is_nonempty_list),
-    "/v1/completions": EndpointRules("Completions", "prompt", "a string or an array", _is_text_or_list),
-    "/v1/embeddings": EndpointRules("Embeddings", "input", "a string or an array", _is_text_or_list),
-    "/v1/responses": EndpointRules("Responses", "input", "a string or an array", _is_text_or_list),
-    "/v1/moderations": EndpointRules("Moderations", "input", "a string or an array", _is_text_or_list),
+    "/v1/chat/completions": EndpointRules("Chat Completions", (_MESSAGES,)),
+    "/v1/completions": EndpointRules("Completions", (Required("prompt", "a string or an array", _is_text_or_list),)),
+    "/v1/embeddings": EndpointRules("Embeddings", (_input(),)),
+    "/v1/responses": EndpointRules("Responses", (_input(),)),
+    "/v1/moderations": EndpointRules("Moderations", (_input(),)),
+    # vLLM's pooling APIs (docs/embeddings.md): `/classify` as vLLM serves it, score and rerank in both spellings
+    # vLLM serves (and its own batch runner accepts).
+    "/classify": EndpointRules("Classification", (_input(),), ((_MESSAGES,),)),
+    "/v1/score": _SCORE,
+    "/score": _SCORE,
+    "/v1/rerank": _RERANK,
+    "/rerank": _RERANK,
 }
 
 
@@ -90,22 +145,24 @@ def check_body(endpoint: str, body: dict[str, Any]) -> BodyProblem | None:
     rules = RULES.get(endpoint)
     if rules is None:
         return None
-    value = body.get(rules.required)
-    if value is None:
-        return BodyProblem(
-            "invalid_request", f"{rules.required.capitalize()} parameter is required.", f"body.{rules.required}"
-        )
-    if not rules.accepts(value):
-        return BodyProblem(
-            "invalid_request",
-            f"Invalid 'body.{rules.required}': expected {rules.required_kind}, but got {json_kind(value)} instead.",
-            f"body.{rules.required}",
-        )
+    for required in rules.fields_for(body):
+        value = body.get(required.field)
+        if value is None:
+            return BodyProblem(
+                "invalid_request", f"{required.field.capitalize()} parameter is required.", f"body.{required.field}"
+            )
+        if not required.accepts(value):
+            return BodyProblem(
+                "invalid_request",
+                f"Invalid 'body.{required.field}': expected {required.kind}, but got {json_kind(value)} instead.",
+                f"body.{required.field}",
+            )
     if body.get("stream") is True:
         return BodyProblem(
             "streaming_unsupported", f"{rules.name}: Streaming is not supported in the Batch API.", "body.stream"
         )
-    for name, (expected, accepts) in _FIELD_TYPES.items():
+    checks = [*((t.field, t.kind, t.accepts) for t in rules.typed), *((n, *c) for n, c in _FIELD_TYPES.items())]
+    for name, expected, accepts in checks:
         field = body.get(name)
         if field is not None and not accepts(field):
             return BodyProblem(

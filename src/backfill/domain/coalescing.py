@@ -1,12 +1,18 @@
-"""Embeddings and moderations lines merged into one upstream request with an array `input`, and its answer split
-back into one result per line. Pure: bodies in, bodies and token counts out.
+"""Embeddings, moderations, classify and score lines merged into one upstream request with an array of inputs, and
+its answer split back into one result per line. Pure: bodies in, bodies and token counts out.
 
-What merges: lines of one batch whose bodies are equal but for `input` (model, `dimensions`, `encoding_format`,
-`user`, …) and whose inputs are of one kind — text (a string or an array of strings) or token ids (an array of
-ints, or an array of such arrays), since engines refuse a list that mixes both. A line whose own `input` is an
-array carries its slice: its k inputs go into the merged request together and its result holds their k vectors,
-indexed 0..k-1 as if it had been sent alone. Anything else (moderations' image parts, an empty array, a value of
-no known kind) is sent alone, unchanged.
+What merges: lines of one batch whose bodies are equal but for the merged field (`input`; score's `text_2`) — same
+model, `dimensions`, `encoding_format`, `user`, score's `text_1`, … — and whose inputs are of one kind: text (a
+string or an array of strings) or token ids (an array of ints, or an array of such arrays), since engines refuse a
+list that mixes both. A line whose own field is an array carries its slice: its k inputs go into the merged
+request together and its result holds their k entries, indexed 0..k-1 as if it had been sent alone. Anything else
+(moderations' image parts, score's `queries`/`documents` form or a `text_1` array, an empty array, a value of no
+known kind) is sent alone, unchanged.
+
+vLLM's `/classify` takes `input` as embeddings does and answers one `data` entry per input, with its `index`.
+Its `/score` with one `text_1` string and a `text_2` array scores the string against each element (1:N) and
+answers one `data` entry per element: so score lines sharing their `text_1` merge on `text_2`. Rerank lines never
+merge (`top_n` and the ordering by relevance belong to one query).
 
 Usage: an engine reports one `prompt_tokens` for the whole request. It is shared out over the lines in proportion
 to each line's token count — the model's tokenizer's where the backend counted each input (the embedded engine),
@@ -25,9 +31,31 @@ import orjson
 
 EMBEDDINGS = "/v1/embeddings"
 MODERATIONS = "/v1/moderations"
-COALESCED_ENDPOINTS = frozenset({EMBEDDINGS, MODERATIONS})
-# Where each endpoint's answer keeps one entry per input, in input order.
-_ITEMS = {EMBEDDINGS: "data", MODERATIONS: "results"}
+CLASSIFY = "/classify"
+SCORE = "/v1/score"
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """How an endpoint's requests merge and its answers split."""
+
+    field: str  # the body field whose inputs merge into one array
+    entries: str  # the answer's field with one entry per input
+    indexed: bool  # entries carry an `index`: put in input order by it, and numbered from 0 for each line
+    takes_tokens: bool = True  # token-id inputs merge too
+    fixed: str | None = None  # a field that must be one string (and, being in the key, equal) for lines to merge
+
+
+_EMBEDDING_LIKE = Shape("input", "data", indexed=True)
+_SCORE_LIKE = Shape("text_2", "data", indexed=True, takes_tokens=False, fixed="text_1")
+SHAPES: dict[str, Shape] = {
+    EMBEDDINGS: _EMBEDDING_LIKE,
+    MODERATIONS: Shape("input", "results", indexed=False, takes_tokens=False),
+    CLASSIFY: _EMBEDDING_LIKE,
+    SCORE: _SCORE_LIKE,
+    "/score": _SCORE_LIKE,  # vLLM serves both spellings; its own batch runner accepts either
+}
+COALESCED_ENDPOINTS = frozenset(SHAPES)
 
 Json = dict[str, Any]
 
@@ -44,14 +72,17 @@ def _is_tokens(value: object) -> bool:
 
 def input_items(endpoint: str, body: Json) -> tuple[str, list[Any]] | None:
     """The kind ("text" or "tokens") and the inputs of one line, or None when it cannot be merged with others."""
-    value = body.get("input")
+    shape = SHAPES[endpoint]
+    if shape.fixed is not None and not isinstance(body.get(shape.fixed), str):
+        return None
+    value = body.get(shape.field)
     if isinstance(value, str):
         return "text", [value]
     if not isinstance(value, list) or not value:
         return None
     if all(isinstance(item, str) for item in value):
         return "text", value
-    if endpoint != EMBEDDINGS:
+    if not shape.takes_tokens:
         return None
     if _is_tokens(value):
         return "tokens", [value]
@@ -78,9 +109,12 @@ def part_of(endpoint: str, body: Json) -> Part | None:
     if found is None:
         return None
     kind, items = found
-    params = {k: v for k, v in body.items() if k != "input"}
+    shape = SHAPES[endpoint]
+    params = {k: v for k, v in body.items() if k != shape.field}
     key = kind.encode() + orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
-    return Part(key, items, sum(item_tokens(item) for item in items))
+    # score: each pair's tokens hold the fixed text's as well as the element's
+    shared = item_tokens(body[shape.fixed]) if shape.fixed is not None else 0
+    return Part(key, items, sum(item_tokens(item) + shared for item in items))
 
 
 def plan_requests(parts: Sequence[Part | None], max_inputs: int) -> list[list[int]]:
@@ -103,10 +137,10 @@ def plan_requests(parts: Sequence[Part | None], max_inputs: int) -> list[list[in
     return requests
 
 
-def merged_body(body: Json, parts: Sequence[Part]) -> bytes:
-    """`body` (any one of the lines': they differ only in `input`) with every part's inputs as one array."""
+def merged_body(endpoint: str, body: Json, parts: Sequence[Part]) -> bytes:
+    """`body` (any one of the lines': they differ only in the merged field) with every part's inputs as one array."""
     merged = dict(body)
-    merged["input"] = [item for part in parts for item in part.items]
+    merged[SHAPES[endpoint].field] = [item for part in parts for item in part.items]
     return orjson.dumps(merged)
 
 
@@ -135,11 +169,12 @@ def split_answer(
     """One (body, prompt tokens) per part from the engine's answer to their merged request: each body the answer
     the line would have had alone (its entries indexed from 0, its own usage). `input_tokens`: each input's tokens
     as the backend counted them, when it did (else the parts' weights share the usage out). Raises SplitError."""
-    entries = answer.get(_ITEMS[endpoint])
+    shape = SHAPES[endpoint]
+    entries = answer.get(shape.entries)
     counts = [len(part.items) for part in parts]
     if not isinstance(entries, list) or len(entries) != sum(counts):
         raise SplitError(f"the engine answered {_count(entries)} results for {sum(counts)} inputs")
-    if endpoint == EMBEDDINGS:
+    if shape.indexed:
         entries = _in_input_order(entries)
     usage = answer.get("usage")
     reported = usage.get("prompt_tokens") if isinstance(usage, dict) else None
@@ -148,17 +183,14 @@ def split_answer(
         bounds = [sum(counts[:n]) for n in range(len(counts) + 1)]
         weights = [sum(input_tokens[bounds[n] : bounds[n + 1]]) for n in range(len(parts))]
     shares = apportion(reported, weights) if isinstance(reported, int) and reported >= 0 else None
-    head = {k: v for k, v in answer.items() if k not in ("data", "results", "usage")}
+    head = {k: v for k, v in answer.items() if k not in (shape.entries, "usage")}
     bodies: list[tuple[Json, int]] = []
     at = 0
     for n, part in enumerate(parts):
         mine = entries[at : at + len(part.items)]
         at += len(part.items)
         body = dict(head)
-        if endpoint == EMBEDDINGS:
-            body["data"] = [{**entry, "index": i} for i, entry in enumerate(mine)]
-        else:
-            body["results"] = mine
+        body[shape.entries] = [{**entry, "index": i} for i, entry in enumerate(mine)] if shape.indexed else mine
         tokens = 0
         if shares is not None:
             tokens = shares[n]
@@ -168,10 +200,10 @@ def split_answer(
 
 
 def _in_input_order(entries: list[Any]) -> list[Any]:
-    """Embeddings in input order: by their `index` when each has a distinct one (engines may answer out of order)."""
+    """Entries in input order: by their `index` when each has a distinct one (engines may answer out of order)."""
     indexes = [e.get("index") if isinstance(e, dict) else None for e in entries]
     if sorted(i for i in indexes if isinstance(i, int)) != list(range(len(entries))):
-        raise SplitError("the engine's embeddings do not carry the indexes 0..n-1")
+        raise SplitError("the engine's answer does not carry the indexes 0..n-1")
     if indexes == list(range(len(entries))):
         return entries
     return sorted(entries, key=lambda e: e["index"])

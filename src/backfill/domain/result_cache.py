@@ -6,7 +6,7 @@ A line may reuse an earlier answer only when the same request would get the same
 - the same model identity: what the backend says about the weights it serves (`model_identity`), so that new
   weights, a new quantisation or a new context length behind the same model name re-run everything;
 - a deterministic request: temperature 0, or a fixed `seed` (chat, completions, responses), or an endpoint that
-  does not sample at all (embeddings, moderations).
+  does not sample at all (embeddings, moderations, vLLM's classify, score and rerank).
 
 A batch opts in with the metadata key `backfill_result_cache` ("true" / "false"); a batch that does not say gets
 the `result_cache` setting. Pure: bodies in, keys out.
@@ -21,11 +21,12 @@ from typing import Any
 
 import orjson
 
+from backfill.domain.batches import POOLING_ENDPOINTS
 from backfill.domain.usage import Usage
 
 METADATA_KEY = "backfill_result_cache"
 _FLAGS = {"true": True, "false": False}
-_NOT_SAMPLED = frozenset({"/v1/embeddings", "/v1/moderations"})
+_NOT_SAMPLED = frozenset({"/v1/embeddings", "/v1/moderations"}) | POOLING_ENDPOINTS
 # Left out of a model's identity: when the server started and vLLM's per-answer permission objects (a fresh id
 # each time), not what it serves.
 _VOLATILE = frozenset({"created", "permission"})

@@ -22,6 +22,7 @@ from backfill.sim.tokens import (
     render_chat,
     text_prefix_hashes,
 )
+from backfill.testing.pooling import POOLING, score_pairs
 from backfill.testing.upstream import content_text
 
 Json = dict[str, Any]
@@ -125,6 +126,35 @@ def parse_embeddings(body: Json, profile: EngineProfile) -> Embeddings:
     if encoding not in ("float", "base64"):
         raise InvalidRequest("encoding_format must be 'float' or 'base64'.", param="encoding_format")
     return Embeddings(texts, prompts, dimensions, encoding == "base64")
+
+
+@dataclass(frozen=True, slots=True)
+class Pooling:
+    """A valid classify, score or rerank request: one prefill per input (or pair), and the answer to give."""
+
+    prompts: list[Prompt]
+    answer: Json
+
+
+def parse_pooling(path: str, body: Json, profile: EngineProfile) -> Pooling:
+    """vLLM's `/classify`, `/score` or `/rerank` (testing/pooling.py's answers). Raises InvalidRequest or NotFound."""
+    _check_model(body, profile)
+    field, build = POOLING[path]
+    try:
+        answer = build(body, profile.model, lambda text: count_text_tokens(text, profile.chars_per_token))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param=field) from None
+    if path == "/classify":
+        items = (
+            body["input"] if isinstance(body["input"], list) and not _is_token_ids(body["input"]) else [body["input"]]
+        )
+        texts = [item if isinstance(item, str) else " ".join(map(str, item)) for item in items]
+    elif path.endswith("/score"):
+        texts = [first + second for first, second in score_pairs(body)]
+    else:
+        documents = body["documents"] if isinstance(body["documents"], list) else [body["documents"]]
+        texts = [body["query"] + document for document in documents]
+    return Pooling([_text_prompt(text, profile) for text in texts], answer)
 
 
 def _check_model(body: Json, profile: EngineProfile) -> None:

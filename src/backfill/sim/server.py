@@ -1,6 +1,7 @@
 """The simulator's HTTP server: vLLM's OpenAI-compatible endpoints in front of a real-time engine runner.
 
-``POST /v1/chat/completions``, ``/v1/completions`` (both streaming or not) and ``/v1/embeddings``;
+``POST /v1/chat/completions``, ``/v1/completions`` (both streaming or not), ``/v1/embeddings`` and vLLM's pooling
+APIs ``/classify``, ``/score`` (``/v1/score``) and ``/rerank`` (``/v1/rerank``), answered as the fake upstream does;
 ``GET /v1/models``, ``/health`` and ``/metrics`` (vLLM's metric names). Like the fake upstream
 (``backfill.testing.upstream``), ``GET /_stats`` counts what arrived, by key (the request's prompt text), and
 how it was answered (``?log=0`` leaves out the per-request log); ``POST /_reset`` forgets it. A client that
@@ -27,7 +28,8 @@ from backfill.sim.engine import SimRequest
 from backfill.sim.profile import EngineProfile
 from backfill.sim.runner import EngineRunner, EventQueue
 from backfill.sim.tokens import OutputLengths, answer_piece
-from backfill.testing.upstream import chat_key, input_key, prompt_key
+from backfill.testing.pooling import POOLING
+from backfill.testing.upstream import chat_key, input_key, input_texts, prompt_key
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -103,7 +105,10 @@ class SimServer:
         if method == "POST" and path in _GENERATION:
             await self._serve_generation(path, _GENERATION[path], receive, send)
         elif method == "POST" and path == "/v1/embeddings":
-            await self._serve_embeddings(path, receive, send)
+            await self._serve_prefill(path, input_key, self._embeddings, receive, send)
+        elif method == "POST" and path in POOLING:
+            field = POOLING[path][0]
+            await self._serve_prefill(path, lambda body: _first_text(body.get(field)), self._pooling, receive, send)
         elif method == "GET" and path == "/v1/models":
             await _send(send, 200, orjson.dumps(self._models()))
         elif method == "GET" and path == "/metrics":
@@ -197,23 +202,39 @@ class SimServer:
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
         return True
 
-    async def _serve_embeddings(self, path: str, receive: Receive, send: Send) -> None:
+    def _embeddings(self, path: str, body: Json) -> tuple[list[api.Prompt], Json]:
+        embeddings = api.parse_embeddings(body, self.profile)
+        return embeddings.prompts, api.embeddings_answer(embeddings, self.profile.model)
+
+    def _pooling(self, path: str, body: Json) -> tuple[list[api.Prompt], Json]:
+        pooling = api.parse_pooling(path, body, self.profile)
+        return pooling.prompts, pooling.answer
+
+    async def _serve_prefill(
+        self,
+        path: str,
+        key_of: Callable[[Json], str],
+        parse: Callable[[str, Json], tuple[list[api.Prompt], Json]],
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """A pooling request (embeddings, classify, score, rerank): answered once the engine prefilled each input."""
         arrived_at = time.time()
         body = await _read_json(receive)
-        key = input_key(body) if isinstance(body, dict) else ""
+        key = key_of(body) if isinstance(body, dict) else ""
         self._count(key)
         try:
-            embeddings = api.parse_embeddings(_require_object(body), self.profile)
+            prompts, answer = parse(path, _require_object(body))
         except ApiError as exc:
             await _send_error(send, exc)
             self._log(arrived_at, path, key, exc.status_code)
             return
         # Each input is a prefill-only request, as a pooling model runs it; they batch like any others.
-        base_id = "embd-" + os.urandom(12).hex()
-        ids = [f"{base_id}-{index}" for index in range(len(embeddings.prompts))]
+        base_id = "pool-" + os.urandom(12).hex()
+        ids = [f"{base_id}-{index}" for index in range(len(prompts))]
         queues = [
             self.runner.submit(SimRequest(request_id, prompt.tokens, prompt.prefix_blocks, 0), every_token=False)
-            for request_id, prompt in zip(ids, embeddings.prompts, strict=True)
+            for request_id, prompt in zip(ids, prompts, strict=True)
         ]
         watcher = asyncio.create_task(_abort_on_disconnect(receive, lambda: self._abort_all(ids)))
         try:
@@ -223,7 +244,7 @@ class SimServer:
                     is_done = False
                     break
             if is_done:
-                await _send(send, 200, orjson.dumps(api.embeddings_answer(embeddings, self.profile.model)))
+                await _send(send, 200, orjson.dumps(answer))
         finally:
             watcher.cancel()
             self._abort_all(ids)
@@ -256,6 +277,11 @@ async def _abort_on_disconnect(receive: Receive, abort: Callable[[], None]) -> N
     while (await receive())["type"] != "http.disconnect":
         pass
     abort()
+
+
+def _first_text(value: object) -> str:
+    texts = input_texts(value)
+    return texts[0] if texts else ""
 
 
 def _require_object(body: object) -> Json:

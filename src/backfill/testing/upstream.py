@@ -1,22 +1,24 @@
 """A scriptable fake OpenAI-compatible inference server, spoken to over real HTTP by tests and benchmarks.
 
-A request's *key* is its prompt text: the last chat message, the completion ``prompt``, or the (first)
-``input``. Directive words inside the key make the server misbehave, e.g. ``"review 17 #fail429:2:1"``:
+A request's *key* is its prompt text: the last chat message, the completion ``prompt``, the (first)
+``input``, score's (first) ``text_2`` or rerank's ``query``; vLLM's ``/classify``, ``/score`` and ``/rerank`` answer
+as testing/pooling.py says. Directive words inside the key make the server misbehave, e.g. ``"review 17 #fail429:2:1"``:
 
     #fail429:N:RA   the first N requests with this exact key get 429 with ``Retry-After: RA`` (seconds)
     #fail500:N      the first N requests with this exact key get 500; ``#fail500:always`` always does
-    #bad400         always 400 (invalid_request_error); in any input of an embeddings or moderations request with
-                    an array ``input``, the whole request gets it, as an engine refuses a request for one bad input
+    #bad400         always 400 (invalid_request_error); in any input of an embeddings, moderations or classify
+                    request with an array ``input`` (score: ``text_2``), the whole request gets it, as an engine
+                    refuses a request for one bad input
     #garbage        200 whose body is not JSON
     #hang:S         sleep S seconds, then answer 200
     #slow:MS        sleep MS milliseconds, then answer 200
     #gate:NAME      wait until gate NAME is opened (at most GATE_MAX_S), then answer 200
 
 Other words starting with ``#`` are ordinary text. ``GET /_stats`` reports what arrived and how it was
-answered (``?log=0`` leaves out the per-request log), and for embeddings and
-moderations the requests, inputs and prompt tokens answered 200; ``POST /_reset`` forgets it. ``GET /_gates/NAME`` says
-how many requests wait at a gate (``{"waiting": n, "open": false}``) and ``POST /_gates/NAME`` opens it, for
-them and for any that come later: a test holds lines in flight for exactly as long as it needs, whatever the
+answered (``?log=0`` leaves out the per-request log), and for embeddings, moderations, classify and score the
+requests, inputs and prompt tokens answered 200; ``POST /_reset`` forgets it. ``GET /_gates/NAME`` says how many
+requests wait at a gate (``{"waiting": n, "open": false}``) and ``POST /_gates/NAME`` opens it, for them and for
+any that come later: a test holds lines in flight for exactly as long as it needs, whatever the
 machine's speed, instead of guessing a duration. Run it with ``python -m backfill.testing.upstream --port P``.
 
 It is a raw ASGI callable rather than a Starlette app because benchmarks run it on the same small machine
@@ -38,6 +40,8 @@ from typing import Any
 
 import orjson
 import uvicorn
+
+from backfill.testing.pooling import POOLING
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -284,9 +288,31 @@ def build_moderation(body: Json, key: str) -> Json:
     }
 
 
-_ARRAY_INPUT_PATHS = frozenset({"/v1/embeddings", "/v1/moderations"})
+# Paths whose requests backfill merges (domain/coalescing.py) -> the field that holds their inputs
+_ARRAY_INPUT_PATHS = {
+    "/v1/embeddings": "input",
+    "/v1/moderations": "input",
+    "/classify": "input",
+    "/score": "text_2",
+    "/v1/score": "text_2",
+}
 KeyFn = Callable[[Json], str]
 BuildFn = Callable[[Json, str], Json]
+
+
+def _pooling(path: str) -> tuple[KeyFn, BuildFn]:
+    """vLLM's classify, score or rerank (testing/pooling.py): keyed by the first text of its inputs' field."""
+    field, answer = POOLING[path]
+
+    def key(body: Json) -> str:
+        texts = input_texts(body.get(field))
+        return texts[0] if texts else ""
+
+    def build(body: Json, key: str) -> Json:
+        return answer(body, _model(body), lambda text: _count_words(text) + 1)
+
+    return key, build
+
 
 ENDPOINTS: dict[str, tuple[KeyFn, BuildFn]] = {
     "/v1/chat/completions": (chat_key, build_chat),
@@ -294,6 +320,7 @@ ENDPOINTS: dict[str, tuple[KeyFn, BuildFn]] = {
     "/v1/embeddings": (input_key, build_embeddings),
     "/v1/responses": (input_key, build_response),
     "/v1/moderations": (input_key, build_moderation),
+    **{path: _pooling(path) for path in POOLING},
 }
 
 
@@ -327,7 +354,7 @@ class FakeUpstream:
         self.by_key: dict[str, int] = {}
         self.by_status: dict[int, int] = {}
         self.log: list[tuple[float, str, str, int]] = []
-        # embeddings and moderations: path -> requests, inputs and prompt tokens answered 200
+        # embeddings, moderations, classify and score: path -> requests, inputs and prompt tokens answered 200
         self.answered: dict[str, dict[str, int]] = {}
 
     def stats(self, with_log: bool = True) -> Json:
@@ -392,7 +419,8 @@ class FakeUpstream:
         if not isinstance(body, dict):
             message = "We could not parse the JSON body of your request."
             return 400, orjson.dumps(error_envelope(message, "invalid_request_error")), []
-        if path in _ARRAY_INPUT_PATHS and any("#bad400" in text for text in input_texts(body.get("input"))[1:]):
+        field = _ARRAY_INPUT_PATHS.get(path)
+        if field is not None and any("#bad400" in text for text in input_texts(body.get(field))[1:]):
             return 400, _ERRORS[400], []
         try:
             script = read_script(key, count)
@@ -409,8 +437,11 @@ class FakeUpstream:
             await asyncio.sleep(sleep_s)
         if script.is_garbage:
             return 200, _GARBAGE, []
-        answer = build(body, key)
-        if path not in _ARRAY_INPUT_PATHS:
+        try:
+            answer = build(body, key)
+        except ValueError as exc:  # a pooling body it cannot answer, as vLLM refuses it
+            return 400, orjson.dumps(error_envelope(str(exc), "invalid_request_error")), []
+        if field is None:
             return 200, orjson.dumps(answer), []
         counts = self.answered.setdefault(path, {"requests": 0, "inputs": 0, "prompt_tokens": 0})
         counts["requests"] += 1
