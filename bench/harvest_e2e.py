@@ -63,6 +63,7 @@ from backfill.sim.shared_engine import (
     SharedResult,
     TraceRequest,
     capacity_tokens_per_s,
+    harvest_efficiency,
     load_trace,
     run,
 )
@@ -438,6 +439,30 @@ async def drive(
     return await traffic, counted, batch_id
 
 
+async def watch_controller(dispatcher: Server, seconds: float, seen: list[tuple[float, float | None]]) -> None:
+    """The harvest controller as the dispatcher's /metrics show it, once a second: (ceiling, TTFT baseline)."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{dispatcher.port}", timeout=5) as client:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            samples = parse_samples((await client.get("/metrics")).text) or {}
+            ceiling = [value for _, value in samples.get("backfill_harvest_limit", [])]
+            baseline = [value for _, value in samples.get("backfill_harvest_ttft_baseline_seconds", [])]
+            if ceiling:
+                seen.append((ceiling[0], baseline[0] if baseline else None))
+            await asyncio.sleep(1.0)
+
+
+def controller_note(seen: list[tuple[float, float | None]]) -> str | None:
+    """What the controller did over the row, for the notes column."""
+    if not seen:
+        return None
+    ceilings = [ceiling for ceiling, _ in seen]
+    baseline = seen[-1][1]
+    learned = f"baseline {baseline * 1000:.0f} ms" if baseline is not None else "no baseline learned"
+    mean = sum(ceilings) / len(ceilings)
+    return f"ceiling mean {mean:.1f} (min {min(ceilings):.0f}, max {max(ceilings):.0f}), {learned}"
+
+
 @dataclass
 class Backfill:
     """The backfill processes of one row: one (role all), or an API replica and a worker on PostgreSQL."""
@@ -496,7 +521,18 @@ def run_row(
         file_id = server.upload(backlog)["id"] if server is not None and row.strategy != "interactive" else None
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.monotonic()
-        sent, before, batch_id = asyncio.run(drive(row, engine, server, file_id, target, trace, scale, args))
+        seen: list[tuple[float, float | None]] = []
+
+        async def both() -> tuple[list[Sent], tuple[int, int], str | None]:
+            dispatcher = backfill.worker or backfill.server if backfill is not None else None
+            if dispatcher is not None:
+                watcher = asyncio.create_task(watch_controller(dispatcher, args.warmup + args.seconds, seen))
+            driven = await drive(row, engine, server, file_id, target, trace, scale, args)
+            if dispatcher is not None:
+                await watcher
+            return driven
+
+        sent, before, batch_id = asyncio.run(both())
         elapsed = time.monotonic() - t0 - args.warmup
         after = engine.counters()
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
@@ -516,6 +552,9 @@ def run_row(
             result.batch_lines_done = counts["completed"] + counts["failed"]
             if counts["failed"]:
                 result.notes.append(f"{counts['failed']} batch lines failed")
+        note = controller_note(seen[int(args.warmup) :])
+        if note is not None and row.strategy == "backfill":
+            result.notes.append(note)
         errors = [s.error for s in sent if s.error]
         if errors:
             result.notes.append(f"{len(errors)} interactive errors, e.g. {errors[0]}")
@@ -593,12 +632,18 @@ def virtual_p99s(
 def best_virtual_cap(
     trace: list[TraceRequest], profile: EngineProfile, scale: float, args: argparse.Namespace, capacity: float
 ) -> int:
-    """The largest fixed cap whose virtual p99 stays within +10% of interactive only on this slice."""
+    """The largest fixed cap whose virtual p99 stays within +10% of interactive only on this slice. Prints each
+    cap's p99 and harvest efficiency: the most any batch concurrency can harvest here within the p99 goal."""
     reference = virtual("interactive", trace, profile, scale, args, capacity).ttft_quantile(0.99)
     best = VIRTUAL_CAPS[0]
+    frontier = []
     for cap in VIRTUAL_CAPS:
-        if virtual(f"cap:{cap}", trace, profile, scale, args, capacity).ttft_quantile(0.99) <= 1.10 * reference:
+        result = virtual(f"cap:{cap}", trace, profile, scale, args, capacity)
+        p99 = result.ttft_quantile(0.99)
+        frontier.append(f"{cap}: {p99 / reference - 1:+.0%} / {harvest_efficiency(result, capacity):.0%}")
+        if p99 <= 1.10 * reference:
             best = cap
+    print(f"virtual-time fixed caps, p99 / harvest efficiency: {'; '.join(frontier)}", flush=True)
     return best
 
 
