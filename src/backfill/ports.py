@@ -14,6 +14,7 @@ from backfill.domain.keys import NewKey
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
 from backfill.domain.message_batches import RefusedRequest, UnrunCounts
 from backfill.domain.outcomes import Outcome
+from backfill.domain.proxy_ttft import Published
 from backfill.domain.result_cache import CachedResult
 from backfill.domain.results import StoredResult
 from backfill.domain.tenants import KeyInfo, KeyMatch, Tenant, TenantChange
@@ -333,8 +334,18 @@ class WorkerBoard(Protocol):
         """What every live dispatcher process reports of each backend, combined (domain/endpoint_report.py)."""
         ...
 
+    async def share_ttft(
+        self, owner: str, published: Mapping[str, Published], now: float, stale_after_s: float
+    ) -> None:
+        """Publish this API replica's interactive TTFT samples per backend (domain/proxy_ttft.py)."""
+        ...
+
+    async def proxy_ttft(self, now: float, stale_after_s: float) -> dict[str, dict[str, Published]]:
+        """Every live API replica's published TTFT samples: backend -> replica -> what it published."""
+        ...
+
     async def forget_rates(self, owner: str) -> None:
-        """A process that stops takes its rates and counters with it."""
+        """A process that stops takes its rates, counters and samples with it."""
         ...
 
 

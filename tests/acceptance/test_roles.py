@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -201,3 +202,37 @@ def poll(read: Callable[[], T | None], timeout_s: float) -> T:
         assert time.monotonic() < deadline, f"nothing after {timeout_s} s"
         time.sleep(0.1)
     return got
+
+
+def test_a_worker_harvests_on_the_ttft_the_api_replica_s_proxy_measures(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """The proxy runs in the API replica, the harvest controller in the worker: the replica publishes its TTFT
+    samples and the worker's controller learns its baseline from them (it needs 50 taken with no batch running)."""
+    profile = tmp_path / "sim.toml"
+    profile.write_text(HARVEST_PROFILE)
+    with sim_serve(profile) as url:
+        shared = {"name": "shared", "url": url, "models": [HARVEST_MODEL], "flavour": "vllm", "harvest": True}
+        fast = {"engine_metrics_interval_s": 0.2}
+        api = start_server(role="api", backends=[shared], **fast)
+        worker = start_server(role="worker", backends=[shared], data_dir=api.data_dir, **fast)
+        client = client_for(api)
+
+        def ask(n: int) -> None:
+            client.chat.completions.create(
+                model=HARVEST_MODEL, messages=[{"role": "user", "content": f"hello {n}"}], max_tokens=5
+            )
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(ask, range(60)))
+
+        def baseline() -> float | None:
+            metrics = httpx.get(f"{worker.base_url}/metrics").text
+            line = next(
+                (x for x in metrics.splitlines() if x.startswith("backfill_harvest_ttft_baseline_seconds{")), None
+            )
+            return None if line is None else float(line.rsplit(" ", 1)[1])
+
+        learned = poll(baseline, timeout_s=30)
+
+    assert 0 < learned < 30

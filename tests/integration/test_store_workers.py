@@ -4,6 +4,7 @@ the store."""
 from __future__ import annotations
 
 from backfill.domain.endpoint_report import EndpointReport
+from backfill.domain.proxy_ttft import Published
 from backfill.ports import Store
 
 STALE_S = 20.0
@@ -65,6 +66,19 @@ async def test_api_replicas_see_what_every_live_worker_knows_of_each_backend_com
     reports = await store.endpoint_reports(101.0, STALE_S)
 
     assert {"a": EndpointReport(4, 9.0, 6, False, 0.2), "b": EndpointReport(in_flight=2)} == reports
+
+
+async def test_workers_read_every_live_api_replica_s_ttft_samples(store: Store) -> None:
+    await store.share_ttft("api-1", {"a": Published(3, (0.1, 0.2, 0.3)), "b": Published(0, ())}, 100.0, STALE_S)
+    await store.share_ttft("api-2", {"a": Published(1, (0.4,))}, 101.0, STALE_S)
+    await store.share_ttft("gone", {"a": Published(9, (0.9,))}, 70.0, STALE_S)
+    await store.share_ttft("api-1", {"a": Published(4, (0.2, 0.3, 0.5))}, 102.0, STALE_S)  # replaces its rows
+
+    assert {"a": {"api-1": Published(4, (0.2, 0.3, 0.5)), "api-2": Published(1, (0.4,))}} == await store.proxy_ttft(
+        102.0, STALE_S
+    )
+    await store.forget_rates("api-2")
+    assert {"a": {"api-1": Published(4, (0.2, 0.3, 0.5))}} == await store.proxy_ttft(102.0, STALE_S)
 
 
 def flying(**counts: int) -> dict[str, EndpointReport]:

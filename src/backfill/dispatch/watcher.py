@@ -14,6 +14,7 @@ from backfill.backends.engine_metrics import EngineMetrics
 from backfill.config import Settings
 from backfill.core.dispatch import DispatchCore
 from backfill.core.events import Action, EngineRead
+from backfill.domain.proxy_ttft import SampleReader
 from backfill.interactive import InteractiveMeter
 from backfill.metrics import Metrics
 from backfill.ports import WorkerBoard
@@ -48,6 +49,7 @@ class EngineWatcher:
         # A worker of a split deployment publishes its load every round, harvested or not: API replicas elsewhere
         # route interactive requests by its lines in flight and draw the rest on the dashboard (batch_load.py).
         self.publish = settings.role == "worker"
+        self.ttft_reader = SampleReader()  # what the API replicas' proxies measured, when they are elsewhere
         # Endpoints whose /metrics cannot be scraped: (since, why), logged once when it starts and when it ends.
         self.unreadable: dict[str, tuple[float, str]] = {}
 
@@ -70,6 +72,9 @@ class EngineWatcher:
         readings = await asyncio.gather(*(probe.load() for probe in probes))
         others = await self._share()
         ttft = {name: self.interactive.drain_ttft(name) for name in self.harvested} if self.interactive else {}
+        for name, samples in (await self._proxy_ttft()).items():
+            if name in self.harvested:
+                ttft[name] = [*ttft.get(name, []), *samples]
         loads = {probe.name: load for probe, load in zip(probes, readings, strict=True)}
         self._note_unreadable(probes, loads)
         return EngineRead(loads, ttft, others)
@@ -89,6 +94,18 @@ class EngineWatcher:
                 error = probe.error or "unreadable"
                 self.unreadable[probe.name] = (self.clock(), error)
                 log.warning("backend.metrics_unreadable", backend=probe.name, error=error)
+
+    async def _proxy_ttft(self) -> dict[str, list[float]]:
+        """A worker of a split deployment: the TTFT samples the API replicas' proxies measured since the last round
+        (domain/proxy_ttft.py); nothing with the proxy in this process."""
+        if not (self.publish and self.harvested):
+            return {}
+        try:
+            published = await self.board.proxy_ttft(self.clock(), 5 * self.settings.engine_metrics_interval_s)
+        except Exception:
+            log.exception("watcher.proxy_ttft_failed")  # harvest on the engine's metrics until the database answers
+            return {}
+        return self.ttft_reader.take(published)
 
     async def _share(self) -> Mapping[str, Mapping[str, int]]:
         """The other live workers' batch-token counters per harvested backend; ours published for them."""

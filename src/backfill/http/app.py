@@ -6,6 +6,7 @@ dispatcher and serves only /healthz, /readyz and /metrics, "all" does both.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -33,6 +34,7 @@ from backfill.http.routes import (
     ui,
     usage,
 )
+from backfill.http.ttft_publisher import TtftPublisher
 from backfill.http.ui_history import EndpointHistory
 from backfill.http.ui_session import SessionSigner
 from backfill.ports import Backend
@@ -97,7 +99,11 @@ def create_app(
         try:
             if serves_api:
                 app.state.ui_history = history = EndpointHistory(services)
-                async with authenticator.running(), history.running():
+                async with contextlib.AsyncExitStack() as stack:
+                    await stack.enter_async_context(authenticator.running())
+                    await stack.enter_async_context(history.running())
+                    if not dispatching:  # the harvest controllers are in the workers: they get the proxy's TTFT
+                        await stack.enter_async_context(TtftPublisher(services).running())
                     yield
             else:
                 yield

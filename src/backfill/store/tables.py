@@ -195,6 +195,19 @@ worker_backends = Table(
     Column("ttft_baseline_s", Float, nullable=True),
 )
 
+# The interactive TTFT samples each API replica's proxy measured per backend (the last few hundred, oldest first, as
+# orjson floats), with `seq` the count of samples it has measured there since it started: a worker takes the
+# samples past the `seq` it saw last. A row not refreshed for a while belongs to a replica that stopped.
+proxy_ttft = Table(
+    "proxy_ttft",
+    metadata,
+    Column("owner", String(64), primary_key=True),
+    Column("backend", Text, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("samples", LargeBinary, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
 # Idempotency-Key of a create (POST /v1/files, POST /v1/batches), per tenant: the request's fingerprint and, once
 # served, the answer to replay for 24 hours. `response_status` null: the first request is still being served.
 idempotency_keys = Table(

@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
 from sqlalchemy import Table, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from backfill.domain.endpoint_report import EndpointReport, combine
-from backfill.store.tables import worker_backends, worker_rates
+from backfill.domain.proxy_ttft import Published
+from backfill.store.tables import proxy_ttft, worker_backends, worker_rates
 
 _REPORTED = ("ceiling", "engine_waiting", "up", "ttft_baseline_s")
 
@@ -99,8 +101,31 @@ class WorkerQueries:
                 by_backend.setdefault(backend, []).append(report)
         return {backend: combine(reports) for backend, reports in by_backend.items()}
 
+    async def share_ttft(
+        self, owner: str, published: Mapping[str, Published], now: float, stale_after_s: float
+    ) -> None:
+        """Publish this API replica's interactive TTFT samples per backend (domain/proxy_ttft.py)."""
+        rows = [
+            {"backend": backend, "seq": mine.seq, "samples": orjson.dumps(mine.samples)}
+            for backend, mine in published.items()
+        ]
+        async with self.engine.begin() as conn:
+            await _publish(conn, proxy_ttft, owner, rows, now, stale_after_s)
+
+    async def proxy_ttft(self, now: float, stale_after_s: float) -> dict[str, dict[str, Published]]:
+        """Every live API replica's published TTFT samples: backend -> replica -> what it published."""
+        table = proxy_ttft
+        query = select(table.c.backend, table.c.owner, table.c.seq, table.c.samples).where(
+            table.c.updated_at >= now - stale_after_s
+        )
+        published: dict[str, dict[str, Published]] = {}
+        async with self.engine.connect() as conn:
+            for backend, owner, seq, samples in await conn.execute(query):
+                published.setdefault(backend, {})[owner] = Published(int(seq), tuple(orjson.loads(samples)))
+        return published
+
     async def forget_rates(self, owner: str) -> None:
         """A process that stops takes its rates and counters with it."""
         async with self.engine.begin() as conn:
-            for table in (worker_rates, worker_backends):
+            for table in (worker_rates, worker_backends, proxy_ttft):
                 await conn.execute(delete(table).where(table.c.owner == owner))

@@ -11,6 +11,7 @@ from typing import TypeVar
 from backfill.domain.batches import Batch, RequestState
 from backfill.domain.endpoint_report import EndpointReport
 from backfill.domain.files import FileRecord
+from backfill.domain.proxy_ttft import Published
 from backfill.domain.result_cache import CachedResult
 from backfill.domain.tenants import Tenant
 from backfill.domain.usage import Usage
@@ -104,6 +105,7 @@ class MemoryTables:
     worker_rates: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
     worker_backends: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
     worker_reports: dict[tuple[str, str], tuple[EndpointReport, float]] = field(default_factory=dict)
+    proxy_ttft: dict[tuple[str, str], tuple[Published, float]] = field(default_factory=dict)
     usage: dict[UsageKey, UsageCounts] = field(default_factory=dict)
     # The result cache: (tenant id, key) -> (answer, created_at, used_at).
     result_cache: dict[tuple[str, str], tuple[CachedResult, int, int]] = field(default_factory=dict)

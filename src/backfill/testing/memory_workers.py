@@ -7,9 +7,10 @@ from collections.abc import Mapping
 from typing import TypeVar
 
 from backfill.domain.endpoint_report import EndpointReport, combine
+from backfill.domain.proxy_ttft import Published
 from backfill.testing.memory_tables import MemoryTables
 
-_Value = TypeVar("_Value", int, float, EndpointReport)
+_Value = TypeVar("_Value", int, float, EndpointReport, Published)
 
 
 class MemoryWorkerBoard:
@@ -54,8 +55,25 @@ class MemoryWorkerBoard:
                 by_backend.setdefault(backend, []).append(report)
         return {backend: combine(reports) for backend, reports in by_backend.items()}
 
+    async def share_ttft(
+        self, owner: str, published: Mapping[str, Published], now: float, stale_after_s: float
+    ) -> None:
+        _publish(self.tables.proxy_ttft, owner, published, now, stale_after_s)
+
+    async def proxy_ttft(self, now: float, stale_after_s: float) -> dict[str, dict[str, Published]]:
+        published: dict[str, dict[str, Published]] = {}
+        for (owner, backend), (mine, updated_at) in self.tables.proxy_ttft.items():
+            if updated_at >= now - stale_after_s:
+                published.setdefault(backend, {})[owner] = mine
+        return published
+
     async def forget_rates(self, owner: str) -> None:
-        for table in (self.tables.worker_rates, self.tables.worker_backends, self.tables.worker_reports):
+        for table in (
+            self.tables.worker_rates,
+            self.tables.worker_backends,
+            self.tables.worker_reports,
+            self.tables.proxy_ttft,
+        ):
             for key in [key for key in table if key[0] == owner]:
                 del table[key]
 
