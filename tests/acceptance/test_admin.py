@@ -16,7 +16,7 @@ import pytest
 
 from tests.acceptance.conftest import StartServer
 from tests.acceptance.helpers import Clients, chat_line, error_of, start_batch, wait_terminal
-from tests.support.processes import Server, Upstream, child_env, sim_serve
+from tests.support.processes import Server, Upstream, child_env, sim_serving
 
 REVOKED_WITHIN_S = 5.0
 
@@ -205,9 +205,7 @@ iteration_base_s = 0.01
 def test_weights_3_to_1_share_a_simulated_engine_about_3_to_1(
     connect: Clients, start_server: StartServer, tmp_path: Path
 ) -> None:
-    profile = tmp_path / "sim.toml"
-    profile.write_text(FAIR_PROFILE)
-    with sim_serve(profile) as simulator:
+    with sim_serving(FAIR_PROFILE, tmp_path) as simulator:
         backend = {"name": "sim", "url": simulator, "models": [FAIR_MODEL], "max_concurrency": 4, "harvest": False}
         server = start_server(backends=[backend], poll_interval_s=0.1)
         cli(server, "tenants", "create", "heavy", "--weight", "3")

@@ -23,13 +23,14 @@ import pytest
 from openai import OpenAI
 
 from tests.support.databases import fetch_rows, postgres_schema_url
-from tests.support.processes import Server, sim_serve, write_config
+from tests.support.processes import Server, sim_serving, write_config
 from tests.support.s3 import S3Server, running_s3_server
 
 BATCHES = 5
 LINES = 2000
 SIM_MODEL = "sim-chaos"
 OUTPUT_TOKENS = 16
+PROFILE = f'model = "{SIM_MODEL}"\noutput_len_dist = "fixed"\noutput_len_mean = {OUTPUT_TOKENS}\n'
 T = TypeVar("T")
 
 
@@ -43,9 +44,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 def simulator(tmp_path: Path) -> Iterator[str]:
     # Answers of 16 tokens in ~0.17 s and 3 workers x 16 in flight: 10,000 lines take 35 s or more however fast
     # the machine (so a process dies many times meanwhile), with lines always in flight when one does.
-    profile = tmp_path / "sim.toml"
-    profile.write_text(f'model = "{SIM_MODEL}"\noutput_len_dist = "fixed"\noutput_len_mean = {OUTPUT_TOKENS}\n')
-    with sim_serve(profile) as url:
+    with sim_serving(PROFILE, tmp_path) as url:
         yield url
 
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.acceptance.conftest import StartServer, client_for
 from tests.acceptance.helpers import chat_line, jsonl, read_jsonl, wait_terminal
-from tests.support.processes import Server, sim_serve
+from tests.support.processes import Server, sim_serving
 
 MODEL = "harvest-sim"
 # Four sequences at a time, 20 tokens each at ~10 ms a step: a line takes about 0.25 s when the engine is free.
@@ -34,9 +34,7 @@ scheduling_policy = "priority"
 
 @pytest.fixture
 def simulator(tmp_path: Path) -> Iterator[str]:
-    profile = tmp_path / "sim.toml"
-    profile.write_text(PROFILE)
-    with sim_serve(profile) as url:
+    with sim_serving(PROFILE, tmp_path) as url:
         yield url
 
 

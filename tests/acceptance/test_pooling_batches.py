@@ -17,7 +17,7 @@ from backfill.sim.tokens import count_text_tokens
 from backfill.testing.pooling import class_probs, pair_score
 from tests.acceptance.conftest import MODEL, StartServer
 from tests.acceptance.helpers import Clients, read_jsonl, upload, wait_terminal
-from tests.support.processes import Server, Upstream, sim_serve
+from tests.support.processes import Server, Upstream, sim_serving
 
 SIM_MODEL = "pooling-sim"
 PROFILE = f"""
@@ -31,9 +31,7 @@ LINES = 40
 
 @pytest.fixture
 def simulator(tmp_path: Path) -> Iterator[str]:
-    profile = tmp_path / "sim.toml"
-    profile.write_text(PROFILE)
-    with sim_serve(profile) as url:
+    with sim_serving(PROFILE, tmp_path) as url:
         yield url
 
 

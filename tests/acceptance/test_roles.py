@@ -21,7 +21,7 @@ from tests.acceptance.helpers import chat_line, jsonl, start_batch, wait_termina
 from tests.acceptance.test_harvest import MODEL as HARVEST_MODEL
 from tests.acceptance.test_harvest import PROFILE as HARVEST_PROFILE
 from tests.support.databases import fetch_rows
-from tests.support.processes import Server, Upstream, sim_serve
+from tests.support.processes import Server, Upstream, sim_serving
 
 T = TypeVar("T")
 
@@ -172,9 +172,7 @@ def test_an_api_replica_s_dashboard_draws_what_the_workers_know_of_each_backend(
 ) -> None:
     """With the dispatchers in another process, the endpoints page still has the harvest ceiling, the engine's queue
     and up/down: the worker publishes them through the database (worker_backends) and the replica reads them."""
-    profile = tmp_path / "sim.toml"
-    profile.write_text(HARVEST_PROFILE)
-    with sim_serve(profile) as url:
+    with sim_serving(HARVEST_PROFILE, tmp_path) as url:
         shared = {"name": "shared", "url": url, "models": [HARVEST_MODEL], "flavour": "vllm", "harvest": True}
         api = start_server(role="api", backends=[shared])
         start_server(role="worker", backends=[shared], data_dir=api.data_dir, engine_metrics_interval_s=0.2)
@@ -209,9 +207,7 @@ def test_a_worker_harvests_on_the_ttft_the_api_replica_s_proxy_measures(
 ) -> None:
     """The proxy runs in the API replica, the harvest controller in the worker: the replica publishes its TTFT
     samples and the worker's controller learns its baseline from them (it needs 50 taken with no batch running)."""
-    profile = tmp_path / "sim.toml"
-    profile.write_text(HARVEST_PROFILE)
-    with sim_serve(profile) as url:
+    with sim_serving(HARVEST_PROFILE, tmp_path) as url:
         shared = {"name": "shared", "url": url, "models": [HARVEST_MODEL], "flavour": "vllm", "harvest": True}
         fast = {"engine_metrics_interval_s": 0.2}
         api = start_server(role="api", backends=[shared], **fast)

@@ -15,16 +15,14 @@ from tests.acceptance.helpers import chat_line, start_batch
 from tests.acceptance.test_harvest import MODEL, PROFILE
 from tests.browser.conftest import StartServer, screenshot
 from tests.browser.test_dashboard import admin_key
-from tests.support.processes import sim_serve
+from tests.support.processes import sim_serving
 
 CEILING = "section[data-backend='shared'] .ceiling"
 
 
 @pytest.fixture
 def simulator(tmp_path: Path) -> Iterator[str]:
-    profile = tmp_path / "sim.toml"
-    profile.write_text(PROFILE)
-    with sim_serve(profile) as url:
+    with sim_serving(PROFILE, tmp_path) as url:
         yield url
 
 

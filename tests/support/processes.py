@@ -150,6 +150,15 @@ def sim_serve(profile: Path, *options: str) -> Iterator[str]:
         process.wait(10)
 
 
+@contextmanager
+def sim_serving(profile: str, directory: Path, *options: str) -> Iterator[str]:
+    """`sim_serve` of a profile given as TOML text, written to `directory`/sim.toml."""
+    path = directory / "sim.toml"
+    path.write_text(profile)
+    with sim_serve(path, *options) as url:
+        yield url
+
+
 @dataclass
 class EngineProcess:
     """An inference server in its own process on a fixed port, so that it can be killed and started again there:
