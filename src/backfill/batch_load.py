@@ -36,8 +36,7 @@ class LocalBatchLoad:
 
 
 class SharedBatchLoad:
-    """Every live worker's figures, as they publish them about once a second; each read at most once per
-    `max_age_s`."""
+    """Every live worker's figures, as they publish them about once a second; read at most once per `max_age_s`."""
 
     def __init__(
         self, board: WorkerBoard, clock: Callable[[], float], *, max_age_s: float = 1.0, stale_after_s: float = 5.0
@@ -47,20 +46,17 @@ class SharedBatchLoad:
         self.max_age_s = max_age_s
         self.stale_after_s = stale_after_s
         self._read_at = -float("inf")
-        self._counts: Mapping[str, int] = {}
-        self._reports_at = -float("inf")
         self._reports: Mapping[str, EndpointReport] = {}
+        self._counts: Mapping[str, int] = {}
 
     async def in_flight(self) -> Mapping[str, int]:
-        now = self.clock()
-        if now - self._read_at >= self.max_age_s:
-            self._counts = await self.board.batch_in_flight(now, self.stale_after_s)
-            self._read_at = now
+        await self.reports()
         return self._counts
 
     async def reports(self) -> Mapping[str, EndpointReport]:
         now = self.clock()
-        if now - self._reports_at >= self.max_age_s:
+        if now - self._read_at >= self.max_age_s:
             self._reports = await self.board.endpoint_reports(now, self.stale_after_s)
-            self._reports_at = now
+            self._counts = {backend: report.in_flight for backend, report in self._reports.items()}
+            self._read_at = now
         return self._reports

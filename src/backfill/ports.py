@@ -326,10 +326,6 @@ class WorkerBoard(Protocol):
         backend."""
         ...
 
-    async def batch_in_flight(self, now: float, stale_after_s: float) -> dict[str, int]:
-        """Batch lines in flight per backend, every live dispatcher process together."""
-        ...
-
     async def endpoint_reports(self, now: float, stale_after_s: float) -> dict[str, EndpointReport]:
         """What every live dispatcher process reports of each backend, combined (domain/endpoint_report.py)."""
         ...

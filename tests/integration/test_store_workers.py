@@ -51,9 +51,9 @@ async def test_api_replicas_see_every_live_worker_s_batch_lines_in_flight_per_ba
     await store.share_batch_tokens("w1", {}, 100.0, STALE_S, flying(a=3, b=1))
     await store.share_batch_tokens("w2", {"a": 10}, 101.0, STALE_S, flying(a=2))
     await store.share_batch_tokens("dead", {}, 80.0, STALE_S, flying(a=50))  # not refreshed since
-    assert {"a": 5, "b": 1} == await store.batch_in_flight(101.0, STALE_S)
+    assert {"a": 5, "b": 1} == in_flight(await store.endpoint_reports(101.0, STALE_S))
     await store.forget_rates("w1")
-    assert {"a": 2} == await store.batch_in_flight(101.0, STALE_S)
+    assert {"a": 2} == in_flight(await store.endpoint_reports(101.0, STALE_S))
 
 
 async def test_api_replicas_see_what_every_live_worker_knows_of_each_backend_combined(store: Store) -> None:
@@ -79,6 +79,10 @@ async def test_workers_read_every_live_api_replica_s_ttft_samples(store: Store) 
     )
     await store.forget_rates("api-2")
     assert {"a": {"api-1": Published(4, (0.2, 0.3, 0.5))}} == await store.proxy_ttft(102.0, STALE_S)
+
+
+def in_flight(reports: dict[str, EndpointReport]) -> dict[str, int]:
+    return {backend: report.in_flight for backend, report in reports.items()}
 
 
 def flying(**counts: int) -> dict[str, EndpointReport]:

@@ -153,7 +153,7 @@ def test_a_worker_publishes_its_lines_in_flight_for_api_replicas() -> None:
     watcher, store, _ = watcher_for(role="worker")
     watcher.core.limits["a"].in_flight = 3
     asyncio.run(watcher.read())
-    assert {"a": 3} == asyncio.run(store.batch_in_flight(1_000.0, 5.0))
+    assert 3 == asyncio.run(store.endpoint_reports(1_000.0, 5.0))["a"].in_flight
 
 
 def test_a_worker_publishes_its_ceiling_the_engine_queue_and_the_baseline_for_the_dashboard() -> None:

@@ -72,17 +72,6 @@ class WorkerQueries:
                 shared.setdefault(backend, {})[who] = int(counter)
             return shared
 
-    async def batch_in_flight(self, now: float, stale_after_s: float) -> dict[str, int]:
-        """Batch lines in flight per backend, every live dispatcher process together."""
-        table = worker_backends
-        query = (
-            select(table.c.backend, func.sum(table.c.in_flight))
-            .where(table.c.updated_at >= now - stale_after_s)
-            .group_by(table.c.backend)
-        )
-        async with self.engine.connect() as conn:
-            return {backend: int(total) for backend, total in await conn.execute(query)}
-
     async def endpoint_reports(self, now: float, stale_after_s: float) -> dict[str, EndpointReport]:
         """What every live dispatcher process reports of each backend, combined (domain/endpoint_report.py)."""
         table = worker_backends

@@ -43,11 +43,6 @@ class MemoryWorkerBoard:
             shared.setdefault(backend, {})[who] = counter
         return shared
 
-    async def batch_in_flight(self, now: float, stale_after_s: float) -> dict[str, int]:
-        return {
-            backend: report.in_flight for backend, report in (await self.endpoint_reports(now, stale_after_s)).items()
-        }
-
     async def endpoint_reports(self, now: float, stale_after_s: float) -> dict[str, EndpointReport]:
         by_backend: dict[str, list[EndpointReport]] = {}
         for (_, backend), (report, updated_at) in self.tables.worker_reports.items():
