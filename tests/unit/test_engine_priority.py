@@ -1,5 +1,5 @@
-"""Batch lines carry a low engine priority to vLLM and SGLang (config `priority`: auto / on / off), through a mock
-transport: what goes over the wire, and what a refusal does."""
+"""Batch lines carry a low engine priority to vLLM and SGLang (config `priority`: auto / on / off), to a fake
+engine on a loopback socket: what goes over the wire, and what a refusal does."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from backfill.backends.openai_http import OpenAIHttpBackend, with_priority
 from backfill.config import BackendSettings
 from backfill.domain.outcomes import OutcomeKind
+from tests.support.handler_server import Handler, HandlerSlot, serving
 
 CHAT = "/v1/chat/completions"
 LINE = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5}'
@@ -57,18 +58,17 @@ MakeBackend = Callable[..., OpenAIHttpBackend]
 @pytest.fixture
 async def make_backend() -> AsyncIterator[MakeBackend]:
     made: list[OpenAIHttpBackend] = []
+    slot = HandlerSlot()
+    async with serving(slot) as url:
 
-    def make(handler: Callable[[httpx.Request], httpx.Response], **settings: Any) -> OpenAIHttpBackend:
-        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-        backend = OpenAIHttpBackend(
-            BackendSettings(name="gpu", url="http://gpu:8000", models=["m"], **settings), client
-        )
-        made.append(backend)
-        return backend
+        def make(handler: Handler, **settings: Any) -> OpenAIHttpBackend:
+            slot.handler = handler
+            made.append(OpenAIHttpBackend(BackendSettings(name="gpu", url=url, models=["m"], **settings)))
+            return made[-1]
 
-    yield make
-    for backend in made:
-        await backend.close()
+        yield make
+        for backend in made:
+            await backend.close()
 
 
 def test_the_field_is_spliced_into_a_compact_body() -> None:
@@ -128,9 +128,7 @@ async def test_auto_resends_a_refused_line_at_once_and_stops_sending_the_priorit
     assert 1 == sum(entry["event"] == "backend.priority_not_enabled" for entry in logs)
 
 
-async def test_lines_refused_together_are_all_resent_and_logged_once(
-    make_backend: MakeBackend,
-) -> None:
+async def test_lines_refused_together_are_all_resent_and_logged_once(make_backend: MakeBackend) -> None:
     refused_all = asyncio.Event()
     calls = 0
 
@@ -144,13 +142,9 @@ async def test_lines_refused_together_are_all_resent_and_logged_once(
         await refused_all.wait()  # four lines in flight with the priority before any refusal arrives
         return httpx.Response(400, json=REFUSED)
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    backend = OpenAIHttpBackend(
-        BackendSettings(name="gpu", url="http://gpu:8000", models=["m"], flavour="vllm"), client
-    )
+    backend = make_backend(handler, flavour="vllm")
     with capture_logs() as logs:
         outcomes = await asyncio.gather(*(backend.send(CHAT, LINE, 30.0) for _ in range(4)))
-    await backend.close()
 
     assert [OutcomeKind.SUCCESS] * 4 == [outcome.kind for outcome in outcomes]
     assert 8 == calls

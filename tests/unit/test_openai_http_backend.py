@@ -1,8 +1,13 @@
-"""OpenAIHttpBackend through an injected mock transport: every kind of answer becomes an Outcome."""
+"""OpenAIHttpBackend against a server on a loopback socket: every kind of answer becomes an Outcome.
+
+Batch lines go through the backend's own client (aiohttp), as in production; the handlers are written as for
+httpx.MockTransport (tests/support/handler_server.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -10,11 +15,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from aiohttp import web
 
 from backfill.backends.openai_http import OpenAIHttpBackend, parse_retry_after
 from backfill.config import BackendSettings
 from backfill.domain.outcomes import OutcomeKind
 from backfill.domain.usage import Usage
+from tests.support.handler_server import Handler, HandlerSlot, serving
 
 CHAT = "/v1/chat/completions"
 REQUEST = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
@@ -26,23 +33,26 @@ CHAT_REPLY = {
 }
 ERROR = {"error": {"message": "slow down", "type": "rate_limit_error", "param": None, "code": None}}
 
-Handler = Callable[[httpx.Request], httpx.Response]
+UPSTREAM = "http://upstream:8000"
 MakeBackend = Callable[..., OpenAIHttpBackend]
 
 
 @pytest.fixture
 async def make_backend() -> AsyncIterator[MakeBackend]:
+    """A backend whose server runs `handler`; `url` is written as if the server were UPSTREAM."""
     made: list[OpenAIHttpBackend] = []
+    slot = HandlerSlot()
+    async with serving(slot) as base:
 
-    def make(handler: Handler, url: str = "http://upstream:8000", **settings: Any) -> OpenAIHttpBackend:
-        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-        backend = OpenAIHttpBackend(BackendSettings(name="up", url=url, models=["m"], **settings), client=client)
-        made.append(backend)
-        return backend
+        def make(handler: Handler, url: str = UPSTREAM, **settings: Any) -> OpenAIHttpBackend:
+            slot.handler = handler
+            config = BackendSettings(name="up", url=url.replace(UPSTREAM, base), models=["m"], **settings)
+            made.append(OpenAIHttpBackend(config))
+            return made[-1]
 
-    yield make
-    for backend in made:
-        await backend.close()
+        yield make
+        for backend in made:
+            await backend.close()
 
 
 def answer(status: int, payload: object = None, *, content: bytes | None = None, **headers: str) -> Handler:
@@ -71,7 +81,7 @@ async def test_success_carries_status_request_id_body_and_usage(make_backend: Ma
     assert not outcome.is_retryable
     [request] = seen
     assert "POST" == request.method
-    assert "http://upstream:8000/v1/chat/completions" == str(request.url)
+    assert "/v1/chat/completions" == request.url.path
     assert REQUEST == request.content
     assert "application/json" == request.headers["content-type"]
     assert "authorization" not in request.headers
@@ -98,24 +108,24 @@ async def test_base_url_with_or_without_v1_reaches_the_same_path(make_backend: M
     seen: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(str(request.url))
+        seen.append(request.url.path)
         return httpx.Response(200, json=CHAT_REPLY)
 
     await make_backend(handler, url=url).send("/v1/embeddings", REQUEST, 30.0)
 
-    assert ["http://upstream:8000/v1/embeddings"] == seen
+    assert ["/v1/embeddings"] == seen
 
 
 async def test_base_url_path_prefix_is_kept(make_backend: MakeBackend) -> None:
     seen: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(str(request.url))
+        seen.append(request.url.path)
         return httpx.Response(200, json=CHAT_REPLY)
 
-    await make_backend(handler, url="https://gateway.example/team-a/v1").send(CHAT, REQUEST, 30.0)
+    await make_backend(handler, url=f"{UPSTREAM}/team-a/v1").send(CHAT, REQUEST, 30.0)
 
-    assert ["https://gateway.example/team-a/v1/chat/completions"] == seen
+    assert ["/team-a/v1/chat/completions"] == seen
 
 
 async def test_pretty_printed_body_is_stored_compactly(make_backend: MakeBackend) -> None:
@@ -185,52 +195,97 @@ async def test_400_is_not_retryable(make_backend: MakeBackend) -> None:
     assert not outcome.is_retryable
 
 
-async def test_timeout_is_a_timeout_outcome(make_backend: MakeBackend) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("timed out", request=request)
+async def never_answers(request: httpx.Request) -> httpx.Response:
+    await asyncio.Event().wait()  # cancelled when the server closes
+    raise AssertionError("unreachable")
 
-    outcome = await make_backend(handler).send(CHAT, REQUEST, 5.0)
+
+async def test_timeout_is_a_timeout_outcome(make_backend: MakeBackend) -> None:
+    outcome = await make_backend(never_answers).send(CHAT, REQUEST, 0.2)
 
     assert OutcomeKind.TIMEOUT == outcome.kind
     assert outcome.status_code is None
     assert outcome.body is None
     assert "timeout" == outcome.error_code
-    assert "5s" in outcome.message
+    assert "0.2s" in outcome.message
     assert outcome.is_retryable
 
 
 async def test_per_backend_timeout_overrides_the_callers(make_backend: MakeBackend) -> None:
-    seen: list[dict[str, Any]] = []
+    outcome = await make_backend(never_answers, request_timeout_s=0.2).send(CHAT, REQUEST, 42.0)
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request.extensions["timeout"])
-        return httpx.Response(200, json=CHAT_REPLY)
-
-    await make_backend(handler).send(CHAT, REQUEST, 42.0)
-    await make_backend(handler, request_timeout_s=3.0).send(CHAT, REQUEST, 42.0)
-
-    assert [42.0, 3.0] == [timeouts["read"] for timeouts in seen]
+    assert (OutcomeKind.TIMEOUT, True) == (outcome.kind, "0.2s" in outcome.message)
 
 
-async def test_connect_error_is_unavailable(make_backend: MakeBackend) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
-
-    outcome = await make_backend(handler).send(CHAT, REQUEST, 30.0)
+async def test_a_refused_connection_is_unreachable() -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago and that nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = OpenAIHttpBackend(BackendSettings(name="up", url=f"http://127.0.0.1:{port}", models=["m"]))
+    try:
+        outcome = await backend.send(CHAT, REQUEST, 30.0)
+    finally:
+        await backend.close()
 
     assert OutcomeKind.UNAVAILABLE == outcome.kind
+    assert outcome.unreachable
     assert outcome.status_code is None
     assert "backend_unavailable" == outcome.error_code
-    assert "ConnectError" in outcome.message
+    assert "could not be reached" in outcome.message
     assert outcome.is_retryable
 
 
-async def test_body_that_cannot_be_decoded_is_unavailable(make_backend: MakeBackend) -> None:
-    outcome = await make_backend(answer(200, content=b"not gzip", content_encoding="gzip")).send(CHAT, REQUEST, 30.0)
+async def test_a_connection_dropped_before_the_answer_is_unavailable_not_unreachable() -> None:
+    async def hang_up(request: web.BaseRequest) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response()
+
+    async with serving(hang_up) as base:
+        backend = OpenAIHttpBackend(BackendSettings(name="up", url=base, models=["m"]))
+        try:
+            outcome = await backend.send(CHAT, REQUEST, 30.0)
+        finally:
+            await backend.close()
+
+    assert (OutcomeKind.UNAVAILABLE, False, True) == (outcome.kind, outcome.unreachable, outcome.is_retryable)
+    assert "could not be reached" in outcome.message
+
+
+async def test_body_that_cannot_be_decoded_is_unavailable() -> None:
+    async def not_gzip(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(body=b"not gzip", headers={"content-encoding": "gzip"})
+
+    async with serving(not_gzip) as base:
+        backend = OpenAIHttpBackend(BackendSettings(name="up", url=base, models=["m"]))
+        try:
+            outcome = await backend.send(CHAT, REQUEST, 30.0)
+        finally:
+            await backend.close()
 
     assert OutcomeKind.UNAVAILABLE == outcome.kind
-    assert "DecodingError" in outcome.message
+    assert "could not be read" in outcome.message
     assert outcome.is_retryable
+
+
+async def test_lines_one_after_another_share_one_connection() -> None:
+    peers: list[object] = []
+
+    async def reply(request: web.BaseRequest) -> web.StreamResponse:
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername"))
+        return web.json_response(CHAT_REPLY)
+
+    async with serving(reply) as base:
+        backend = OpenAIHttpBackend(BackendSettings(name="up", url=base, models=["m"]))
+        try:
+            outcomes = [await backend.send(CHAT, REQUEST, 30.0) for _ in range(3)]
+        finally:
+            await backend.close()
+
+    assert [OutcomeKind.SUCCESS] * 3 == [outcome.kind for outcome in outcomes]
+    assert 3 == len(peers)
+    assert 1 == len(set(peers))
 
 
 @pytest.mark.parametrize("content", [b"this is not json", b"[1, 2, 3]", b""], ids=["text", "array", "empty"])

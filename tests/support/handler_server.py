@@ -1,0 +1,47 @@
+"""A test's handler served on a real loopback socket, so a backend reaches it through its own HTTP client.
+
+The handler is written as for `httpx.MockTransport` (an `httpx.Request` in, an `httpx.Response` out, plain or
+async), which keeps the tests short; the bytes in between travel over TCP, as they do to an engine.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+from aiohttp import web
+from aiohttp.test_utils import RawTestServer
+
+Handler = Callable[[httpx.Request], httpx.Response | Awaitable[httpx.Response]]
+_HOP_BY_HOP = frozenset({"content-length", "transfer-encoding", "connection"})
+
+
+class HandlerSlot:
+    """The handler the server runs now (a test may swap it between requests)."""
+
+    def __init__(self) -> None:
+        self.handler: Handler | None = None
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        assert self.handler is not None, "no handler set"
+        seen = httpx.Request(
+            request.method, str(request.url), headers=list(request.headers.items()), content=await request.read()
+        )
+        answer = self.handler(seen)
+        if inspect.isawaitable(answer):
+            answer = await answer
+        headers = {name: value for name, value in answer.headers.items() if name.lower() not in _HOP_BY_HOP}
+        return web.Response(status=answer.status_code, body=answer.content, headers=headers)
+
+
+@asynccontextmanager
+async def serving(slot: HandlerSlot | Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]) -> AsyncIterator[str]:
+    """Serve `slot` on 127.0.0.1 (a free port) while the block runs; yields the base URL (no trailing slash)."""
+    server = RawTestServer(slot, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
