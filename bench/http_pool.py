@@ -1,10 +1,10 @@
 """HTTP client cost: CPU per request through httpx, httpx2 and aiohttp, at several concurrencies.
 
 The profile of `backfill serve` under bench/throughput.py showed two thirds of its event loop inside the HTTP
-client (httpx: httpcore's pool bookkeeping, anyio, h11), which is why batch lines now go through aiohttp. This
-isolates that cost: closed-loop workers in this process (on uvloop, as the server runs) POST small chat requests to
-the instant fake upstream through `httpx` (httpcore 1.x: backfill's interactive proxy and the cookbook client),
-`httpx2` (httpcore2, pulled in by the openai SDK) and `aiohttp` (backfill's batch lines), the order rotated each
+client (httpx: httpcore's pool bookkeeping, anyio, h11), which is why batch lines and the interactive proxy now
+go through aiohttp. This isolates that cost: closed-loop workers in this process (on uvloop, as the server runs)
+POST small chat requests to the instant fake upstream through `httpx` (httpcore 1.x: what backfill used before,
+and the cookbook client), `httpx2` (httpcore2, pulled in by the openai SDK) and `aiohttp`, the order rotated each
 round. Printed: requests/s and client CPU microseconds per request (this process's CPU time over the round; the
 upstream runs in its own process), and each client's CPU over aiohttp's.
 

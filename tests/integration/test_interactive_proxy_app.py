@@ -1,17 +1,21 @@
-"""The interactive proxy inside the real app (SQLite, no dispatcher), its backends scripted: a mock HTTP transport
-for OpenAIHttpBackend, an in-process fake for the embedded kind."""
+"""The interactive proxy inside the real app (SQLite, no dispatcher), its backends scripted: a handler on a loopback
+socket for OpenAIHttpBackend (tests/support/handler_server.py), an in-process fake for the embedded kind."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+from aiohttp import web
 from fastapi import FastAPI
 from openai.types.responses import Response, ResponseCompletedEvent
 
@@ -23,6 +27,7 @@ from backfill.http.app import create_app
 from backfill.ports import Backend
 from backfill.services import Services
 from tests.integration.test_store_workers import flying
+from tests.support.handler_server import Handler, HandlerSlot, serving
 from tests.unit.test_responses_objects import STREAM
 
 CHAT = "/v1/chat/completions"
@@ -32,7 +37,6 @@ SSE = (
     b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
     b"data: [DONE]\n\n"
 )
-Handler = Callable[[httpx.Request], httpx.Response]
 
 
 class InProcessBackend:
@@ -53,21 +57,48 @@ class InProcessBackend:
         pass
 
 
-def http_backend(name: str, handler: Handler, model: str = "m") -> OpenAIHttpBackend:
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    return OpenAIHttpBackend(BackendSettings(name=name, url=f"http://{name}:8000", models=[model]), client=client)
+@dataclass(frozen=True)
+class Scripted:
+    """An OpenAI-compatible server to be: `running` serves `handler` on a loopback socket and points a backend
+    named `name` at it."""
+
+    name: str
+    handler: Handler | RawHandler
+    model: str = "m"
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    async def start(self, stack: AsyncExitStack) -> OpenAIHttpBackend:
+        served = self.handler if isinstance(self.handler, RawHandler) else HandlerSlot(self.handler)
+        url = await stack.enter_async_context(serving(served))
+        return OpenAIHttpBackend(BackendSettings(name=self.name, url=url, models=[self.model], **self.settings))
+
+
+@dataclass(frozen=True)
+class RawHandler:
+    """An aiohttp handler, for what an httpx.Response cannot say (a connection dropped mid-answer)."""
+
+    handle: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        return await self.handle(request)
+
+
+def http_backend(name: str, handler: Handler | RawHandler, model: str = "m", **settings: Any) -> Scripted:
+    return Scripted(name, handler, model, settings)
 
 
 @asynccontextmanager
 async def running(
-    tmp_path: Path, *backends: Backend, dispatching: bool = False, clock: Callable[[], float] = time.time
+    tmp_path: Path, *backends: Backend | Scripted, dispatching: bool = False, clock: Callable[[], float] = time.time
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Services]]:
     settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'backfill.db'}")
-    app: FastAPI = create_app(settings, backends=list(backends), run_dispatcher=dispatching, clock=clock)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://backfill") as client:
-            yield client, app.state.services
+    async with AsyncExitStack() as stack:
+        ready = [await b.start(stack) if isinstance(b, Scripted) else b for b in backends]
+        app: FastAPI = create_app(settings, backends=ready, run_dispatcher=dispatching, clock=clock)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://backfill") as client:
+                yield client, app.state.services
 
 
 def chat(model: str = "m", **extra: Any) -> bytes:
@@ -125,17 +156,33 @@ async def test_an_upstream_error_passes_through_without_a_ttft_sample(tmp_path: 
         )
 
 
+async def never_answers(request: httpx.Request) -> httpx.Response:
+    await asyncio.Event().wait()  # cancelled when the server closes
+    raise AssertionError("unreachable")
+
+
+def closed_port() -> int:
+    """A port that was free a moment ago, that nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
 @pytest.mark.parametrize(
-    ("failure", "status", "code"),
-    [(httpx.ConnectError("refused"), 502, "backend_unavailable"), (httpx.ReadTimeout("slow"), 504, "timeout")],
+    ("failure", "status", "code"), [("refused", 502, "backend_unavailable"), ("silent", 504, "timeout")]
 )
 async def test_an_unreachable_or_silent_backend_is_a_502_or_504(
-    tmp_path: Path, failure: Exception, status: int, code: str
+    tmp_path: Path, failure: str, status: int, code: str
 ) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise failure
+    if failure == "refused":
+        backend: Backend | Scripted = OpenAIHttpBackend(
+            BackendSettings(name="up", url=f"http://127.0.0.1:{closed_port()}", models=["m"])
+        )
+    else:
+        backend = http_backend("up", never_answers, request_timeout_s=0.2)
 
-    async with running(tmp_path, http_backend("up", handler)) as (client, services):
+    async with running(tmp_path, backend) as (client, services):
         answer = await client.post(CHAT, content=chat())
 
         assert (status, code, "server_error") == (
@@ -146,7 +193,7 @@ async def test_an_unreachable_or_silent_backend_is_a_502_or_504(
         assert 0 == services.interactive.in_flight("up")
 
 
-def recording(hits: list[str], name: str) -> Backend:
+def recording(hits: list[str], name: str) -> Scripted:
     """Notes the interactive requests it gets (not the dispatcher's probes, GET /v1/models)."""
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -251,25 +298,24 @@ async def test_an_unknown_model_is_a_404_listing_the_served_ones(tmp_path: Path)
     assert "Served models: local-model, m." in error_of(answer)["message"]
 
 
-class BrokenStream(httpx.AsyncByteStream):
-    """One event, then the connection drops."""
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield SSE[:62]
-        raise httpx.ReadError("connection reset")
-
-
 async def test_a_stream_that_breaks_off_ends_with_an_error_event(tmp_path: Path) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=BrokenStream())
+    async def one_event_then_hang_up(request: web.BaseRequest) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(SSE[:62])
+        assert request.transport is not None
+        request.transport.abort()
+        return response
 
-    async with running(tmp_path, http_backend("up", handler)) as (client, services):
+    async with running(tmp_path, http_backend("up", RawHandler(one_event_then_hang_up))) as (client, services):
         answer = await client.post(CHAT, content=chat(stream=True))
         outcome = {"backend": "up", "outcome": "unavailable"}
         assert 1.0 == services.metrics.registry.get_sample_value("backfill_interactive_requests_total", outcome)
 
-    first, error = answer.content.split(b"\n\n", 1)
-    assert (200, SSE[:60]) == (answer.status_code, first)
+    # What came before the break is passed on as it came, unless it arrived together with the hang-up (aiohttp
+    # then raises before handing it over: OpenAIHttpBackend's UpstreamAnswer).
+    relayed, _, error = answer.content.rstrip(b"\n").rpartition(b"\n\n")
+    assert (200, True) == (answer.status_code, SSE[:62].startswith(relayed))
     assert "backend_unavailable" == orjson.loads(error.removeprefix(b"data: "))["error"]["code"]
 
 

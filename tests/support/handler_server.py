@@ -21,8 +21,8 @@ _HOP_BY_HOP = frozenset({"content-length", "transfer-encoding", "connection"})
 class HandlerSlot:
     """The handler the server runs now (a test may swap it between requests)."""
 
-    def __init__(self) -> None:
-        self.handler: Handler | None = None
+    def __init__(self, handler: Handler | None = None) -> None:
+        self.handler = handler
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         assert self.handler is not None, "no handler set"

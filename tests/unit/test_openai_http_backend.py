@@ -322,31 +322,52 @@ def test_retry_after_parses_seconds_and_http_dates(value: str | None, expected: 
     assert expected == parse_retry_after(value, NOW)
 
 
-async def test_interactive_streams_go_to_the_least_busy_pool_until_their_answer_is_closed() -> None:
-    backend = OpenAIHttpBackend(BackendSettings(name="up", url="http://upstream:8000", models=["m"]))
-    served: list[int] = []
+async def test_an_interactive_stream_never_waits_for_a_connection_a_batch_line_holds(
+    make_backend: MakeBackend,
+) -> None:
+    release = asyncio.Event()
 
-    def pool(index: int) -> httpx.AsyncClient:
-        def handler(request: httpx.Request) -> httpx.Response:
-            served.append(index)
-            return httpx.Response(200, content=b"data: [DONE]\n\n", headers={"content-type": "text/event-stream"})
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if b"batch" in request.content:
+            await release.wait()
+            return httpx.Response(200, json=CHAT_REPLY)
+        return httpx.Response(200, content=b"data: [DONE]\n\n", headers={"content-type": "text/event-stream"})
 
-        return httpx.AsyncClient(transport=httpx.MockTransport(handler))
-
-    for index, client in enumerate(backend._interactive):
-        await client.aclose()
-        backend._interactive[index] = pool(index)
+    backend = make_backend(handler, max_concurrency=1)
+    line = asyncio.ensure_future(backend.send(CHAT, b'{"model":"m","batch":true}', 30.0))
+    stream = await backend.open_stream(CHAT, REQUEST, 5.0)  # the one batch connection is taken
     try:
-        first = await backend.open_stream(CHAT, REQUEST, 5.0)
-        second = await backend.open_stream(CHAT, REQUEST, 5.0)
-        await first.aclose()
-        await first.aclose()  # a second close frees nothing more
-        third = await backend.open_stream(CHAT, REQUEST, 5.0)
-
-        assert [0, 1, 0] == served
-        assert [1, 1, 0, 0] == backend._interactive_busy
-        for answer in (second, third):
-            await answer.aclose()
-        assert [0, 0, 0, 0] == backend._interactive_busy
+        assert (200, b"data: [DONE]\n\n") == (stream.status_code, await stream.read())
+        assert not line.done()
     finally:
-        await backend.close()
+        await stream.aclose()
+        release.set()
+    assert OutcomeKind.SUCCESS == (await line).kind
+
+
+async def test_an_interactive_answer_comes_as_sent_and_closing_it_early_drops_the_connection() -> None:
+    left = asyncio.Event()
+
+    async def endless(request: web.BaseRequest) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", "content-encoding": "gzip"})
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(b"raw bytes, not gzip\n")
+                await asyncio.sleep(0.01)
+        except (ConnectionResetError, asyncio.CancelledError):
+            left.set()
+            raise
+
+    async with serving(endless) as base:
+        backend = OpenAIHttpBackend(BackendSettings(name="up", url=base, models=["m"]))
+        try:
+            answer = await backend.open_stream(CHAT, REQUEST, 5.0)
+            chunk = await anext(aiter(answer.chunks()))
+            await answer.aclose()
+            await asyncio.wait_for(left.wait(), 10.0)
+        finally:
+            await backend.close()
+
+    assert chunk.startswith(b"raw bytes, not gzip")  # passed on undecoded
+    assert "gzip" == answer.headers["content-encoding"]

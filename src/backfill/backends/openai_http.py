@@ -6,7 +6,7 @@ import asyncio
 import email.utils
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,7 +31,9 @@ _FEATURES = {
     "sglang": ALL_FEATURES,
     "llamacpp": frozenset({Feature.IMAGES, Feature.TOOLS, Feature.TOP_K}),
 }
-_CONNECTIONS_PER_POOL = 8
+# Idle connections to an engine are closed after this long: before the 5 s after which uvicorn (so vLLM and
+# SGLang) closes them, so that a request is never sent on a connection the other side is closing.
+_KEEPALIVE_S = 4.0
 # Batch lines carry a low engine priority where the engine honours one (DESIGN.md section 5). The top-level
 # `priority` field is read on these endpoints by both vLLM and SGLang; vLLM runs lower values first, SGLang (by
 # default) higher ones, hence the sign. vLLM refuses a non-zero priority when its scheduling policy is not
@@ -41,7 +43,6 @@ _PRIORITY_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1
 _PRIORITY_REFUSED = b"priority scheduling is not enabled"
 
 log = structlog.get_logger(__name__)
-_INTERACTIVE_POOLS = 4  # of _CONNECTIONS_PER_POOL idle connections each
 _PROBE_TIMEOUT_S = 5.0
 _MODELS_RETRY_S = 5.0  # how soon a GET /v1/models that got no answer is asked again
 
@@ -109,38 +110,34 @@ class _Answer:
 class UpstreamAnswer:
     """A backend's answer to an interactive request: status and headers now, the body as it arrives."""
 
-    def __init__(self, backend: str, response: httpx.Response, on_close: Callable[[], None] | None = None) -> None:
-        """`on_close`: called once, when the answer is closed."""
+    def __init__(self, backend: str, response: aiohttp.ClientResponse) -> None:
         self.backend = backend
-        self.status_code = response.status_code
-        self.headers: dict[str, str] = dict(response.headers)
+        self.status_code = response.status
+        self.headers: dict[str, str] = {name.lower(): value for name, value in response.headers.items()}
         self._response = response
-        self._on_close = on_close
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body's bytes exactly as sent (no decoding); raises BackendTimeout or BackendUnavailable."""
-        if self._response.is_stream_consumed:  # read before it came here (an injected transport's canned answer)
-            yield self._response.content
-            return
+        """The body's bytes exactly as sent (no decoding) as they arrive; raises BackendTimeout or
+        BackendUnavailable. Bytes that arrive together with the connection's reset are lost (aiohttp raises before
+        handing them over): a stream that breaks off ends a little earlier than it did."""
         try:
-            async for chunk in self._response.aiter_raw():
+            async for chunk in self._response.content.iter_any():
                 yield chunk
-        except httpx.TimeoutException:
+        except TimeoutError:
             raise BackendTimeout(f"The backend {self.backend} stopped sending its answer.") from None
-        except httpx.RequestError as exc:
+        except aiohttp.ClientError as exc:
             raise BackendUnavailable(f"The backend {self.backend} broke off: {type(exc).__name__}.") from None
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
 
     async def aclose(self) -> None:
-        """Close the connection if the body was not read to its end: the server sees the client leave."""
-        try:
-            await self._response.aclose()
-        finally:
-            if self._on_close is not None:
-                self._on_close()
-                self._on_close = None
+        """Close the connection if the body was not read to its end (the server sees the client leave); else
+        keep it for the next request."""
+        if self._response.content.is_eof():
+            self._response.release()
+        else:
+            self._response.close()
 
 
 class OpenAIHttpBackend:
@@ -159,7 +156,6 @@ class OpenAIHttpBackend:
         self.priority_enabled: bool | None = {"on": True, "off": False, "auto": None}[self._priority_mode]
         base = settings.url.rstrip("/")
         self._base = base.removesuffix("/v1")
-        self._urls: dict[str, httpx.URL] = {}  # parsed once: httpx parses a str URL twice a request (~50 us)
         headers = {"content-type": "application/json"}
         if (key := settings.api_key()) is not None:
             headers["authorization"] = f"Bearer {key}"
@@ -172,30 +168,33 @@ class OpenAIHttpBackend:
         self._injected = client
         if client is not None:
             client.headers.update(headers)
-        # Interactive requests (the proxy's streams, httpx) get clients of their own: they never wait for a
-        # connection held by a batch line. They are small pools, each stream on the least busy one: httpcore's pool
-        # rescans every connection on each request and response, and in one pool of 32 that bookkeeping (a
-        # readability check of every idle connection, each request) was on every stream's way to its first token.
-        # None limits how many connections it opens.
-        self._interactive = (
-            [client]
-            if client is not None
-            else [_pool(headers, None, _CONNECTIONS_PER_POOL) for _ in range(_INTERACTIVE_POOLS)]
-        )
-        self._interactive_busy = [0] * len(self._interactive)
+        # Interactive requests (the proxy's streams) get connections of their own, as many as there are streams:
+        # they never wait for a connection a batch line holds.
+        self._streams: aiohttp.ClientSession | None = None
+        # GET /v1/models (probes, the result cache's model identity): rare, through httpx.
+        self._control = client or httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(600.0, connect=10.0))
         self._flavour, self._revision = settings.flavour, settings.model_revision
         self._identity_ttl_s = settings.model_identity_ttl_s
         self._described: asyncio.Task[dict[str, dict[str, Any]] | None] | None = None
         self._described_until = 0.0
 
     def _session(self) -> aiohttp.ClientSession:
-        """The batch lines' connections: up to `max_concurrency`, an idle one closed after 4 s (before the
-        5 s after which uvicorn, and so vLLM and SGLang, close it: a POST is never sent on a connection being
-        closed by the other side)."""
+        """The batch lines' connections: up to `max_concurrency`, an idle one closed after `_KEEPALIVE_S`."""
         if self._batch is None:
-            connector = aiohttp.TCPConnector(limit=self.max_concurrency, limit_per_host=0, keepalive_timeout=4.0)
+            connector = aiohttp.TCPConnector(
+                limit=self.max_concurrency, limit_per_host=0, keepalive_timeout=_KEEPALIVE_S
+            )
             self._batch = aiohttp.ClientSession(headers=self._headers, connector=connector)
         return self._batch
+
+    def _stream_session(self) -> aiohttp.ClientSession:
+        """The interactive requests' connections: no limit on how many; bodies passed on as they come (no
+        decompression, and `accept-encoding: identity` asked)."""
+        if self._streams is None:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_S)
+            headers = {**self._headers, "accept-encoding": "identity"}
+            self._streams = aiohttp.ClientSession(headers=headers, connector=connector, auto_decompress=False)
+        return self._streams
 
     async def _post(self, url: str, body: bytes, timeout_s: float) -> _Answer | Outcome:
         """POST a batch line's body: its status, headers and body, or the outcome of not getting them."""
@@ -322,40 +321,20 @@ class OpenAIHttpBackend:
         whole of a stream. The caller must `aclose()` the answer. Raises BackendTimeout or BackendUnavailable.
         """
         timeout = self.request_timeout_s or timeout_s
-        shard = min(range(len(self._interactive)), key=self._interactive_busy.__getitem__)
-        client = self._interactive[shard]
-        if (url := self._urls.get(endpoint)) is None:
-            url = self._urls[endpoint] = httpx.URL(self._base + endpoint)
-        request = client.build_request(
-            "POST",
-            url,
-            content=body,
-            headers={"accept-encoding": "identity"},  # passed on to the client as it comes
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-        )
-        self._interactive_busy[shard] += 1
-        opened = False
+        pieces = aiohttp.ClientTimeout(connect=timeout, sock_connect=min(timeout, 10.0), sock_read=timeout)
         try:
-            response = await client.send(request, stream=True)
-            opened = True
-        except httpx.TimeoutException:
+            response = await self._stream_session().post(self._base + endpoint, data=body, timeout=pieces)
+        except TimeoutError:
             raise BackendTimeout(f"The backend {self.name} did not answer within {timeout:g}s.") from None
-        except httpx.RequestError as exc:
+        except aiohttp.ClientError as exc:
             raise BackendUnavailable(f"The backend {self.name} could not be reached: {type(exc).__name__}.") from None
-        finally:
-            if not opened:
-                self._interactive_busy[shard] -= 1
-
-        def done() -> None:
-            self._interactive_busy[shard] -= 1
-
-        return UpstreamAnswer(self.name, response, on_close=done)
+        return UpstreamAnswer(self.name, response)
 
     async def probe(self) -> str | None:
         """Whether the server answers at all (any answer below 500 to GET /v1/models): None if it does, else
-        why not. It runs on an interactive client, never waiting behind batch lines."""
+        why not. It has a client of its own, never waiting behind batch lines."""
         try:
-            response = await self._interactive[0].get(self._base + "/v1/models", timeout=_PROBE_TIMEOUT_S)
+            response = await self._control.get(self._base + "/v1/models", timeout=_PROBE_TIMEOUT_S)
         except httpx.TimeoutException:
             return f"The backend {self.name} did not answer within {_PROBE_TIMEOUT_S:g}s."
         except httpx.HTTPError as exc:
@@ -380,7 +359,7 @@ class OpenAIHttpBackend:
         """Each model's entry in GET /v1/models by id ({} for a server without the route); None: no answer."""
         self._described_until = time.monotonic() + _MODELS_RETRY_S
         try:
-            response = await self._interactive[0].get(self._base + "/v1/models", timeout=_PROBE_TIMEOUT_S)
+            response = await self._control.get(self._base + "/v1/models", timeout=_PROBE_TIMEOUT_S)
         except httpx.HTTPError:
             return None
         if response.status_code == 404:
@@ -399,13 +378,7 @@ class OpenAIHttpBackend:
         return described
 
     async def close(self) -> None:
-        if self._batch is not None:
-            await self._batch.close()
-        for client in self._interactive:
-            await client.aclose()
-
-
-def _pool(headers: dict[str, str], connections: int | None, keepalive: int) -> httpx.AsyncClient:
-    """One small connection pool to a backend (`connections` None: no limit on how many it opens)."""
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=keepalive)
-    return httpx.AsyncClient(headers=headers, limits=limits, timeout=httpx.Timeout(600.0, connect=10.0))
+        for session in (self._batch, self._streams):
+            if session is not None:
+                await session.close()
+        await self._control.aclose()
