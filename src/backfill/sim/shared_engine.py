@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,14 +94,17 @@ class SharedResult:
     strategy: str
     duration_s: float
     interactive_ttft_s: list[float]
+    interactive_sent_s: list[float]  # when each of interactive_ttft_s was sent (virtual seconds)
     interactive_tokens: int  # prompt + output of interactive requests finished
     batch_tokens: int  # prompt + output of batch lines finished
     batch_output_tokens: int
     batch_lines: int
     shed: int = 0
 
-    def ttft_quantile(self, q: float) -> float:
-        ordered = sorted(self.interactive_ttft_s)
+    def ttft_quantile(self, q: float, since: float = -math.inf, until: float = math.inf) -> float:
+        """A quantile of interactive TTFT, of the requests sent in [since, until) (virtual seconds)."""
+        sent = zip(self.interactive_ttft_s, self.interactive_sent_s, strict=True)
+        ordered = sorted(ttft for ttft, at in sent if since <= at < until)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
     @property
@@ -119,6 +123,7 @@ class InteractiveReplay:
         self.engine = engine
         self.measure_from = measure_from
         self.ttft_s: list[float] = []
+        self.sent_s: list[float] = []  # when each of ttft_s was sent
         self.fresh: list[float] = []  # TTFTs since the proxy's meter was last read
         self.tokens = 0
         for n, request in enumerate(trace):
@@ -130,6 +135,7 @@ class InteractiveReplay:
         def first(now: float) -> None:
             if sent >= self.measure_from:
                 self.ttft_s.append(now - sent)
+                self.sent_s.append(sent)
             self.fresh.append(now - sent)
 
         def done(now: float, outcome: Outcome) -> None:
@@ -231,7 +237,7 @@ def run(
     engine = IterationEngine(loop, engine_profile)
     counted: dict[str, int] = {}  # the batch's counts at the end of the warm-up
     interactive = InteractiveReplay(loop, engine, [r for r in trace if r.at_s / scale < duration_s], scale, warmup_s)
-    result = SharedResult(strategy, duration_s - warmup_s, interactive.ttft_s, 0, 0, 0, 0)
+    result = SharedResult(strategy, duration_s - warmup_s, interactive.ttft_s, interactive.sent_s, 0, 0, 0, 0)
     if strategy != "interactive":
         harvest = strategy.startswith("backfill") or strategy == "clairvoyant"
         if strategy.startswith("cap:"):
