@@ -9,7 +9,7 @@ import asyncio
 import email.utils
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -19,7 +19,7 @@ from aiohttp import web
 
 from backfill.backends.openai_http import OpenAIHttpBackend, parse_retry_after
 from backfill.config import BackendSettings
-from backfill.domain.outcomes import OutcomeKind
+from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.domain.usage import Usage
 from tests.support.handler_server import Handler, HandlerSlot, serving
 
@@ -235,18 +235,27 @@ async def test_a_refused_connection_is_unreachable() -> None:
     assert outcome.is_retryable
 
 
+RawHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+async def sent_to(handler: RawHandler, lines: int = 1) -> list[Outcome]:
+    """Send `lines` lines one after another to a server that runs the aiohttp `handler` (for what an
+    httpx.Response cannot say)."""
+    async with serving(handler) as base:
+        backend = OpenAIHttpBackend(BackendSettings(name="up", url=base, models=["m"]))
+        try:
+            return [await backend.send(CHAT, REQUEST, 30.0) for _ in range(lines)]
+        finally:
+            await backend.close()
+
+
 async def test_a_connection_dropped_before_the_answer_is_unavailable_not_unreachable() -> None:
     async def hang_up(request: web.BaseRequest) -> web.StreamResponse:
         assert request.transport is not None
         request.transport.abort()
         return web.Response()
 
-    async with serving(hang_up) as base:
-        backend = OpenAIHttpBackend(BackendSettings(name="up", url=base, models=["m"]))
-        try:
-            outcome = await backend.send(CHAT, REQUEST, 30.0)
-        finally:
-            await backend.close()
+    [outcome] = await sent_to(hang_up)
 
     assert (OutcomeKind.UNAVAILABLE, False, True) == (outcome.kind, outcome.unreachable, outcome.is_retryable)
     assert "could not be reached" in outcome.message
@@ -256,12 +265,7 @@ async def test_body_that_cannot_be_decoded_is_unavailable() -> None:
     async def not_gzip(request: web.BaseRequest) -> web.StreamResponse:
         return web.Response(body=b"not gzip", headers={"content-encoding": "gzip"})
 
-    async with serving(not_gzip) as base:
-        backend = OpenAIHttpBackend(BackendSettings(name="up", url=base, models=["m"]))
-        try:
-            outcome = await backend.send(CHAT, REQUEST, 30.0)
-        finally:
-            await backend.close()
+    [outcome] = await sent_to(not_gzip)
 
     assert OutcomeKind.UNAVAILABLE == outcome.kind
     assert "could not be read" in outcome.message
@@ -276,12 +280,7 @@ async def test_lines_one_after_another_share_one_connection() -> None:
         peers.append(request.transport.get_extra_info("peername"))
         return web.json_response(CHAT_REPLY)
 
-    async with serving(reply) as base:
-        backend = OpenAIHttpBackend(BackendSettings(name="up", url=base, models=["m"]))
-        try:
-            outcomes = [await backend.send(CHAT, REQUEST, 30.0) for _ in range(3)]
-        finally:
-            await backend.close()
+    outcomes = await sent_to(reply, lines=3)
 
     assert [OutcomeKind.SUCCESS] * 3 == [outcome.kind for outcome in outcomes]
     assert 3 == len(peers)
