@@ -3,10 +3,8 @@ socket for OpenAIHttpBackend (tests/support/handler_server.py), an in-process fa
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ from backfill.http.app import create_app
 from backfill.ports import Backend
 from backfill.services import Services
 from tests.integration.test_store_workers import flying
-from tests.support.handler_server import Handler, HandlerSlot, serving
+from tests.support.handler_server import Handler, HandlerSlot, RawHandler, closed_port, never_answers, serving
 from tests.unit.test_responses_objects import STREAM
 
 CHAT = "/v1/chat/completions"
@@ -63,27 +61,25 @@ class Scripted:
     named `name` at it."""
 
     name: str
-    handler: Handler | RawHandler
+    handler: Handler | Raw
     model: str = "m"
     settings: dict[str, Any] = field(default_factory=dict)
 
     async def start(self, stack: AsyncExitStack) -> OpenAIHttpBackend:
-        served = self.handler if isinstance(self.handler, RawHandler) else HandlerSlot(self.handler)
+        served = self.handler.handle if isinstance(self.handler, Raw) else HandlerSlot(self.handler)
         url = await stack.enter_async_context(serving(served))
         return OpenAIHttpBackend(BackendSettings(name=self.name, url=url, models=[self.model], **self.settings))
 
 
 @dataclass(frozen=True)
-class RawHandler:
-    """An aiohttp handler, for what an httpx.Response cannot say (a connection dropped mid-answer)."""
+class Raw:
+    """An aiohttp handler for a Scripted server, for what an httpx.Response cannot say (a connection dropped
+    mid-answer)."""
 
-    handle: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        return await self.handle(request)
+    handle: RawHandler
 
 
-def http_backend(name: str, handler: Handler | RawHandler, model: str = "m", **settings: Any) -> Scripted:
+def http_backend(name: str, handler: Handler | Raw, model: str = "m", **settings: Any) -> Scripted:
     return Scripted(name, handler, model, settings)
 
 
@@ -154,19 +150,6 @@ async def test_an_upstream_error_passes_through_without_a_ttft_sample(tmp_path: 
         assert 1.0 == registry.get_sample_value(
             "backfill_interactive_requests_total", {"backend": "up", "outcome": "429"}
         )
-
-
-async def never_answers(request: httpx.Request) -> httpx.Response:
-    await asyncio.Event().wait()  # cancelled when the server closes
-    raise AssertionError("unreachable")
-
-
-def closed_port() -> int:
-    """A port that was free a moment ago, that nobody listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @pytest.mark.parametrize(
@@ -307,7 +290,7 @@ async def test_a_stream_that_breaks_off_ends_with_an_error_event(tmp_path: Path)
         request.transport.abort()
         return response
 
-    async with running(tmp_path, http_backend("up", RawHandler(one_event_then_hang_up))) as (client, services):
+    async with running(tmp_path, http_backend("up", Raw(one_event_then_hang_up))) as (client, services):
         answer = await client.post(CHAT, content=chat(stream=True))
         outcome = {"backend": "up", "outcome": "unavailable"}
         assert 1.0 == services.metrics.registry.get_sample_value("backfill_interactive_requests_total", outcome)

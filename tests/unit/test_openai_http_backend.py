@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -21,7 +20,7 @@ from backfill.backends.openai_http import OpenAIHttpBackend, parse_retry_after
 from backfill.config import BackendSettings
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.domain.usage import Usage
-from tests.support.handler_server import Handler, HandlerSlot, serving
+from tests.support.handler_server import Handler, HandlerSlot, RawHandler, closed_port, never_answers, serving
 
 CHAT = "/v1/chat/completions"
 REQUEST = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
@@ -195,11 +194,6 @@ async def test_400_is_not_retryable(make_backend: MakeBackend) -> None:
     assert not outcome.is_retryable
 
 
-async def never_answers(request: httpx.Request) -> httpx.Response:
-    await asyncio.Event().wait()  # cancelled when the server closes
-    raise AssertionError("unreachable")
-
-
 async def test_timeout_is_a_timeout_outcome(make_backend: MakeBackend) -> None:
     outcome = await make_backend(never_answers).send(CHAT, REQUEST, 0.2)
 
@@ -218,10 +212,7 @@ async def test_per_backend_timeout_overrides_the_callers(make_backend: MakeBacke
 
 
 async def test_a_refused_connection_is_unreachable() -> None:
-    with socket.socket() as sock:  # a port that was free a moment ago and that nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    backend = OpenAIHttpBackend(BackendSettings(name="up", url=f"http://127.0.0.1:{port}", models=["m"]))
+    backend = OpenAIHttpBackend(BackendSettings(name="up", url=f"http://127.0.0.1:{closed_port()}", models=["m"]))
     try:
         outcome = await backend.send(CHAT, REQUEST, 30.0)
     finally:
@@ -233,9 +224,6 @@ async def test_a_refused_connection_is_unreachable() -> None:
     assert "backend_unavailable" == outcome.error_code
     assert "could not be reached" in outcome.message
     assert outcome.is_retryable
-
-
-RawHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 async def sent_to(handler: RawHandler, lines: int = 1) -> list[Outcome]:
@@ -350,13 +338,13 @@ async def test_an_interactive_answer_comes_as_sent_and_closing_it_early_drops_th
     async def endless(request: web.BaseRequest) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "content-encoding": "gzip"})
         await response.prepare(request)
+        await response.write(b"raw bytes, not gzip\n")
         try:
-            while True:
-                await response.write(b"raw bytes, not gzip\n")
-                await asyncio.sleep(0.01)
-        except (ConnectionResetError, asyncio.CancelledError):
+            await asyncio.Event().wait()  # more to come, never sent: the stream is open until the client leaves
+        except asyncio.CancelledError:  # the client left (the server cancels the handler then)
             left.set()
             raise
+        return response
 
     async with serving(endless) as base:
         backend = OpenAIHttpBackend(BackendSettings(name="up", url=base, models=["m"]))
