@@ -156,6 +156,21 @@ def test_a_batch_completes_with_every_response_in_input_order() -> None:
     run(scenario)
 
 
+def test_a_validated_batch_is_dispatched_at_once_not_at_the_next_poll() -> None:
+    async def scenario() -> None:
+        harness = await start(poll_interval_s=60.0)
+        submitted_at = harness.services.clock()
+        batch = await harness.submit(chat("only"))
+        done = await harness.wait_terminal(batch.id)
+        took_s = harness.services.clock() - submitted_at
+        await harness.close()
+
+        assert BatchStatus.COMPLETED == done.status
+        assert took_s < 5  # the poll would have come after 60 s
+
+    run(scenario)
+
+
 def test_transient_failures_are_retried_and_permanent_ones_go_to_the_error_file() -> None:
     async def scenario() -> None:
         harness = await start()

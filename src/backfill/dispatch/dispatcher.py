@@ -112,7 +112,7 @@ class Dispatcher:
         token_limit = settings.default_enqueued_token_limit
         self.lifecycle = Lifecycle(
             store, blobs, limits, self.core.is_served, self.owner, token_limit, self.metrics,
-            waiting_for=self.core.waiting_for,
+            waiting_for=self.core.waiting_for, started=self.wake,
         )  # fmt: skip
         self.recorder = Recorder(store, self.owner, settings, self.metrics, on_final=lambda: self.housekeeper.poke())
         self.housekeeper = Housekeeper(

@@ -35,6 +35,8 @@ class Lifecycle:
     )
     # What a batch of a model waits for, as this worker's dispatcher sees it (None: a backend is up).
     waiting_for: Callable[[str], str | None] = lambda model: None
+    # A batch just became dispatchable: this worker's dispatcher looks now rather than at its next poll.
+    started: Callable[[], None] = lambda: None
     # Batches said to be closing: the step runs at every poll while lines are in flight, the log line once.
     _closing: set[str] = field(default_factory=set)
 
@@ -83,6 +85,8 @@ class Lifecycle:
             await self._fail(batch, result.model, [LineError("token_limit_exceeded", f"{result.model}: {exc}")], now)
             return
         log.info("batch.validated", batch_id=batch.id, lines=len(result.lines), started=started)
+        if started:
+            self.started()
 
     async def _fail(self, batch: Batch, model: str | None, errors: list[LineError], now: float) -> None:
         if await self.store.fail_batch(batch.id, self.owner, model, errors, int(now)) and self.metrics:
