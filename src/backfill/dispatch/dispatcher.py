@@ -10,6 +10,7 @@ in flight.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import random
@@ -20,6 +21,7 @@ from typing import Any
 import httpx
 import orjson
 import structlog
+from prometheus_client import Counter
 
 from backfill import ids
 from backfill.config import Settings
@@ -58,7 +60,7 @@ from backfill.dispatch.lifecycle import Lifecycle
 from backfill.dispatch.recorder import Recorder
 from backfill.dispatch.result_cache import ResultCacheLookups
 from backfill.dispatch.watcher import EngineWatcher
-from backfill.domain.batches import ScheduleState
+from backfill.domain.batches import RequestState, ScheduleState
 from backfill.domain.leases import LeasedLine
 from backfill.domain.lines import ValidationLimits
 from backfill.domain.outcomes import Outcome, OutcomeKind
@@ -132,6 +134,7 @@ class Dispatcher:
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0  # the loop time `_timer` fires at
         self._announced: set[str] = set()  # batches whose at-risk webhook is queued
+        self._finished_counters: dict[RequestState, Counter] = {}
 
     def wake(self) -> None:
         """Something changed (a batch was created or cancelled): look now rather than at the next poll."""
@@ -389,12 +392,15 @@ class Dispatcher:
             latency_s = max(0.0, self.clock() - started)
             self.metrics.backend_seconds.labels(backend.name).observe(latency_s)
             request.answered = True
+            answered: collections.Counter[str] = collections.Counter()
             for line, outcome, key in zip(lines, outcomes, keys, strict=True):
                 if line.id in request.aborted:
                     self._perform(self.core.handle(Unsent(line.id, Unanswered.ABORTED), self.clock()))
                     continue
-                self.metrics.backend_requests.labels(backend.name, outcome_label(outcome)).inc()
+                answered[outcome_label(outcome)] += 1
                 self._answer(line, backend.name, outcome, latency_s, key)
+            for label, count in answered.items():  # once a request: a counter's labels() costs more than a line
+                self.metrics.backend_requests.labels(backend.name, label).inc(count)
         except asyncio.CancelledError:
             self._unsend(lines, Unanswered.ABORTED)
             raise
@@ -445,10 +451,17 @@ class Dispatcher:
             actions = [self.cache.keep(action, cache_key) for action in actions]
         for action in actions:
             if isinstance(action, Record) and action.update.is_final:
-                self.metrics.lines_finished.labels(action.update.state.value).inc()
+                self._lines_finished(action.update.state).inc()
             elif isinstance(action, Record) and action.update.attempts > line.attempts:
                 self.metrics.line_retries.labels(backend).inc()  # not a hand-back in an outage
         self._perform(actions)
+
+    def _lines_finished(self, state: RequestState) -> Counter:
+        """The counter of lines that ended in `state`, looked up once: labels() takes a lock and builds a key."""
+        counter = self._finished_counters.get(state)
+        if counter is None:
+            counter = self._finished_counters[state] = self.metrics.lines_finished.labels(state.value)
+        return counter
 
     def _unsend(self, lines: Sequence[LeasedLine], why: Unanswered, message: str = "") -> None:
         """Lines of a request that got no answer: each still in flight with the core is told so (once)."""

@@ -22,6 +22,7 @@ to exactly what the engine reported.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ def split_answer(
     reported = usage.get("prompt_tokens") if isinstance(usage, dict) else None
     weights = [p.weight for p in parts]
     if len(input_tokens) == len(entries):
-        bounds = [sum(counts[:n]) for n in range(len(counts) + 1)]
+        bounds = list(itertools.accumulate(counts, initial=0))
         weights = [sum(input_tokens[bounds[n] : bounds[n + 1]]) for n in range(len(parts))]
     shares = apportion(reported, weights) if isinstance(reported, int) and reported >= 0 else None
     head = {k: v for k, v in answer.items() if k not in (shape.entries, "usage")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,17 @@ class Usage:
             self.output_tokens + other.output_tokens,
             self.reasoning_tokens + other.reasoning_tokens,
         )
+
+    @classmethod
+    def total(cls, usages: Iterable[Usage]) -> Usage:
+        """The sum of `usages`, without an intermediate object each."""
+        input_tokens = cached_tokens = output_tokens = reasoning_tokens = 0
+        for usage in usages:
+            input_tokens += usage.input_tokens
+            cached_tokens += usage.cached_tokens
+            output_tokens += usage.output_tokens
+            reasoning_tokens += usage.reasoning_tokens
+        return cls(input_tokens, cached_tokens, output_tokens, reasoning_tokens)
 
     def to_openai(self) -> dict[str, Any]:
         return {

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 
 metadata = MetaData(
@@ -161,8 +162,10 @@ requests = Table(
     UniqueConstraint("batch_id", "line_no"),
     Index(None, "batch_id", "state", "line_no"),
     Index(None, "batch_id", "state", "prefix_group", "line_no"),
-    Index(None, "state", "lease_expires_at"),
-    Index(None, "lease_owner"),
+    # Leased lines only (the heartbeat renews them by owner, the sweep reclaims lapsed ones): a queued or finished
+    # line is in no entry of it, so ingest, results and the many finished rows cost it nothing. Queries that use it
+    # say `state = 'leased'` as a literal (`store.lines.IS_LEASED`): a bound parameter cannot match a partial index.
+    Index(None, "lease_expires_at", sqlite_where=text("state = 'leased'"), postgresql_where=text("state = 'leased'")),
 )
 
 # What each dispatcher process serves per model pool (line cost per second), so that completion estimates use
