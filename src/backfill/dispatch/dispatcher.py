@@ -202,7 +202,12 @@ class Dispatcher:
                 if isinstance(action, ShareRates):
                     await self._refresh_outlooks(action.mine, now)
         grants = []
-        for action in self.core.handle(Fill(), now):
+        actions = self.core.handle(Fill(), now)
+        if any(isinstance(action, Lease) for action in actions):
+            # Start what is buffered first: a lease waits its turn behind the group commit on the store's one
+            # writer, and free slots should not wait with it (the buffer is topped up while half of it is left).
+            self._perform(self.core.handle(Leased([]), now))
+        for action in actions:
             if isinstance(action, Lease):
                 lines = await self.store.lease_lines(
                     action.batch.id, self.owner, action.count, now, self.settings.lease_ttl_s
