@@ -7,7 +7,7 @@ import math
 import pytest
 
 from backfill.domain.estimates import expected_output_tokens, max_output_tokens, prefix_key
-from backfill.domain.valid_lines import LineColumns, ValidLine, estimates, group_by_prefix
+from backfill.domain.valid_lines import LineColumns, ValidLine, estimates, group_by_prefix, rows
 from backfill.policy.estimate import WorkItem, estimate_completions, outlook, promote_margin_s
 
 
@@ -104,6 +104,11 @@ def test_line_columns_give_back_the_lines_and_the_ranks_of_a_list() -> None:
     assert list(group_by_prefix(lines)) == list(group_by_prefix(columns))
     assert lines[2:5] == columns[2:5]
     assert estimates(lines) == estimates(columns)
+    # What the store inserts, straight from the columns: the same rows as from the objects, ranked or not.
+    assert rows(lines, 2, 5) == rows(columns, 2, 5)
+    ranked = group_by_prefix(lines)
+    assert rows(ranked, 0, 99) == rows(group_by_prefix(columns), 0, 99)
+    assert (3, "c3", 30, 3, 3, None, 0) == rows(columns, 2, 3)[0]  # an odd line has no cap; unranked: group 0
 
 
 def test_lines_without_prefix_keys_rank_in_input_order() -> None:

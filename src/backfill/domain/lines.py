@@ -190,17 +190,15 @@ class FileValidator:
         custom_id = self._check_line(obj, raw.number, shallow)
         if custom_id is not None:
             body = obj["body"]
-            self._lines.append(
-                ValidLine(
-                    raw.number,
-                    custom_id,
-                    raw.offset,
-                    raw.length,
-                    estimate_prompt_tokens(raw.length),
-                    max_output_tokens(body),
-                    # Embeddings and moderations have no prompt cache to keep hot: no grouping, no key to keep.
-                    0 if self.endpoint in COALESCED_ENDPOINTS else prefix_key(body),
-                )
+            self._lines.add(
+                raw.number,
+                custom_id,
+                raw.offset,
+                raw.length,
+                estimate_prompt_tokens(raw.length),
+                max_output_tokens(body),
+                # Embeddings and moderations have no prompt cache to keep hot: no grouping, no key to keep.
+                0 if self.endpoint in COALESCED_ENDPOINTS else prefix_key(body),
             )
 
     def _check_line(self, obj: Any, number: int, shallow: bool) -> str | None:  # noqa: C901 - one flat list of rules

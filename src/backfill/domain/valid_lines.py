@@ -16,6 +16,10 @@ from backfill.domain.estimates import expected_output_tokens
 
 _NO_CAP = -1  # max_output_tokens None in a column of ints
 
+# A line as the store inserts it: number, custom_id, offset, length, est_prompt_tokens, max_output_tokens,
+# prefix_group.
+Row = tuple[int, str, int, int, int, int | None, int]
+
 
 @dataclass(frozen=True, slots=True)
 class ValidLine:
@@ -48,20 +52,59 @@ class LineColumns(Sequence[ValidLine]):
 
     def append(self, line: ValidLine) -> None:
         """Add a line (its `prefix_group` is not kept: ranks come from `ranked`)."""
-        self._numbers.append(line.number)
-        self._custom_ids.append(line.custom_id)
-        self._offsets.append(line.offset)
-        self._lengths.append(line.length)
-        self._est.append(line.est_prompt_tokens)
-        cap = _NO_CAP if line.max_output_tokens is None else line.max_output_tokens
+        self.add(
+            line.number, line.custom_id, line.offset, line.length, line.est_prompt_tokens, line.max_output_tokens,
+            line.prefix_key,
+        )  # fmt: skip
+
+    def add(
+        self,
+        number: int,
+        custom_id: str,
+        offset: int,
+        length: int,
+        est_prompt_tokens: int,
+        max_output_tokens: int | None,
+        prefix_key: int,
+    ) -> None:
+        """`append` from the fields, with no `ValidLine` built (the validator adds every line of a file)."""
+        self._numbers.append(number)
+        self._custom_ids.append(custom_id)
+        self._offsets.append(offset)
+        self._lengths.append(length)
+        self._est.append(est_prompt_tokens)
+        cap = _NO_CAP if max_output_tokens is None else max_output_tokens
         if cap != _NO_CAP and self._max_out is None:
             self._max_out = _filled(_NO_CAP, len(self._numbers) - 1)
         if self._max_out is not None:
             self._max_out.append(cap)
-        if line.prefix_key and self._keys is None:
+        if prefix_key and self._keys is None:
             self._keys = _filled(0, len(self._numbers) - 1)
         if self._keys is not None:
-            self._keys.append(line.prefix_key)
+            self._keys.append(prefix_key)
+
+    def rows(self, start: int, stop: int) -> list[Row]:
+        """Lines [start, stop) as `Row`s, with no `ValidLine` built."""
+        stop = min(stop, len(self))
+        count = max(0, stop - start)
+        caps: Sequence[int | None] = (
+            [None] * count
+            if self._max_out is None
+            else [None if cap == _NO_CAP else cap for cap in self._max_out[start:stop]]
+        )
+        groups = [0] * count if self._groups is None else self._groups[start:stop]
+        return list(
+            zip(
+                self._numbers[start:stop],
+                self._custom_ids[start:stop],
+                self._offsets[start:stop],
+                self._lengths[start:stop],
+                self._est[start:stop],
+                caps,
+                groups,
+                strict=True,
+            )
+        )
 
     def __len__(self) -> int:
         return len(self._numbers)
@@ -112,6 +155,18 @@ class LineColumns(Sequence[ValidLine]):
 
 def _filled(value: int, count: int) -> array[int]:
     return array("q", [value]) * count
+
+
+def rows(lines: Sequence[ValidLine], start: int, stop: int) -> list[Row]:
+    """Lines [start, stop) as (number, custom_id, offset, length, est_prompt_tokens, max_output_tokens,
+    prefix_group): what the store inserts."""
+    if isinstance(lines, LineColumns):
+        return lines.rows(start, stop)  # straight from the columns
+    return [
+        (line.number, line.custom_id, line.offset, line.length, line.est_prompt_tokens, line.max_output_tokens,
+         line.prefix_group)
+        for line in lines[start:stop]
+    ]  # fmt: skip
 
 
 def estimates(lines: Sequence[ValidLine]) -> tuple[int, int]:

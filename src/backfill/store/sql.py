@@ -23,7 +23,7 @@ from backfill.domain.batches import (
     sources_of,
 )
 from backfill.domain.files import MESSAGE_BATCH_PURPOSE, FileRecord
-from backfill.domain.valid_lines import ValidLine, estimates
+from backfill.domain.valid_lines import ValidLine, estimates, rows
 from backfill.errors import Conflict, NotFound, TokenLimitExceeded
 from backfill.ports import Store
 from backfill.store.idempotency import IdempotencyQueries
@@ -426,22 +426,9 @@ _INSERT_LINE_SQL = (
 async def _insert_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[ValidLine]) -> None:
     sql = _INSERT_LINE_SQL.format(p="%s" if conn.dialect.name == "postgresql" else "?")
     for start in range(0, len(lines), _INSERT_CHUNK):
-        await conn.exec_driver_sql(
-            sql,
-            [
-                (
-                    batch_id,
-                    line.number,
-                    line.custom_id,
-                    line.offset,
-                    line.length,
-                    line.est_prompt_tokens,
-                    line.max_output_tokens,
-                    line.prefix_group,
-                )
-                for line in lines[start : start + _INSERT_CHUNK]
-            ],
-        )
+        # Straight from the validator's columns: no `ValidLine` built per line.
+        chunk = [(batch_id, *row) for row in rows(lines, start, start + _INSERT_CHUNK)]
+        await conn.exec_driver_sql(sql, chunk)
 
 
 if TYPE_CHECKING:
