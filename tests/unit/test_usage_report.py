@@ -40,6 +40,17 @@ def test_an_interactive_request_has_no_capacity_share() -> None:
     assert UsageCounts(1, 10, 0, 5) == UsageCounts.of_request(Usage(10, 0, 5, 0))
 
 
+@pytest.mark.parametrize(("capacity", "cached"), [(Capacity.HARVESTED, False), (None, False), (None, True)])
+def test_counts_of_many_requests_are_the_sum_of_each_ones(capacity: Capacity | None, cached: bool) -> None:
+    usages = [Usage(10, 4, 5, 1), Usage(3, 0, 7, 0), Usage(0, 0, 0, 0)]
+    one_by_one = UsageCounts()
+    for usage in usages:
+        one_by_one = one_by_one + UsageCounts.of_request(usage, capacity, cached=cached)
+
+    assert one_by_one == UsageCounts.of_requests(usages, capacity, cached=cached)
+    assert Usage(13, 4, 12, 1) == Usage.total(usages)
+
+
 def test_fold_sums_counts_with_the_same_key() -> None:
     key = _key("t", "m", T0)
 

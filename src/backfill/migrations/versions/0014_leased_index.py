@@ -1,6 +1,6 @@
 """leased index: one partial index over leased lines replaces the indexes on (state, lease_expires_at) and on
 lease_owner, so that inserting, leasing and finishing a line rewrite fewer index entries (BENCHMARKS.md,
-"Embeddings")
+"Per-line costs cut")
 
 Revision ID: 0014
 Revises: 0013
