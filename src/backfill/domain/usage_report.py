@@ -89,17 +89,11 @@ class UsageCounts:
     ) -> UsageCounts:
         """The sum of `of_request` over requests of one kind, without an object per request (a group commit
         counts thousands of lines)."""
-        total = sum(usage.input_tokens + usage.output_tokens for usage in usages)
+        usage = Usage.total(usages)
         if cached:
-            return cls(result_cache_hits=len(usages), result_cache_tokens=total)
-        by_capacity = {f"{capacity.value}_tokens": total} if capacity is not None else {}
-        return cls(
-            len(usages),
-            sum(usage.input_tokens for usage in usages),
-            sum(usage.cached_tokens for usage in usages),
-            sum(usage.output_tokens for usage in usages),
-            **by_capacity,
-        )
+            return cls(result_cache_hits=len(usages), result_cache_tokens=usage.total_tokens)
+        by_capacity = {f"{capacity.value}_tokens": usage.total_tokens} if capacity is not None else {}
+        return cls(len(usages), usage.input_tokens, usage.cached_tokens, usage.output_tokens, **by_capacity)
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
