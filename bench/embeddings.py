@@ -12,6 +12,9 @@ upstream (`python -m backfill.testing.upstream`), one at a time:
                `completed` seen by polling every 100 ms: validation, dispatch (lines coalesced into array requests
                and split back), the group commits of every result and finalization (the output file written).
 
+`--workers N` runs N dispatcher processes: the server plus N-1 `backfill serve --role worker` on the same database
+and data directory, as a user scales out on one machine; CPU then counts all of them.
+
 Every line must come back exactly once with status 200 and one vector. Printed: lines/s of each side, the ratio
 backfill / direct (the figure), CPU ms per line, the upstream requests each side made.
 Goals (issue 17): backfill >= 25 % of the direct rate, and >= 20,000 lines/s.
@@ -24,6 +27,7 @@ GET /v1/batches/{id} (what `backfill status` reads) took while the batch ran. Go
     .venv/bin/python bench/embeddings.py                      # 20,000 lines
     .venv/bin/python bench/embeddings.py --quick              # 2,000 lines
     .venv/bin/python bench/embeddings.py --profile bench/out/embeddings.svg   # py-spy on the server
+    .venv/bin/python bench/embeddings.py --workers 2          # two dispatcher processes on one SQLite database
     .venv/bin/python bench/embeddings.py --million            # 1,000,000 lines: the server's peak RSS
 """
 
@@ -135,15 +139,24 @@ def run_backfill(
     per_request: int,
     concurrency: int,
     profile: Path | None,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    backend = {"url": upstream.url, "max_concurrency": concurrency, "max_inputs_per_request": per_request}
-    backend["max_tokens_per_request"] = 1_000_000  # the count of inputs is the bound here
-    server = Server.start(children, workdir, backend, {"max_lines": max(50_000, lines)})
+    backend = {"name": "bench", "models": [MODEL], "url": upstream.url, "max_concurrency": concurrency}
+    backend |= {"max_inputs_per_request": per_request, "max_tokens_per_request": 1_000_000}  # inputs are the bound
+    settings = {"max_lines": max(50_000, lines)}
+    server = Server.start_with(children, workdir, [backend], settings)
+    # Further dispatcher processes, as a user runs them: `backfill serve --role worker` on the same database and
+    # data directory. Each leases its own lines; SQLite's one writer is shared.
+    extra = [
+        Server.start_with(children, workdir / f"worker{n}", [backend], settings | {"role": "worker"}, workdir / "data")
+        for n in range(1, workers)
+    ]
+    pids = [server.pid] + [worker.pid for worker in extra]
     try:
         file_id = server.upload(path)["id"]
         upstream.reset()
         with profiled(children, server.pid, profile):
-            cpu_before, upstream_before = cpu_s(server.pid), cpu_s(upstream.process.pid)
+            cpu_before, upstream_before = sum(cpu_s(pid) for pid in pids), cpu_s(upstream.process.pid)
             started = time.perf_counter()
             batch = server.create_batch(file_id, ENDPOINT)
             seen: dict[str, float] = {batch["status"]: started}
@@ -152,7 +165,8 @@ def run_backfill(
                 batch = server.batch(batch["id"])
                 seen.setdefault(batch["status"], time.perf_counter())
             finished = seen[batch["status"]]
-            cpu, upstream_cpu = cpu_s(server.pid) - cpu_before, cpu_s(upstream.process.pid) - upstream_before
+            cpu = sum(cpu_s(pid) for pid in pids) - cpu_before
+            upstream_cpu = cpu_s(upstream.process.pid) - upstream_before
         if batch["status"] != "completed" or batch["error_file_id"] is not None:
             raise RuntimeError(f"backfill: batch ended {batch['status']}: {batch}")
         output = [orjson.loads(line) for line in server.content(batch["output_file_id"]).splitlines()]
@@ -165,6 +179,8 @@ def run_backfill(
         sys.stderr.write(f"--- server log ({server.log_path}) ---\n{server.log_tail()}\n")
         raise
     finally:
+        for worker in extra:
+            worker.stop(children)
         server.stop(children)
     order = sorted(seen.items(), key=lambda item: item[1])
     phases = {s: (order[i + 1][1] if i + 1 < len(order) else finished) - t for i, (s, t) in enumerate(order)}
@@ -281,6 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: 2,000 lines")
     parser.add_argument("--profile", type=Path, help="py-spy the backfill server into this file (.svg, .json, .txt)")
     parser.add_argument("--million", action="store_true", help="1,000,000 lines through backfill: its peak RSS")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="dispatcher processes: the server plus N-1 `backfill serve --role worker` on its database (default 1)",
+    )
     args = parser.parse_args(argv)
     if args.million:
         return main_million(1_000_000 if args.lines == 20_000 else args.lines, args.direct_inputs, args.concurrency)
@@ -296,12 +318,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"direct: {lines / direct['seconds']:.0f} inputs/s ({direct['seconds']:.2f} s)")
             work = tmp / "backfill"
             backfill = run_backfill(
-                children, upstream, path, work, lines, args.direct_inputs, args.concurrency, args.profile
+                children, upstream, path, work, lines, args.direct_inputs, args.concurrency, args.profile, args.workers
             )
             print(f"backfill: {lines / backfill['seconds']:.0f} lines/s ({backfill['seconds']:.2f} s)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\n{lines} one-input lines, {args.direct_inputs} inputs a request, {args.concurrency} in flight\n")
+    processes = "1 backfill process" if args.workers == 1 else f"{args.workers} backfill processes (1 + workers)"
+    shape = f"{lines} one-input lines, {args.direct_inputs} inputs a request, {args.concurrency} in flight"
+    print(f"\n{shape}, {processes}\n")
     rows = [
         [name, f"{side['seconds']:.2f}", f"{lines / side['seconds']:.0f}", f"{1000 * side['cpu_s'] / lines:.3f}",
          f"{1000 * side['upstream_cpu_s'] / lines:.3f}", str(side["requests"])]
