@@ -12,6 +12,10 @@ upstream (`python -m backfill.testing.upstream`), one at a time:
                `completed` seen by polling every 100 ms: validation, dispatch (lines coalesced into array requests
                and split back), the group commits of every result and finalization (the output file written).
 
+`--dimensions D` has every line (and the direct side) ask for vectors of D floats, the size of a real model's
+(768: bge-base, nomic-embed; 1536: text-embedding-3-small) rather than the fake upstream's 8: the result bodies
+backfill stores and writes out grow with it.
+
 `--workers N` runs N dispatcher processes: the server plus N-1 `backfill serve --role worker` on the same database
 and data directory, as a user scales out on one machine; CPU then counts all of them.
 
@@ -27,6 +31,7 @@ GET /v1/batches/{id} (what `backfill status` reads) took while the batch ran. Go
     .venv/bin/python bench/embeddings.py                      # 20,000 lines
     .venv/bin/python bench/embeddings.py --quick              # 2,000 lines
     .venv/bin/python bench/embeddings.py --profile bench/out/embeddings.svg   # py-spy on the server
+    .venv/bin/python bench/embeddings.py --dimensions 768     # vectors of a real model's size
     .venv/bin/python bench/embeddings.py --workers 2          # two dispatcher processes on one SQLite database
     .venv/bin/python bench/embeddings.py --million            # 1,000,000 lines: the server's peak RSS
 """
@@ -66,9 +71,17 @@ ENDPOINT = "/v1/embeddings"
 _SYLLABLES = ("ka", "lo", "mi", "ter", "an", "ver", "sol", "pri", "du", "nex", "ab", "or", "qui", "est", "ra", "ment")
 
 
-def generate(path: Path, lines: int, text_chars: int = 100, seed: int = 20261203, keep_texts: bool = True) -> list[str]:
+def generate(
+    path: Path,
+    lines: int,
+    text_chars: int = 100,
+    seed: int = 20261203,
+    keep_texts: bool = True,
+    dimensions: int | None = None,
+) -> list[str]:
     """Write `lines` one-input embeddings requests (the same seed, the same bytes); returns the texts (none unless
-    `keep_texts`)."""
+    `keep_texts`). `dimensions`: the vector size each line asks for (the upstream's own, 8, when None)."""
+    params = {} if dimensions is None else {"dimensions": dimensions}
     rng = random.Random(seed)
     words = ["".join(rng.choices(_SYLLABLES, k=rng.randint(1, 4))) for _ in range(4000)]
     pool = " ".join(rng.choices(words, k=100_000))
@@ -83,13 +96,15 @@ def generate(path: Path, lines: int, text_chars: int = 100, seed: int = 20261203
                 "custom_id": f"em-{i:07d}",
                 "method": "POST",
                 "url": ENDPOINT,
-                "body": {"model": MODEL, "input": text},
+                "body": {"model": MODEL, "input": text, **params},
             }
             out.write(orjson.dumps(line) + b"\n")
     return texts
 
 
-async def _direct(url: str, texts: list[str], per_request: int, concurrency: int) -> tuple[float, int]:
+async def _direct(
+    url: str, texts: list[str], per_request: int, concurrency: int, params: dict[str, Any]
+) -> tuple[float, int]:
     chunks = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
     queue: asyncio.Queue[list[str]] = asyncio.Queue()
     for chunk in chunks:
@@ -100,7 +115,7 @@ async def _direct(url: str, texts: list[str], per_request: int, concurrency: int
         nonlocal got
         while not queue.empty():
             chunk = queue.get_nowait()
-            response = await client.post(f"{url}{ENDPOINT}", json={"model": MODEL, "input": chunk})
+            response = await client.post(f"{url}{ENDPOINT}", json={"model": MODEL, "input": chunk, **params})
             response.raise_for_status()
             data = orjson.loads(response.content)["data"]
             if len(data) != len(chunk):
@@ -117,11 +132,14 @@ async def _direct(url: str, texts: list[str], per_request: int, concurrency: int
     return seconds, len(chunks)
 
 
-def run_direct(upstream: Upstream, texts: list[str], per_request: int, concurrency: int) -> dict[str, float]:
+def run_direct(
+    upstream: Upstream, texts: list[str], per_request: int, concurrency: int, dimensions: int | None = None
+) -> dict[str, float]:
     upstream.reset()
     upstream_before = cpu_s(upstream.process.pid)
     cpu_before = time.process_time()
-    seconds, requests = asyncio.run(_direct(upstream.url, texts, per_request, concurrency))
+    params = {} if dimensions is None else {"dimensions": dimensions}
+    seconds, requests = asyncio.run(_direct(upstream.url, texts, per_request, concurrency, params))
     return {
         "seconds": seconds,
         "cpu_s": time.process_time() - cpu_before,
@@ -298,6 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, help="py-spy the backfill server into this file (.svg, .json, .txt)")
     parser.add_argument("--million", action="store_true", help="1,000,000 lines through backfill: its peak RSS")
     parser.add_argument(
+        "--dimensions",
+        type=int,
+        help="vector size every line asks for (OpenAI's `dimensions`; default: the upstream's 8), e.g. 768",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -311,10 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="backfill-bench-embeddings-"))
     try:
         path = tmp / "requests.jsonl"
-        texts = generate(path, lines)
+        texts = generate(path, lines, dimensions=args.dimensions)
         with running() as children:
             upstream = Upstream.start(children)
-            direct = run_direct(upstream, texts, args.direct_inputs, args.concurrency)
+            direct = run_direct(upstream, texts, args.direct_inputs, args.concurrency, args.dimensions)
             print(f"direct: {lines / direct['seconds']:.0f} inputs/s ({direct['seconds']:.2f} s)")
             work = tmp / "backfill"
             backfill = run_backfill(
@@ -325,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     processes = "1 backfill process" if args.workers == 1 else f"{args.workers} backfill processes (1 + workers)"
     shape = f"{lines} one-input lines, {args.direct_inputs} inputs a request, {args.concurrency} in flight"
+    shape += f", {args.dimensions or 8} dimensions"
     print(f"\n{shape}, {processes}\n")
     rows = [
         [name, f"{side['seconds']:.2f}", f"{lines / side['seconds']:.0f}", f"{1000 * side['cpu_s'] / lines:.3f}",

@@ -81,6 +81,16 @@ async def test_embeddings_answer_one_vector_per_input(app: FakeUpstream, client:
     assert app.stats()["by_key"] == {"one two": 1}
 
 
+async def test_embeddings_take_the_dimensions_asked_for(client: httpx.AsyncClient) -> None:
+    eight = (await client.post("/v1/embeddings", json={"model": "e", "input": "same"})).json()["data"][0]["embedding"]
+    response = await client.post("/v1/embeddings", json={"model": "e", "input": ["same", "x"], "dimensions": 768})
+
+    vectors = [entry["embedding"] for entry in response.json()["data"]]
+    assert [len(vector) for vector in vectors] == [768, 768]
+    assert vectors[0][:8] == eight  # the same input's vector, longer
+    assert all(-1.0 <= value <= 1.0 for value in vectors[0])
+
+
 async def test_embeddings_are_deterministic(client: httpx.AsyncClient) -> None:
     first = await client.post("/v1/embeddings", json={"model": "e", "input": "same"})
     second = await client.post("/v1/embeddings", json={"model": "e", "input": "same"})

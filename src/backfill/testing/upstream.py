@@ -207,10 +207,13 @@ def build_completion(body: Json, key: str) -> Json:
     }
 
 
-def _embed(item: object) -> list[float]:
-    """Eight deterministic floats in [-1, 1], one per nibble of the input's checksum."""
+def _embed(item: object, dimensions: int = 8) -> list[float]:
+    """Deterministic floats in [-1, 1], one per nibble of the input's checksum: eight, or `dimensions` (the request's
+    own parameter, as OpenAI's API takes it) by repeating them, so a benchmark can ask for vectors of a real
+    model's size."""
     checksum = zlib.crc32(orjson.dumps(item))
-    return [((checksum >> (4 * i)) & 0xF) / 7.5 - 1.0 for i in range(8)]
+    eight = [((checksum >> (4 * i)) & 0xF) / 7.5 - 1.0 for i in range(8)]
+    return eight if dimensions == 8 else (eight * (dimensions // 8 + 1))[:dimensions]
 
 
 def build_embeddings(body: Json, key: str) -> Json:
@@ -218,9 +221,13 @@ def build_embeddings(body: Json, key: str) -> Json:
     # A list of ints is one input given as token ids; any other list holds one input per element.
     items = value if isinstance(value, list) and value and not isinstance(value[0], int) else [value]
     prompt_tokens = sum(len(i) if isinstance(i, list) else _count_words(str(i)) + 1 for i in items)
+    dimensions = body.get("dimensions")
+    dimensions = dimensions if isinstance(dimensions, int) and dimensions > 0 else 8
     return {
         "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": _embed(item)} for i, item in enumerate(items)],
+        "data": [
+            {"object": "embedding", "index": i, "embedding": _embed(item, dimensions)} for i, item in enumerate(items)
+        ],
         "model": _model(body),
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
