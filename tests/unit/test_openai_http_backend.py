@@ -137,6 +137,18 @@ async def test_pretty_printed_body_is_stored_compactly(make_backend: MakeBackend
     assert orjson.dumps(CHAT_REPLY) == outcome.body
 
 
+async def test_a_one_line_body_is_stored_as_the_engine_sent_it(make_backend: MakeBackend) -> None:
+    # Spaces between tokens, a float the way the engine wrote it, a trailing line break: no re-serialising.
+    sent = b'{"id": "chatcmpl-1", "object": "chat.completion", "score": 1.50e-3, "usage": {"prompt_tokens": 3}}\r\n'
+
+    outcome = await make_backend(answer(200, content=sent)).send(CHAT, REQUEST, 30.0)
+
+    assert OutcomeKind.SUCCESS == outcome.kind
+    assert sent.strip() == outcome.body
+    assert orjson.loads(sent) == outcome.answer
+    assert 3 == outcome.usage.input_tokens
+
+
 async def test_429_with_retry_after_seconds(make_backend: MakeBackend) -> None:
     outcome = await make_backend(answer(429, ERROR, retry_after="7")).send(CHAT, REQUEST, 30.0)
 

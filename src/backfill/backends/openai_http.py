@@ -94,6 +94,16 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
+def _one_line(content: bytes, parsed: dict[str, Any]) -> bytes:
+    """The answer as it came when it is one line, else re-serialised compactly: a line break between its tokens
+    would break the JSONL output (inside a string JSON escapes them). Re-serialising every answer cost as much as
+    parsing it, for answers that are almost always one line already (an embedding is thousands of floats)."""
+    stripped = content.strip()
+    if b"\n" in stripped or b"\r" in stripped:
+        return orjson.dumps(parsed)
+    return stripped
+
+
 @dataclass(frozen=True, slots=True)
 class _Answer:
     """A batch line's answer, read whole."""
@@ -295,13 +305,16 @@ class OpenAIHttpBackend:
                 )
             if endpoint == RESPONSES_ENDPOINT:
                 parsed = complete_response(parsed, _json_object(body))
-            # Re-serialised compactly: a pretty-printed body would break the JSONL output.
+                content = orjson.dumps(parsed)
+            else:
+                content = _one_line(response.content, parsed)
             return Outcome(
                 OutcomeKind.SUCCESS,
                 status_code=response.status_code,
-                body=orjson.dumps(parsed),
+                body=content,
                 request_id=request_id,
                 usage=Usage.from_response(parsed),
+                answer=parsed,
             )
         if parsed is None:
             text = response.content[:_MAX_ERROR_TEXT].decode("utf-8", "replace")

@@ -79,7 +79,8 @@ def _split(endpoint: str, outcome: Outcome, parts: Sequence[Part]) -> list[Outco
     if outcome.kind is not OutcomeKind.SUCCESS or outcome.body is None:
         return [outcome] * len(parts)
     try:
-        answers = split_answer(endpoint, orjson.loads(outcome.body), parts, outcome.input_tokens)
+        answer = outcome.answer if outcome.answer is not None else orjson.loads(outcome.body)
+        answers = split_answer(endpoint, answer, parts, outcome.input_tokens)
     except (SplitError, orjson.JSONDecodeError) as exc:
         unreadable = Outcome(
             OutcomeKind.UNAVAILABLE,
