@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
+from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
 
-from backfill.store.engine import migrate, sync_url
+from backfill.store.engine import SQLITE_PAGE_SIZE, migrate, sync_url
 from backfill.store.tables import metadata
 
 
@@ -46,3 +49,22 @@ def test_processes_that_start_together_migrate_one_at_a_time(database_url: str) 
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
     engine.dispose()
     assert [] == diff
+
+
+def test_a_new_sqlite_file_gets_large_pages_and_an_existing_one_keeps_its_own(tmp_path: Path) -> None:
+    fresh, existing = tmp_path / "fresh.db", tmp_path / "existing.db"
+    with closing(sqlite3.connect(existing)) as connection:  # made by an earlier version: SQLite's default pages
+        connection.execute("CREATE TABLE earlier (x)")
+        connection.commit()
+
+    migrate(f"sqlite:///{fresh}")
+    migrate(f"sqlite:///{existing}")
+
+    def pragmas(path: Path) -> tuple[int, str]:
+        with closing(sqlite3.connect(path)) as connection:
+            return connection.execute("PRAGMA page_size").fetchone()[0], connection.execute(
+                "PRAGMA journal_mode"
+            ).fetchone()[0]
+
+    assert (SQLITE_PAGE_SIZE, "wal") == pragmas(fresh)
+    assert 4096 == pragmas(existing)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,12 @@ def sync_url(url: str) -> str:
     if parsed.get_backend_name() == "postgresql":
         return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     return parsed.set(drivername="sqlite").render_as_string(hide_password=False)
+
+
+# A line's result is stored in its row: an embedding of a real model's size (768 floats, ~15 KB of JSON) spans four
+# 4 KiB pages and their overflow chain; in 16 KiB pages, writing one cost a third less (BENCHMARKS.md, issue 17).
+# Small rows cost the same either way.
+SQLITE_PAGE_SIZE = 16384
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -113,4 +120,18 @@ def migrate(url: str, revision: str = "head") -> None:
     Path(database).parent.mkdir(parents=True, exist_ok=True)
     with open(f"{database}.migrate-lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        _create_sqlite_file(Path(database))
         command.upgrade(alembic_config(url), revision)
+
+
+def _create_sqlite_file(path: Path) -> None:
+    """A new database file gets pages of SQLITE_PAGE_SIZE, fixed once the file is written (here, by switching it to
+    WAL); an existing file keeps its own."""
+    if path.exists() and path.stat().st_size > 0:
+        return
+    connection = sqlite3.connect(path)
+    try:
+        connection.execute(f"PRAGMA page_size = {SQLITE_PAGE_SIZE}")
+        connection.execute("PRAGMA journal_mode = WAL")
+    finally:
+        connection.close()
