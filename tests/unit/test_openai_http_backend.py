@@ -145,8 +145,19 @@ async def test_a_one_line_body_is_stored_as_the_engine_sent_it(make_backend: Mak
 
     assert OutcomeKind.SUCCESS == outcome.kind
     assert sent.strip() == outcome.body
-    assert orjson.loads(sent) == outcome.answer
+    assert outcome.answer is not None
+    assert ["id", "object", "score", "usage"] == list(outcome.answer)
+    assert b"1.50e-3" == bytes(outcome.answer["score"])  # read, never parsed
     assert 3 == outcome.usage.input_tokens
+
+
+async def test_a_one_line_answer_that_is_not_well_formed_json_is_refused(make_backend: MakeBackend) -> None:
+    outcome = await make_backend(answer(200, content=b'{"data": [{"embedding": [0.1, 0.2.3]}]}')).send(
+        "/v1/embeddings", REQUEST, 30.0
+    )
+
+    assert OutcomeKind.UNAVAILABLE == outcome.kind
+    assert "not a JSON object" in outcome.message
 
 
 async def test_429_with_retry_after_seconds(make_backend: MakeBackend) -> None:

@@ -15,6 +15,7 @@ import httpx
 import orjson
 import structlog
 
+from backfill import rawjson
 from backfill.config import BackendSettings
 from backfill.domain.features import ALL_FEATURES, Feature
 from backfill.domain.outcomes import Outcome, OutcomeKind
@@ -94,14 +95,33 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def _one_line(content: bytes, parsed: dict[str, Any]) -> bytes:
-    """The answer as it came when it is one line, else re-serialised compactly: a line break between its tokens
-    would break the JSONL output (inside a string JSON escapes them). Re-serialising every answer cost as much as
-    parsing it, for answers that are almost always one line already (an embedding is thousands of floats)."""
+def _read_success(
+    content: bytes, endpoint: str, request: bytes
+) -> tuple[bytes, Usage, dict[str, rawjson.Raw] | None] | None:
+    """A 2xx answer's body to store, its usage and its members unparsed (for splitting a coalesced answer); None
+    when it is not a JSON object.
+
+    One line as it came, read shallowly (every value checked, only `usage` parsed): re-serialising it cost as much
+    as parsing it, and an embedding is thousands of floats. Re-serialised compactly when it spans lines, which
+    would break the JSONL output (inside a string JSON escapes line breaks), and for the Responses API, whose
+    answer is completed from the request."""
     stripped = content.strip()
-    if b"\n" in stripped or b"\r" in stripped:
-        return orjson.dumps(parsed)
-    return stripped
+    if endpoint != RESPONSES_ENDPOINT and b"\n" not in stripped and b"\r" not in stripped:
+        members = rawjson.read_object(stripped)
+        if members is None:
+            return None
+        usage = members.get("usage")
+        try:
+            parsed_usage = rawjson.parse(usage) if usage is not None else None
+        except rawjson.DecodeError:  # pragma: no cover - read_object checked every value
+            return None
+        return stripped, Usage.from_response({"usage": parsed_usage}), members
+    parsed = _json_object(content)
+    if parsed is None:
+        return None
+    if endpoint == RESPONSES_ENDPOINT:
+        parsed = complete_response(parsed, _json_object(request))
+    return orjson.dumps(parsed), Usage.from_response(parsed), None
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,28 +314,25 @@ class OpenAIHttpBackend:
         if isinstance(response, Outcome):
             return response
         request_id = response.headers.get("x-request-id")
-        parsed = _json_object(response.content)
         if response.is_success:
-            if parsed is None:
+            read = _read_success(response.content, endpoint, body)
+            if read is None:
                 return Outcome(
                     OutcomeKind.UNAVAILABLE,
                     status_code=response.status_code,
                     message=f"The backend {self.name} answered {response.status_code} with a body that is not a "
                     "JSON object.",
                 )
-            if endpoint == RESPONSES_ENDPOINT:
-                parsed = complete_response(parsed, _json_object(body))
-                content = orjson.dumps(parsed)
-            else:
-                content = _one_line(response.content, parsed)
+            content, usage, answer = read
             return Outcome(
                 OutcomeKind.SUCCESS,
                 status_code=response.status_code,
                 body=content,
                 request_id=request_id,
-                usage=Usage.from_response(parsed),
-                answer=parsed,
+                usage=usage,
+                answer=answer,
             )
+        parsed = _json_object(response.content)
         if parsed is None:
             text = response.content[:_MAX_ERROR_TEXT].decode("utf-8", "replace")
             parsed = {"error": {"message": text, "type": "backend_error", "param": None, "code": None}}

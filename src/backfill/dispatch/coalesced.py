@@ -19,7 +19,8 @@ from typing import Any
 
 import orjson
 
-from backfill.domain.coalescing import Part, SplitError, merged_body, part_of, plan_requests, split_answer
+from backfill import rawjson
+from backfill.domain.coalescing import SHAPES, Part, SplitError, merged_body, part_of, plan_requests, split_answer
 from backfill.domain.leases import LeasedLine
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.domain.usage import Usage
@@ -79,9 +80,11 @@ def _split(endpoint: str, outcome: Outcome, parts: Sequence[Part]) -> list[Outco
     if outcome.kind is not OutcomeKind.SUCCESS or outcome.body is None:
         return [outcome] * len(parts)
     try:
-        answer = outcome.answer if outcome.answer is not None else orjson.loads(outcome.body)
-        answers = split_answer(endpoint, answer, parts, outcome.input_tokens)
-    except (SplitError, orjson.JSONDecodeError) as exc:
+        members = outcome.answer if outcome.answer is not None else rawjson.read_object(outcome.body)
+        if members is None:
+            raise SplitError("it is not a JSON object")
+        answers = split_answer(endpoint, _readable(endpoint, members), parts, outcome.input_tokens)
+    except (SplitError, rawjson.DecodeError) as exc:
         unreadable = Outcome(
             OutcomeKind.UNAVAILABLE,
             status_code=outcome.status_code,
@@ -93,9 +96,30 @@ def _split(endpoint: str, outcome: Outcome, parts: Sequence[Part]) -> list[Outco
         Outcome(
             OutcomeKind.SUCCESS,
             status_code=outcome.status_code,
-            body=orjson.dumps(body),
+            body=rawjson.encode(body),
             request_id=outcome.request_id,
             usage=Usage(tokens),
         )
         for body, tokens in answers
     ]
+
+
+def _readable(endpoint: str, members: dict[str, Any]) -> dict[str, Any]:
+    """The answer as split_answer reads it, parsed no deeper than that: its entries (for an indexed endpoint each
+    an object whose `index` is parsed, the rest left as it came) and its usage. Everything else, an embedding's
+    floats above all, stays unparsed and is written into each line's body as the engine sent it."""
+    shape = SHAPES[endpoint]
+    answer = dict(members)
+    entries = members.get(shape.entries)
+    if entries is not None:
+        if shape.indexed:
+            objects = rawjson.read_objects(entries)
+            for entry in objects:
+                if "index" in entry:
+                    entry["index"] = rawjson.parse(entry["index"])
+            answer[shape.entries] = objects
+        else:
+            answer[shape.entries] = rawjson.read_values(entries)
+    if "usage" in members:
+        answer["usage"] = rawjson.parse(members["usage"])
+    return answer

@@ -33,8 +33,9 @@ class Outcome:
     # how a coalesced request's usage is shared out among its lines (domain/coalescing.py).
     input_tokens: tuple[int, ...] = ()
     cached_from: str | None = None  # an earlier line's answer from the result cache: no backend saw this one
-    # `body` as parsed, where the backend parsed it anyway: splitting a coalesced answer (dispatch/coalesced.py)
-    # reads this rather than parsing the bytes again. Never stored; not part of the value.
+    # `body`'s members as the backend read them, values unparsed (backfill.rawjson): splitting a coalesced answer
+    # (dispatch/coalesced.py) starts from these rather than reading the bytes again. Never stored; not part of the
+    # value.
     answer: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
