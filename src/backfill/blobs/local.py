@@ -13,13 +13,16 @@ from pathlib import Path
 import anyio
 
 _KEEP_OPEN = 64
+# Output files are written a line at a time: an embeddings result (~15 KB at 768 floats) is larger than the default
+# buffer, so each went to the kernel in a write of its own.
+_WRITE_BUFFER_BYTES = 1 << 20
 
 
 class LocalBlobWriter:
     def __init__(self, final: Path, tmp: Path) -> None:
         self._final = final
         self._tmp = tmp
-        self._fh = open(tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._fh = open(tmp, "wb", buffering=_WRITE_BUFFER_BYTES)  # noqa: SIM115 - closed in commit/abort
         self._size = 0
 
     @property
