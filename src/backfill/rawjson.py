@@ -20,8 +20,14 @@ _VALUES = msgspec.json.Decoder(list[msgspec.Raw])
 _ENCODER = msgspec.json.Encoder()
 
 
-def read_object(data: bytes | Raw) -> dict[str, Raw] | None:
-    """A JSON object's members, their values unparsed; None when `data` is not one well-formed JSON object."""
+def read_object(data: bytes) -> dict[str, Raw] | None:
+    """A JSON object's members, their values unparsed; None when `data` is not one well-formed JSON object in
+    UTF-8."""
+    if not data.isascii():  # msgspec checks the UTF-8 of what it parses, not of what it skips
+        try:
+            data.decode()
+        except UnicodeDecodeError:
+            return None
     try:
         return _OBJECT.decode(data)
     except msgspec.DecodeError:

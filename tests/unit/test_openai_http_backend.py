@@ -151,10 +151,18 @@ async def test_a_one_line_body_is_stored_as_the_engine_sent_it(make_backend: Mak
     assert 3 == outcome.usage.input_tokens
 
 
-async def test_a_one_line_answer_that_is_not_well_formed_json_is_refused(make_backend: MakeBackend) -> None:
-    outcome = await make_backend(answer(200, content=b'{"data": [{"embedding": [0.1, 0.2.3]}]}')).send(
-        "/v1/embeddings", REQUEST, 30.0
-    )
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"data": [{"embedding": [0.1, 0.2.3]}]}',  # a malformed number deep inside
+        b'{"data": [{"embedding": [0.1], "note": "caf\xe9"}]}',  # a string that is not UTF-8, deep inside
+        b'{"data": [{"embedding": [0.1]}]} {}',  # two values
+    ],
+)
+async def test_a_one_line_answer_that_is_not_one_json_object_is_refused(
+    make_backend: MakeBackend, content: bytes
+) -> None:
+    outcome = await make_backend(answer(200, content=content)).send("/v1/embeddings", REQUEST, 30.0)
 
     assert OutcomeKind.UNAVAILABLE == outcome.kind
     assert "not a JSON object" in outcome.message
