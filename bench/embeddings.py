@@ -158,6 +158,7 @@ def run_backfill(
     concurrency: int,
     profile: Path | None,
     workers: int = 1,
+    dimensions: int | None = None,
 ) -> dict[str, Any]:
     backend = {"name": "bench", "models": [MODEL], "url": upstream.url, "max_concurrency": concurrency}
     backend |= {"max_inputs_per_request": per_request, "max_tokens_per_request": 1_000_000}  # inputs are the bound
@@ -189,9 +190,14 @@ def run_backfill(
             raise RuntimeError(f"backfill: batch ended {batch['status']}: {batch}")
         output = [orjson.loads(line) for line in server.content(batch["output_file_id"]).splitlines()]
         ids = {line["custom_id"] for line in output}
-        ok = all(len(line["response"]["body"]["data"]) == 1 for line in output)
+        size = dimensions or 8
+        ok = all(
+            len(data := line["response"]["body"]["data"]) == 1 and len(data[0]["embedding"]) == size for line in output
+        )
         if len(output) != lines or len(ids) != lines or not ok:
-            raise RuntimeError(f"backfill: {len(output)} results ({len(ids)} distinct) for {lines} lines")
+            raise RuntimeError(
+                f"backfill: {len(output)} results ({len(ids)} distinct) for {lines} lines, or not one vector of {size}"
+            )
         requests = httpx.get(f"{upstream.url}/_stats?log=0", timeout=30).json()["answered"][ENDPOINT]["requests"]
     except BaseException:
         sys.stderr.write(f"--- server log ({server.log_path}) ---\n{server.log_tail()}\n")
@@ -341,7 +347,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"direct: {lines / direct['seconds']:.0f} inputs/s ({direct['seconds']:.2f} s)")
             work = tmp / "backfill"
             backfill = run_backfill(
-                children, upstream, path, work, lines, args.direct_inputs, args.concurrency, args.profile, args.workers
+                children,
+                upstream,
+                path,
+                work,
+                lines,
+                args.direct_inputs,
+                args.concurrency,
+                args.profile,
+                args.workers,
+                args.dimensions,
             )
             print(f"backfill: {lines / backfill['seconds']:.0f} lines/s ({backfill['seconds']:.2f} s)")
     finally:

@@ -76,11 +76,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 class WalCheckpointer:
     """Copies a SQLite file's WAL back into the database from a thread of its own.
 
-    SQLite's default, a checkpoint every 1,000 pages inside the writer's commit, put that copy on the one
-    connection every write of the process waits for, and the commit's thread then queued for the GIL behind the
-    event loop. A checkpoint runs in SQLite's C code without the GIL, so on a thread of its own it overlaps
-    everything else: 768-float embeddings lines went ~12 % faster (BENCHMARKS.md, issue 17). PASSIVE: it never
-    waits for, nor blocks, a reader or the writer; what it cannot copy yet it copies at a later tick.
+    SQLite's default, a checkpoint every 1,000 pages inside the writer's commit, put that second copy of every page
+    on the one connection every write of the process waits for. A checkpoint runs in SQLite's C code without the
+    GIL, so on a thread of its own it overlaps everything else: 768-float embeddings lines went ~9 % faster
+    (BENCHMARKS.md, issue 17). PASSIVE: it never waits for, nor blocks, a reader or the writer; what it cannot copy
+    yet it copies at a later tick.
     """
 
     def __init__(self, path: str, interval_s: float = WAL_CHECKPOINT_INTERVAL_S) -> None:
