@@ -110,12 +110,8 @@ def _read_success(
         members = rawjson.read_object(stripped)
         if members is None:
             return None
-        usage = members.get("usage")
-        try:
-            parsed_usage = rawjson.parse(usage) if usage is not None else None
-        except rawjson.DecodeError:  # pragma: no cover - read_object checked every value
-            return None
-        return stripped, Usage.from_response({"usage": parsed_usage}), members
+        usage = members.get("usage")  # read_object checked it: it parses
+        return stripped, Usage.from_response({"usage": rawjson.parse(usage) if usage is not None else None}), members
     parsed = _json_object(content)
     if parsed is None:
         return None
