@@ -253,6 +253,38 @@ async def test_stale_lease_cannot_write_and_counters_stay_right(store: Store) ->
     assert (2, 0, Usage(12, 0, 4, 0)) == (after.completed, after.failed, after.usage)
 
 
+async def test_a_lost_lease_in_one_batch_leaves_the_other_batchs_writes_in_the_same_commit(store: Store) -> None:
+    """One group commit over two batches: the first lands whole (its update kept as it is), the second lost a
+    lease (its update undone and made again knowing which lines it lands); each batch counts exactly its own."""
+    one = await running_batch(store, 2)
+    two = await running_batch(store, 2)
+    lines_one = await store.lease_lines(one.id, "owner-a", 2, NOW, TTL_S)
+    [stale] = await store.lease_lines(two.id, "owner-a", 1, NOW, 1.0)
+    [kept] = await store.lease_lines(two.id, "owner-a", 1, NOW, 1000.0)
+    assert 1 == await store.reclaim_lapsed_leases(NOW + 10)
+
+    updates = [succeeded(line, Usage(2, 0, 1, 0)) for line in lines_one]
+    updates += [succeeded(stale, Usage(100, 0, 100, 0)), succeeded(kept, Usage(5, 0, 1, 0))]
+    written = await store.record("owner-a", updates)
+
+    assert 3 == written
+    first, second = await current(store, one.id), await current(store, two.id)
+    assert (2, 0, Usage(4, 0, 2, 0)) == (first.completed, first.failed, first.usage)
+    assert (1, 0, Usage(5, 0, 1, 0)) == (second.completed, second.failed, second.usage)
+    assert {"succeeded": 1, "queued": 1} == await store.line_state_counts(two.id)
+    [(_, counts)] = await store.usage_rows(0, NOW + 3600)  # the lines' usage minute: finished_at 0
+    assert (3, 9) == (counts.requests, counts.input_tokens)
+
+
+async def test_results_of_a_batch_removed_meanwhile_are_dropped(store: Store) -> None:
+    batch = await running_batch(store, 2)
+    lines = await store.lease_lines(batch.id, "w1", 2, NOW, TTL_S)
+    await store.discard_batch(batch.id)
+
+    assert 0 == await store.record("w1", [succeeded(line) for line in lines])
+    assert [] == await store.usage_rows(0, NOW + 3600)
+
+
 async def test_stale_requeue_and_failure_are_dropped(store: Store) -> None:
     batch = await running_batch(store, 2)
     old = await store.lease_lines(batch.id, "owner-a", 2, NOW, 1.0)

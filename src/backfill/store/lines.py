@@ -23,6 +23,7 @@ from backfill.store.usage import add_usage
 
 _FAILED_STATES = [RequestState.FAILED.value, RequestState.EXPIRED.value, RequestState.CANCELLED.value]
 _STATES = {state.value: state for state in RequestState}
+_KEYS_KEPT = 1024  # batches whose tenant, model and api a process remembers
 _USAGE_COLUMNS = ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
 
 _LEASED_COLUMNS = (
@@ -108,6 +109,7 @@ class LineQueries:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
         self._finish_line = _FINISH_LINE_SQL.format(p="%s" if self.is_postgres else "?")
+        self._keys: dict[str, tuple[str, str, str]] = {}  # by batch id: its tenant, model and api
 
     async def dispatchable_batches(self, now: float) -> list[DispatchBatch]:
         """In-progress batches inside their window with lines not yet finished, earliest deadline first."""
@@ -254,12 +256,15 @@ class LineQueries:
         by_batch: dict[str, list[LineUpdate]] = defaultdict(list)
         for u in updates:
             by_batch[u.batch_id].append(u)
+        # Made before the transaction: on SQLite it holds the one writer (another process's lease or group commit
+        # waits for it), so it should last as long as its statements, not as long as building their parameters.
+        groups = [_Group.of(owner, batch_id, group) for batch_id, group in sorted(by_batch.items())]
         written = 0
         used: list[tuple[UsageKey, UsageCounts]] = []
         kept: list[tuple[str, LineUpdate]] = []
         async with self.engine.begin() as conn:
-            for batch_id, group in sorted(by_batch.items()):  # one lock order for all workers: no deadlocks
-                count, counted, cached = await _record_batch(conn, self._finish_line, owner, batch_id, group)
+            for group in groups:  # one lock order for all workers: no deadlocks
+                count, counted, cached = await self._record_batch(conn, owner, group)
                 written += count
                 used += counted
                 kept += cached
@@ -269,6 +274,53 @@ class LineQueries:
             await keep_results(conn, kept)
             await add_usage(conn, fold(used))
         return written
+
+    async def _record_batch(
+        self, conn: AsyncConnection, owner: str, group: _Group
+    ) -> tuple[int, list[tuple[UsageKey, UsageCounts]], list[tuple[str, LineUpdate]]]:
+        """Write one batch's updates; the lines written, the usage of the successes among them, and those of them
+        with a result-cache key, with the batch's tenant."""
+        written = 0
+        if group.requeue:
+            result = await conn.execute(_REQUEUE_LINE, group.requeue)
+            written += int(result.rowcount)
+        if not group.final:
+            return written, [], []
+        keys = await self._batch_keys(conn, group.batch_id)
+        if keys is None:  # deleted (a message batch, once ended) with its lines: nothing left to write
+            return written, [], []
+        tenant_id, model, api = keys
+        # Every lease still held (the usual case): the update lands them all, and their usage counts as it is. Where
+        # a fence dropped some, a savepoint undoes the update, and it is made again knowing which lines it lands.
+        savepoint = await conn.begin_nested()
+        finished = int((await conn.exec_driver_sql(self._finish_line, group.params)).rowcount)
+        if finished == len(group.final):
+            await savepoint.commit()
+            held = group.succeeded
+            await _count(conn, group.batch_id, group.succeeded, len(group.final))
+        else:
+            await savepoint.rollback()
+            # Which successes the update lands, read before it, locked: their usage is counted. After it, a line
+            # written here and one written by the same update in an earlier commit (a retried flush) look alike.
+            held = await _held(conn, owner, group.batch_id, group.succeeded)
+            finished = int((await conn.exec_driver_sql(self._finish_line, group.params)).rowcount)
+            await _recount(conn, group.batch_id)
+        counted = _usage_of(tenant_id, model, kind_of_api(api), held)
+        return written + finished, counted, [(tenant_id, u) for u in held if u.cache_key is not None]
+
+    async def _batch_keys(self, conn: AsyncConnection, batch_id: str) -> tuple[str, str, str] | None:
+        """A batch's tenant, model and api, read once: none of them changes once its lines run. None: no such
+        batch."""
+        keys = self._keys.get(batch_id)
+        if keys is None:
+            query = select(batches.c.tenant_id, batches.c.model, batches.c.api).where(batches.c.id == batch_id)
+            row = (await conn.execute(query)).first()
+            if row is None:
+                return None
+            if len(self._keys) >= _KEYS_KEPT:
+                self._keys.clear()
+            keys = self._keys[batch_id] = (row.tenant_id, row.model or "", row.api)
+        return keys
 
     async def close_queued_lines(self, batch_id: str, state: RequestState, note: str | None = None) -> int:
         """Queued lines of a batch that is expiring or cancelling end as `state` and count as failed; `note` (why
@@ -353,83 +405,67 @@ class LineQueries:
             return {row[0]: int(row[1]) for row in rows}
 
 
-async def _record_batch(
-    conn: AsyncConnection, finish_line: str, owner: str, batch_id: str, group: list[LineUpdate]
-) -> tuple[int, list[tuple[UsageKey, UsageCounts]], list[tuple[str, LineUpdate]]]:
-    """Write one batch's updates; the lines written, the usage of the successes among them, and those of them
-    with a result-cache key, with the batch's tenant."""
-    final = [u for u in group if u.is_final]
-    requeue = [u for u in group if not u.is_final]
-    written = 0
-    if requeue:
-        result = await conn.execute(
-            _REQUEUE_LINE,
-            [
-                {
-                    "_id": u.id,
-                    "_owner": owner,
-                    "_seq": u.lease_seq,
-                    "_attempts": u.attempts,
-                    "_next_attempt_at": u.next_attempt_at,
-                    "_error_message": u.error_message,
-                }
-                for u in requeue
-            ],
-        )
-        written += int(result.rowcount)
-    if not final:
-        return written, [], []
-    # Which successes this write will land (the fence), read before it, locked: their usage is counted now. After
-    # it, a line written here and one written by the same update in an earlier commit (a retried flush) look alike.
-    succeeded = [u for u in final if u.state is RequestState.SUCCEEDED]
-    tenant_id, model, api, held = await _held(conn, owner, batch_id, succeeded)
-    counted = _usage_of(tenant_id, model, kind_of_api(api), held)
-    result = await conn.exec_driver_sql(finish_line, [_finish_params(owner, u) for u in final])
-    finished = int(result.rowcount)
-    written += finished
-    if finished == len(final):
-        usage = Usage.total(u.usage for u in succeeded)
-        await conn.execute(
-            update(batches)
-            .where(batches.c.id == batch_id)
-            .values(
-                completed=batches.c.completed + len(succeeded),
-                failed=batches.c.failed + (len(final) - len(succeeded)),
-                input_tokens=batches.c.input_tokens + usage.input_tokens,
-                cached_tokens=batches.c.cached_tokens + usage.cached_tokens,
-                output_tokens=batches.c.output_tokens + usage.output_tokens,
-                reasoning_tokens=batches.c.reasoning_tokens + usage.reasoning_tokens,
-            )
-        )
-    else:
-        await _recount(conn, batch_id)
-    return written, counted, [(tenant_id, u) for u in held if u.cache_key is not None]
+@dataclasses.dataclass(slots=True)
+class _Group:
+    """One batch's updates of a group commit, with the parameters of their statements."""
+
+    batch_id: str
+    requeue: list[dict[str, Any]]
+    final: list[LineUpdate]
+    succeeded: list[LineUpdate]
+    params: list[tuple[Any, ...]]
+
+    @classmethod
+    def of(cls, owner: str, batch_id: str, updates: Sequence[LineUpdate]) -> _Group:
+        final = [u for u in updates if u.is_final]
+        requeue = [
+            {
+                "_id": u.id,
+                "_owner": owner,
+                "_seq": u.lease_seq,
+                "_attempts": u.attempts,
+                "_next_attempt_at": u.next_attempt_at,
+                "_error_message": u.error_message,
+            }
+            for u in updates
+            if not u.is_final
+        ]
+        succeeded = [u for u in final if u.state is RequestState.SUCCEEDED]
+        return cls(batch_id, requeue, final, succeeded, [_finish_params(owner, u) for u in final])
 
 
-async def _held(
-    conn: AsyncConnection, owner: str, batch_id: str, updates: Sequence[LineUpdate]
-) -> tuple[str, str, str, list[LineUpdate]]:
-    """Those of `updates` whose lease `owner` still holds (the fence), with the batch's tenant, model and api; rows
-    stay locked until the transaction ends (SQLite's BEGIN IMMEDIATE holds the whole database)."""
-    if not updates:
-        return "", "", "", []
-    query = (
-        select(requests.c.id, requests.c.lease_seq, batches.c.tenant_id, batches.c.model, batches.c.api)
-        .join_from(requests, batches, batches.c.id == requests.c.batch_id)
-        .where(
-            requests.c.batch_id == batch_id,
-            requests.c.id.in_([u.id for u in updates]),
-            requests.c.lease_owner == owner,
-            requests.c.state == RequestState.LEASED.value,
+async def _count(conn: AsyncConnection, batch_id: str, succeeded: Sequence[LineUpdate], final: int) -> None:
+    """Move a batch's counters by `final` lines written, `succeeded` of them successes."""
+    usage = Usage.total(u.usage for u in succeeded)
+    await conn.execute(
+        update(batches)
+        .where(batches.c.id == batch_id)
+        .values(
+            completed=batches.c.completed + len(succeeded),
+            failed=batches.c.failed + (final - len(succeeded)),
+            input_tokens=batches.c.input_tokens + usage.input_tokens,
+            cached_tokens=batches.c.cached_tokens + usage.cached_tokens,
+            output_tokens=batches.c.output_tokens + usage.output_tokens,
+            reasoning_tokens=batches.c.reasoning_tokens + usage.reasoning_tokens,
         )
     )
+
+
+async def _held(conn: AsyncConnection, owner: str, batch_id: str, updates: Sequence[LineUpdate]) -> list[LineUpdate]:
+    """Those of `updates` whose lease `owner` still holds (the fence); rows stay locked until the transaction ends
+    (SQLite's BEGIN IMMEDIATE holds the whole database)."""
+    if not updates:
+        return []
+    query = select(requests.c.id, requests.c.lease_seq).where(
+        requests.c.batch_id == batch_id,
+        requests.c.id.in_([u.id for u in updates]),
+        requests.c.lease_owner == owner,
+        requests.c.state == RequestState.LEASED.value,
+    )
     if conn.dialect.name == "postgresql":
-        query = query.with_for_update(of=requests)
-    rows = (await conn.execute(query)).all()
-    if not rows:
-        return "", "", "", []
-    held = {row.id: row.lease_seq for row in rows}
-    return rows[0].tenant_id, rows[0].model or "", rows[0].api, [u for u in updates if held.get(u.id) == u.lease_seq]
+        query = query.with_for_update()
+    held = {row.id: row.lease_seq for row in await conn.execute(query)}
+    return [u for u in updates if held.get(u.id) == u.lease_seq]
 
 
 def _usage_of(
