@@ -11,8 +11,8 @@ of `--floats` floats) two ways, each with the main thread idle and with it busy 
     executemany   what `store.lines.LineQueries.record` runs (one UPDATE a line, through the driver's executemany)
     one step      the same rows in one UPDATE ... FROM json_each(?): one step, the GIL let go for all of it
 
-and prints the time of each, and busy / idle (the figure). The statements are the production ones' shape, not
-imported from backfill: this measures sqlite3 and the GIL, not backfill's code.
+and prints the time of each, and busy / idle (the figure). The table is backfill's (`store.tables.requests`, with its
+indexes) and `executemany` runs the group commit's own statement (`store.lines`).
 
     .venv/bin/python bench/sqlite_threads.py                 # 3,000 lines of 8 floats
     .venv/bin/python bench/sqlite_threads.py --floats 768    # a real model's size
@@ -31,22 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import sqlalchemy
 from harness import machine_line, table
 
-_TABLE = """CREATE TABLE requests (id INTEGER PRIMARY KEY, batch_id TEXT, line_no INT, state TEXT, attempts INT,
- lease_owner TEXT, lease_seq INT, lease_expires_at REAL, result_id TEXT, status_code INT, request_id TEXT, body BLOB,
- error_code TEXT, error_message TEXT, input_tokens INT, cached_tokens INT, output_tokens INT, reasoning_tokens INT,
- cached_from TEXT)"""
-_INDEXES = (
-    "CREATE INDEX by_state ON requests (batch_id, state, line_no)",
-    "CREATE INDEX leased ON requests (lease_expires_at) WHERE state = 'leased'",
-)
-_MANY = (
-    "UPDATE requests SET state = ?, attempts = ?, lease_owner = NULL, lease_expires_at = NULL, result_id = ?,"
-    " status_code = ?, request_id = ?, body = ?, error_code = ?, error_message = ?, input_tokens = ?,"
-    " cached_tokens = ?, output_tokens = ?, reasoning_tokens = ?, cached_from = ?"
-    " WHERE id = ? AND lease_owner = ? AND lease_seq = ? AND state = 'leased'"
-)
+from backfill.store.lines import _FINISH_LINE_SQL
+from backfill.store.tables import requests
+
+# The group commit's own statement, with `?` for SQLite.
+_MANY = _FINISH_LINE_SQL.format(p="?")
 _FIELDS = ("state", "attempts", "result_id", "status_code", "request_id", "body", "error_code", "error_message")
 _FIELDS += ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "cached_from", "id", "seq")
 _ONE_STEP = (
@@ -64,12 +56,12 @@ _ONE_STEP = (
 
 class Database:
     def __init__(self, path: Path, lines: int, floats: int) -> None:
+        engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+        requests.create(engine)  # backfill's table, with its indexes
+        engine.dispose()
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         for pragma in ("journal_mode = WAL", "synchronous = NORMAL"):
             self.db.execute(f"PRAGMA {pragma}")
-        self.db.execute(_TABLE)
-        for index in _INDEXES:
-            self.db.execute(index)
         self.lines = lines
         vector = ",".join(f"{0.0123456789 * (i + 1):.10f}" for i in range(floats))
         self.body = (
@@ -84,8 +76,10 @@ class Database:
     def lease_all(self) -> None:
         self.db.execute("DELETE FROM requests")
         self.db.executemany(
-            "INSERT INTO requests (id, batch_id, line_no, state, attempts, lease_owner, lease_seq,"
-            " lease_expires_at) VALUES (?, 'b', ?, 'leased', 0, 'me', 1, 100.0)",
+            "INSERT INTO requests (id, batch_id, line_no, custom_id, body_offset, body_length, est_prompt_tokens,"
+            " prefix_group, state, attempts, next_attempt_at, lease_owner, lease_seq, lease_expires_at, input_tokens,"
+            " cached_tokens, output_tokens, reasoning_tokens)"
+            " VALUES (?, 'b', ?, 'c', 0, 0, 5, 0, 'leased', 0, 0, 'me', 1, 100.0, 0, 0, 0, 0)",
             [(i, i) for i in range(self.lines)],
         )
 
