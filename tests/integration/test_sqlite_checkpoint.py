@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from contextlib import closing
 from pathlib import Path
 
@@ -20,15 +19,6 @@ def _writer(path: Path) -> sqlite3.Connection:
     connection.execute("PRAGMA wal_autocheckpoint=0")
     connection.execute("CREATE TABLE t (body BLOB)")
     return connection
-
-
-def _wait_for(condition: object, within_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_one_checkpoint_copies_every_frame_of_the_wal(tmp_path: Path) -> None:
@@ -48,12 +38,19 @@ def test_the_thread_copies_what_the_writer_leaves_in_the_wal(tmp_path: Path) -> 
         size_before = path.stat().st_size
         writer.executemany("INSERT INTO t VALUES (?)", [(b"x" * 20_000,) for _ in range(50)])
         assert path.stat().st_size == size_before  # all of it is in the WAL
-        checkpointer = WalCheckpointer(str(path), interval_s=0.01)
+        copied_all = threading.Event()
+
+        def on_checkpoint(frames: int, copied: int) -> None:
+            if frames > 0 and copied == frames:
+                copied_all.set()
+
+        checkpointer = WalCheckpointer(str(path), interval_s=0.01, on_checkpoint=on_checkpoint)
         checkpointer.start()
         try:
-            assert _wait_for(lambda: path.stat().st_size > 50 * 20_000)
+            assert copied_all.wait(timeout=60)
         finally:
             checkpointer.stop()
+        assert path.stat().st_size > 50 * 20_000
 
 
 def _checkpoint_threads() -> list[threading.Thread]:

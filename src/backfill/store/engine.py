@@ -6,6 +6,7 @@ import fcntl
 import sqlite3
 import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +84,16 @@ class WalCheckpointer:
     yet it copies at a later tick.
     """
 
-    def __init__(self, path: str, interval_s: float = WAL_CHECKPOINT_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        path: str,
+        interval_s: float = WAL_CHECKPOINT_INTERVAL_S,
+        on_checkpoint: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """`on_checkpoint(frames, copied)`: called on the thread after each checkpoint (tests wait on it)."""
         self.path = path
         self.interval_s = interval_s
+        self.on_checkpoint = on_checkpoint
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sqlite-wal-checkpoint", daemon=True)
         self._failing = False
@@ -115,8 +123,10 @@ class WalCheckpointer:
                 try:
                     if connection is None:
                         connection = self.open()
-                    self.checkpoint(connection)
+                    frames, copied = self.checkpoint(connection)
                     self._failing = False
+                    if self.on_checkpoint is not None:
+                        self.on_checkpoint(frames, copied)
                 except sqlite3.Error as exc:
                     if not self._failing:  # once until it works again; the writer's own checkpoints go on
                         log.warning("sqlite.checkpoint_failed", path=self.path, error=str(exc))
