@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from backfill.domain.batches import LineError
+from backfill.domain.bodies import check_body
 from backfill.domain.lines import (
     INVALID_JSON_MESSAGE,
     FileValidator,
@@ -339,6 +340,20 @@ def test_each_endpoint_requires_its_own_body_field_and_refuses_streaming(endpoin
         ("invalid_request", f"{field.capitalize()} parameter is required.", 2, f"body.{field}"),
         ("streaming_unsupported", f"{name}: Streaming is not supported in the Batch API.", 3, "body.stream"),
     ] == [(error.code, error.message, error.line, error.param) for error in result.errors]
+
+
+def test_of_several_wrong_fields_the_first_in_the_checks_order_is_named_whatever_the_body_s_order() -> None:
+    # The rerank endpoint's own `top_n` is checked before the common fields, `stream` before `temperature`.
+    rerank = {"model": MODEL, "query": "q", "documents": ["d"]}
+    assert "body.top_n" == problem_param("/v1/rerank", {**rerank, "temperature": "hot", "top_n": "2"})
+    assert "body.stream" == problem_param("/v1/chat/completions", with_body(temperature="hot", stream="yes")["body"])
+    assert "body.temperature" == problem_param("/v1/chat/completions", with_body(temperature="hot", seed=1)["body"])
+    assert problem_param("/v1/chat/completions", with_body(temperature=None, seed=None)["body"]) is None
+
+
+def problem_param(endpoint: str, body: dict[str, Any]) -> str | None:
+    problem = check_body(endpoint, body)
+    return None if problem is None else problem.param
 
 
 def test_stream_false_is_allowed() -> None:

@@ -6,6 +6,7 @@ follow OpenAI's own ("Messages parameter is required.", "Invalid type for 'body.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -161,13 +162,39 @@ def check_body(endpoint: str, body: dict[str, Any]) -> BodyProblem | None:
         return BodyProblem(
             "streaming_unsupported", f"{rules.name}: Streaming is not supported in the Batch API.", "body.stream"
         )
-    checks = [*((t.field, t.kind, t.accepts) for t in rules.typed), *((n, *c) for n, c in _FIELD_TYPES.items())]
-    for name, expected, accepts in checks:
-        field = body.get(name)
-        if field is not None and not accepts(field):
-            return BodyProblem(
-                "invalid_request",
-                f"Invalid type for 'body.{name}': expected {expected}, but got {json_kind(field)} instead.",
-                f"body.{name}",
-            )
-    return None
+    # The first wrong field in the checks' order, found by looking up the body's own few keys among the checks.
+    checks = _typed_checks(endpoint)
+    wrong: tuple[int, str, str] | None = None
+    for name, field in body.items():
+        if field is None:
+            continue
+        for rank, expected, accepts in checks.get(name, ()):
+            if not accepts(field):
+                if wrong is None or rank < wrong[0]:
+                    wrong = (rank, name, expected)
+                break
+    if wrong is None:
+        return None
+    _, name, expected = wrong
+    return BodyProblem(
+        "invalid_request",
+        f"Invalid type for 'body.{name}': expected {expected}, but got {json_kind(body[name])} instead.",
+        f"body.{name}",
+    )
+
+
+_Check = tuple[int, str, Callable[[Any], bool]]  # its rank in the order checks are made, what it must be, the check
+
+
+@functools.cache
+def _typed_checks(endpoint: str) -> dict[str, tuple[_Check, ...]]:
+    """Each field's type checks for `endpoint`: its own typed fields first, then the common ones (built once; a
+    line's body is checked in the validator's inner loop)."""
+    ordered = [
+        *((t.field, t.kind, t.accepts) for t in RULES[endpoint].typed),
+        *((n, *c) for n, c in _FIELD_TYPES.items()),
+    ]
+    checks: dict[str, list[_Check]] = {}
+    for rank, (name, expected, accepts) in enumerate(ordered):
+        checks.setdefault(name, []).append((rank, expected, accepts))
+    return {name: tuple(found) for name, found in checks.items()}
