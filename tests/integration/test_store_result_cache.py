@@ -4,7 +4,7 @@ used, and each tenant keeps at most so many entries, the least recently used goi
 
 from __future__ import annotations
 
-import dataclasses
+import msgspec
 
 from backfill.domain.leases import LineUpdate
 from backfill.domain.result_cache import CachedResult
@@ -17,7 +17,7 @@ TTL_S = 30.0
 
 
 def kept(update: LineUpdate, key: str, at: float = NOW) -> LineUpdate:
-    return dataclasses.replace(update, cache_key=key, finished_at=at)
+    return msgspec.structs.replace(update, cache_key=key, finished_at=at)
 
 
 async def test_a_success_recorded_with_a_key_is_kept_for_its_tenant(store: Store) -> None:
@@ -55,7 +55,7 @@ async def test_a_fenced_off_success_is_not_kept(store: Store) -> None:
 async def test_a_line_answered_from_the_cache_says_so_and_counts_as_a_hit(store: Store) -> None:
     batch = await running_batch(store, 1)
     [line] = await store.lease_lines(batch.id, "w1", 1, NOW, TTL_S)
-    update = dataclasses.replace(succeeded(line, Usage(7, 0, 3, 0)), cached_from="batch_req_first", finished_at=NOW)
+    update = msgspec.structs.replace(succeeded(line, Usage(7, 0, 3, 0)), cached_from="batch_req_first", finished_at=NOW)
 
     await store.record("w1", [update])
 
@@ -69,7 +69,7 @@ async def test_trimming_drops_the_least_recently_used_beyond_the_bound(store: St
     batch = await running_batch(store, 4)
     lines = await store.lease_lines(batch.id, "w1", 4, NOW, TTL_S)
     await store.record("w1", [kept(succeeded(line), f"k{i}", NOW + i) for i, line in enumerate(lines[:3])])
-    reuse = dataclasses.replace(succeeded(lines[3]), cached_from="batch_req_0")
+    reuse = msgspec.structs.replace(succeeded(lines[3]), cached_from="batch_req_0")
     await store.record("w1", [kept(reuse, "k0", NOW + 100)])  # k0 used last: k1 is now the oldest
 
     dropped = await store.trim_result_cache(2)

@@ -3,7 +3,7 @@ a fenced-off one), interactive counts add up, ended batches are read for the SLA
 
 from __future__ import annotations
 
-import dataclasses
+import msgspec
 
 from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.usage import Usage
@@ -18,8 +18,10 @@ async def test_record_adds_usage_of_written_successes_only(store: Store) -> None
     batch = await running_batch(store, 3)
     lines = await store.lease_lines(batch.id, "w1", 3, NOW, TTL_S)
     updates = [
-        dataclasses.replace(succeeded(lines[0], Usage(10, 2, 5, 0)), capacity=Capacity.HARVESTED, finished_at=NOW),
-        dataclasses.replace(succeeded(lines[1], Usage(20, 0, 7, 0)), capacity=Capacity.PROMOTED, finished_at=NOW + 1),
+        msgspec.structs.replace(succeeded(lines[0], Usage(10, 2, 5, 0)), capacity=Capacity.HARVESTED, finished_at=NOW),
+        msgspec.structs.replace(
+            succeeded(lines[1], Usage(20, 0, 7, 0)), capacity=Capacity.PROMOTED, finished_at=NOW + 1
+        ),
         failed(lines[2]),
     ]
 
@@ -40,8 +42,8 @@ async def test_a_fenced_off_result_adds_no_usage(store: Store) -> None:
     await store.record(
         "owner-a",
         [
-            dataclasses.replace(succeeded(stale, Usage(100, 0, 100, 0)), finished_at=NOW),
-            dataclasses.replace(succeeded(kept, Usage(5, 0, 1, 0)), finished_at=NOW),
+            msgspec.structs.replace(succeeded(stale, Usage(100, 0, 100, 0)), finished_at=NOW),
+            msgspec.structs.replace(succeeded(kept, Usage(5, 0, 1, 0)), finished_at=NOW),
         ],
     )
 
@@ -53,7 +55,7 @@ async def test_a_fenced_off_result_adds_no_usage(store: Store) -> None:
 async def test_the_same_line_reported_twice_is_counted_once(store: Store) -> None:
     batch = await running_batch(store, 1)
     [line] = await store.lease_lines(batch.id, "w1", 1, NOW, TTL_S)
-    update = dataclasses.replace(succeeded(line, Usage(3, 0, 4, 0)), finished_at=NOW)
+    update = msgspec.structs.replace(succeeded(line, Usage(3, 0, 4, 0)), finished_at=NOW)
 
     await store.record("w1", [update])
     await store.record("w1", [update])
@@ -95,7 +97,7 @@ async def test_one_commit_over_two_batches_of_one_tenant_adds_to_one_row(store: 
     lines = await store.lease_lines(one.id, "w1", 2, NOW, TTL_S) + await store.lease_lines(two.id, "w1", 1, NOW, TTL_S)
 
     await store.record(
-        "w1", [dataclasses.replace(succeeded(line, Usage(2, 0, 1, 0)), finished_at=NOW) for line in lines]
+        "w1", [msgspec.structs.replace(succeeded(line, Usage(2, 0, 1, 0)), finished_at=NOW) for line in lines]
     )
 
     [(key, counts)] = await store.usage_rows(NOW - 60, NOW + 60)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from dataclasses import replace
+
+import msgspec
 
 from backfill.config import Settings
 from backfill.core.dispatch import DispatchCore
@@ -171,7 +172,7 @@ def test_a_line_that_always_gets_a_500_while_others_succeed_spends_its_attempts(
         update = next(a.update for a in core.handle(Answered(1, HTTP_500, 0.1), now) if isinstance(a, Record))
         updates.append(update)
         if not update.is_final:
-            core.handle(Leased([Grant(BATCH, [replace(broken, attempts=update.attempts)], 1)]), now)
+            core.handle(Leased([Grant(BATCH, [msgspec.structs.replace(broken, attempts=update.attempts)], 1)]), now)
 
     assert [(RequestState.QUEUED, 1), (RequestState.QUEUED, 2), (RequestState.FAILED, 3)] == [
         (update.state, update.attempts) for update in updates

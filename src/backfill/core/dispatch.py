@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
+
+import msgspec
 
 from backfill.config import Settings
 from backfill.core.events import (
@@ -378,7 +380,9 @@ class DispatchCore:
             state = flight.abort.state if flight.abort is not None else RequestState.QUEUED
             update = closed(line, state)
             if flight.abort is AbortReason.OUTAGE:
-                update = replace(update, error_message=self.circuits[flight.start.endpoint].last_error or None)
+                update = msgspec.structs.replace(
+                    update, error_message=self.circuits[flight.start.endpoint].last_error or None
+                )
             return [Record(update)]
         if why is Unanswered.UNREADABLE:
             # Nothing was sent (its body could not be read): back to the queue uncharged, a little later.
@@ -406,7 +410,7 @@ class DispatchCore:
                 # Lines that waited for an endpoint to come back end with why it did not.
                 note = self.waiting_for(model) if reason is AbortReason.EXPIRED else None
                 actions += [
-                    Record(replace(closed(line, reason.state), error_message=note))
+                    Record(msgspec.structs.replace(closed(line, reason.state), error_message=note))
                     for line in pool.take_batch(batch_id)
                 ]
             flights = [flight.start for flight in self.flights.values() if flight.start.batch.id == batch_id]

@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import msgspec
+
 from backfill.core.pool import Start
 from backfill.domain.batches import BatchStatus, RequestState
 from backfill.domain.engine_load import EngineLoad
@@ -76,8 +78,7 @@ class RatesShared:
     rates: Mapping[str, float]
 
 
-@dataclass(frozen=True, slots=True)
-class Answered:
+class Answered(msgspec.Struct, frozen=True):
     """The endpoint answered a line that was started (whatever it said), after `latency_s`."""
 
     line_id: int
@@ -202,8 +203,7 @@ class Abort:
     reason: AbortReason
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(msgspec.Struct, frozen=True):
     """Write a line's new state (group-committed, fenced on its lease)."""
 
     update: LineUpdate

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
+
 from backfill.config import BackendSettings
 from backfill.domain.batches import ScheduleState
 from backfill.domain.coalescing import COALESCED_ENDPOINTS
@@ -43,8 +45,7 @@ class Endpoint(Protocol):
     def max_concurrency(self) -> int: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Start:
+class Start(msgspec.Struct, frozen=True):
     """Send `line` of `batch` to `endpoint` now; `cost` is its fair-share price. `request`: when not 0, the line
     goes in one upstream request with the other lines of that `request` started at the same time (coalesced
     embeddings or moderations lines; they take one slot of the endpoint together)."""

@@ -3,10 +3,10 @@ it, and a success marked to be kept. A line's key is worked out only when its ba
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 import structlog
 
 from backfill.config import Settings
@@ -68,5 +68,5 @@ class ResultCacheLookups:
         """A line's success, to be kept under `key` when it is recorded (or, answered from the cache, to mark that
         entry used); any other action unchanged."""
         if isinstance(action, Record) and action.update.state is RequestState.SUCCEEDED:
-            return Record(dataclasses.replace(action.update, cache_key=key))
+            return Record(msgspec.structs.replace(action.update, cache_key=key))
         return action

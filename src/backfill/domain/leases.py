@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+import msgspec
 
 from backfill.domain.batches import RequestState
 from backfill.domain.usage import Usage
 from backfill.domain.usage_report import Capacity
 
 
-@dataclass(frozen=True, slots=True)
-class LeasedLine:
+class LeasedLine(msgspec.Struct, frozen=True):
     """A line this worker may run until `lease_expires_at`; writes are fenced on (owner, lease_seq)."""
 
     id: int
@@ -26,8 +27,7 @@ class LeasedLine:
     prefix_group: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class LineUpdate:
+class LineUpdate(msgspec.Struct, frozen=True):
     """The new state of a leased line. `QUEUED` hands it back (retry later, or released uncharged)."""
 
     id: int
@@ -42,7 +42,7 @@ class LineUpdate:
     body: bytes | None = None
     error_code: str | None = None
     error_message: str | None = None
-    usage: Usage = field(default_factory=Usage)
+    usage: Usage = Usage()
     # For the usage report (domain.usage_report): why the line ran where it did, and when its answer came.
     capacity: Capacity = Capacity.DEDICATED
     finished_at: float = 0.0

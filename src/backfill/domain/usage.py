@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 
 def _int(value: Any) -> int:
@@ -16,8 +17,7 @@ def _detail(usage: dict[str, Any], key: str, field: str) -> int:
     return _int(details.get(field)) if isinstance(details, dict) else 0
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(msgspec.Struct, frozen=True):
     input_tokens: int = 0
     cached_tokens: int = 0
     output_tokens: int = 0
