@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+import msgspec
 
 from backfill.domain.usage import Usage
 
@@ -19,14 +20,13 @@ class OutcomeKind(StrEnum):
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504, 520, 521, 522, 524, 529})
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(msgspec.Struct, frozen=True):
     kind: OutcomeKind
     status_code: int | None = None
     body: bytes | None = None  # JSON object bytes for SUCCESS and HTTP_ERROR
     request_id: str | None = None
     retry_after_s: float | None = None
-    usage: Usage = field(default_factory=Usage)
+    usage: Usage = Usage()
     message: str = ""
     unreachable: bool = False  # the request never reached the server: no connection could be made
     # Each input's prompt tokens, where the backend counted them with the model's tokenizer (the embedded engine):
@@ -34,9 +34,8 @@ class Outcome:
     input_tokens: tuple[int, ...] = ()
     cached_from: str | None = None  # an earlier line's answer from the result cache: no backend saw this one
     # `body`'s members as the backend read them, values unparsed (backfill.rawjson): splitting a coalesced answer
-    # (dispatch/coalesced.py) starts from these rather than reading the bytes again. Never stored; not part of the
-    # value.
-    answer: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    # (dispatch/coalesced.py) starts from these rather than reading the bytes again. Never stored.
+    answer: dict[str, Any] | None = None
 
     @property
     def is_retryable(self) -> bool:

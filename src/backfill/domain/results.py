@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import msgspec
 import orjson
 
 from backfill.domain.batches import RequestState
@@ -12,8 +11,7 @@ EXPIRED_MESSAGE = "This request could not be executed before the completion wind
 CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
 
 
-@dataclass(frozen=True, slots=True)
-class StoredResult:
+class StoredResult(msgspec.Struct, frozen=True):
     """A finished line as the store keeps it."""
 
     custom_id: str

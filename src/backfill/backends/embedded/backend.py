@@ -7,10 +7,10 @@ import base64
 import importlib.metadata
 import importlib.util
 import struct
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import orjson
 
 from backfill.backends.embedded.shapes import (
@@ -195,7 +195,7 @@ class EmbeddedEmbeddingBackend:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
         # Each input's tokens, counted by the model's own tokenizer: what a line's share of a coalesced request is.
-        return replace(_ok(payload, Usage(tokens, 0, 0, 0)), input_tokens=tuple(counts))
+        return msgspec.structs.replace(_ok(payload, Usage(tokens, 0, 0, 0)), input_tokens=tuple(counts))
 
     async def close(self) -> None:
         return None
