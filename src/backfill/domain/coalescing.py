@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import orjson
 
 EMBEDDINGS = "/v1/embeddings"
@@ -96,8 +97,7 @@ def item_tokens(item: str | list[int]) -> int:
     return len(item) if isinstance(item, list) else estimate_text_tokens(item)
 
 
-@dataclass(frozen=True, slots=True)
-class Part:
+class Part(msgspec.Struct, frozen=True):
     """One line's share of a merged request: its inputs, their token weight, its parameters' key."""
 
     key: bytes  # the body without `input`, and the inputs' kind: lines with equal keys may merge

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import orjson
 
 from backfill.domain.batches import LineError
@@ -32,8 +33,7 @@ def missing_input_file(file_id: str) -> LineError:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class RawLine:
+class RawLine(msgspec.Struct, frozen=True):
     """One physical line: 1-based number, byte offset and length in the file; `data` None if over the limit."""
 
     number: int

@@ -6,6 +6,8 @@ import random
 from dataclasses import dataclass
 from enum import StrEnum
 
+import msgspec
+
 from backfill.domain.outcomes import Outcome, OutcomeKind
 
 
@@ -15,8 +17,7 @@ class Verdict(StrEnum):
     FAIL = "fail"
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True):
     verdict: Verdict
     retry_at: float | None = None
     reason: str = ""
