@@ -22,13 +22,14 @@ ANSWER = (
 class OneAnswer:
     """A backend that answers every request with `body`."""
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, request_id: str | None = "req-1") -> None:
         self.body = body
+        self.request_id = request_id
         self.sent: list[bytes] = []
 
     async def send(self, endpoint: str, body: bytes, timeout_s: float) -> Outcome:
         self.sent.append(body)
-        return Outcome(OutcomeKind.SUCCESS, status_code=200, body=self.body, request_id="req-1")
+        return Outcome(OutcomeKind.SUCCESS, status_code=200, body=self.body, request_id=self.request_id)
 
 
 def test_each_line_gets_its_entry_with_the_engine_s_own_bytes() -> None:
@@ -46,6 +47,19 @@ def test_each_line_gets_its_entry_with_the_engine_s_own_bytes() -> None:
     assert [1e-7, 3] == orjson.loads(first)["data"][0]["embedding"]
     assert 10 == sum(orjson.loads(body)["usage"]["prompt_tokens"] for body in (first, second))
     assert 10 == sum(outcome.usage.input_tokens for outcome in outcomes)
+    assert ["req-1", "req-1"] == [outcome.request_id for outcome in outcomes]
+
+
+def test_lines_answered_by_one_request_without_an_id_share_one_made_up_for_it() -> None:
+    bodies = [{"model": "m", "input": "first text"}, {"model": "m", "input": "second text"}]
+
+    first = asyncio.run(send_together(OneAnswer(ANSWER, None), EMBEDDINGS, bodies, 30.0, 256))  # type: ignore[arg-type]
+    again = asyncio.run(send_together(OneAnswer(ANSWER, None), EMBEDDINGS, bodies, 30.0, 256))  # type: ignore[arg-type]
+
+    ids = {outcome.request_id for outcome in first}
+    assert 1 == len(ids)
+    assert all(request_id and request_id.startswith("req_") for request_id in ids)
+    assert ids.isdisjoint(outcome.request_id for outcome in again)
 
 
 def test_an_answer_whose_entries_are_not_objects_fails_every_line_as_unsplittable() -> None:

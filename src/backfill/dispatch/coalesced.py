@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from backfill import rawjson
+from backfill import ids, rawjson
 from backfill.domain.coalescing import SHAPES, Part, SplitError, merged_body, part_of, plan_requests, split_answer
 from backfill.domain.leases import LeasedLine
 from backfill.domain.outcomes import Outcome, OutcomeKind
@@ -92,12 +92,14 @@ def _split(endpoint: str, outcome: Outcome, parts: Sequence[Part]) -> list[Outco
             message=f"The backend's answer to {len(parts)} lines sent together could not be split: {exc}.",
         )
         return [unreadable] * len(parts)
+    # One upstream request answered them all: its id is each line's, one made up for it where the engine sent none.
+    request_id = outcome.request_id or ids.request_id()
     return [
         Outcome(
             OutcomeKind.SUCCESS,
             status_code=outcome.status_code,
             body=rawjson.encode(body),
-            request_id=outcome.request_id,
+            request_id=request_id,
             usage=Usage(tokens),
         )
         for body, tokens in answers
