@@ -27,6 +27,7 @@ from backfill.services import Services
 from backfill.testing.upstream import FakeUpstream, create_upstream_app
 from backfill.usecases.batches import CreateBatch, cancel_batch, create_batch
 from tests.support.backends import BrokenBackend
+from tests.support.databases import fetch_rows
 
 MODEL = "fake-model"
 CHAT = "/v1/chat/completions"
@@ -432,3 +433,61 @@ async def test_a_batch_waiting_for_the_model_to_load_says_so_until_it_has_loaded
     assert "loading_model" == shown["schedule"]
     assert shown["waiting"].startswith(f"loading model {MODEL} since ")
     assert (BatchStatus.COMPLETED, 2) == (done.status, done.completed)
+
+
+class GatedBackend:
+    """One slot; the first line it is sent waits until `gate` opens. Keeps the prompt of every line sent;
+    `all_sent` once `lines` have been."""
+
+    name = "gated"
+    max_concurrency = 1
+
+    def __init__(self, model: str, lines: int) -> None:
+        self.models = frozenset({model})
+        self.lines = lines
+        self.gate = asyncio.Event()
+        self.first_sent = asyncio.Event()
+        self.all_sent = asyncio.Event()
+        self.sent: list[str] = []
+
+    async def send(self, endpoint: str, body: bytes, timeout_s: float) -> Outcome:
+        self.sent.append(orjson.loads(body)["messages"][0]["content"])
+        self.first_sent.set()
+        if len(self.sent) >= self.lines:
+            self.all_sent.set()
+        await self.gate.wait()
+        return Outcome(OutcomeKind.SUCCESS, 200, b'{"object": "chat.completion", "choices": []}')
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_buffered_line_whose_lease_may_have_lapsed_goes_back_unsent(
+    make_harness: MakeHarness, database_url: str
+) -> None:
+    """Renewals fail (the database is away): lines leased long enough ago may be another worker's by now, and it
+    may have run them and committed their success. They go back to the queue unsent and are leased afresh."""
+    backend = GatedBackend(MODEL, lines=3)
+    harness = await make_harness(backend=backend, lease_ttl_s=3.0)
+
+    async def away(*_: object) -> None:
+        raise ConnectionError("the database is away")
+
+    harness.services.store.renew_leases = away  # type: ignore[method-assign]
+    batch = await harness.submit(*(chat(name, text=name) for name in ("a", "b", "c")))
+    async with asyncio.timeout(10):
+        await backend.first_sent.wait()
+    query = "SELECT custom_id, state, lease_seq FROM requests WHERE batch_id = %s"
+    buffered = {row[0] for row in fetch_rows(database_url, query, (batch.id,)) if row[1] == "leased"} - {"a"}
+    assert buffered  # leased with "a", waiting for its slot
+    harness.clock.offset_s += 2.5  # leased for 3 s, never renewed: under a third of it is left
+    backend.gate.set()
+    async with asyncio.timeout(10):
+        await backend.all_sent.wait()
+    del harness.services.store.renew_leases  # the database is back: housekeeping (the finalize) goes on
+    done = await harness.wait_terminal(batch.id)
+
+    assert (BatchStatus.COMPLETED, 3) == (done.status, done.completed)
+    assert ["a", "b", "c"] == sorted(backend.sent)  # each once
+    seqs = {row[0]: row[2] for row in fetch_rows(database_url, query, (batch.id,))}
+    assert {name: 2 for name in buffered} == {name: seqs[name] for name in buffered}  # run on a fresh lease

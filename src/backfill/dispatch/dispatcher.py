@@ -119,7 +119,7 @@ class Dispatcher:
         self.recorder = Recorder(store, self.owner, settings, self.metrics, on_final=lambda: self.housekeeper.poke())
         self.housekeeper = Housekeeper(
             store, blobs, self.lifecycle, settings, clock, self.owner,
-            before_tend=self.recorder.flush, watch_batches=self._watch_batches,
+            before_tend=self.recorder.flush, watch_batches=self._watch_batches, renewed=self._renewed,
         )  # fmt: skip
         self.interactive: InteractiveMeter | None = None  # the proxy's measurements, for harvested endpoints
         self.cache = ResultCacheLookups(store, settings, self.metrics)
@@ -134,6 +134,10 @@ class Dispatcher:
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0  # the loop time `_timer` fires at
         self._announced: set[str] = set()  # batches whose at-risk webhook is queued
+        # Leased lines not yet started, with when their lease was taken; and when every lease held was last renewed.
+        # A line whose lease may have lapsed is never started (`_lapsing`).
+        self._leased_at: dict[int, float] = {}
+        self._renewed_at = -float("inf")
         self._finished_counters: dict[RequestState, Counter] = {}
 
     def wake(self) -> None:
@@ -212,6 +216,7 @@ class Dispatcher:
                 lines = await self.store.lease_lines(
                     action.batch.id, self.owner, action.count, now, self.settings.lease_ttl_s
                 )
+                self._leased_at.update(dict.fromkeys([line.id for line in lines], now))
                 grants.append(Grant(action.batch, lines, action.count))
             else:
                 self._perform([action])  # probes of endpoints that are down, and when to look again
@@ -244,17 +249,15 @@ class Dispatcher:
 
     def _perform(self, actions: Sequence[Action]) -> None:
         together: dict[int, list[Start]] = {}  # a coalesced request's lines come one after another
+        lapsing: list[Start] = []
         for action in actions:
             match action:
-                case Start(request=request) if request:
-                    together.setdefault(request, []).append(action)
                 case Start():
-                    line_task = asyncio.create_task(self._run_line(action))
-                    line_task.add_done_callback(functools.partial(self._line_ended, action.line.id))
-                    self._lines[action.line.id] = line_task
+                    self._start(action, together, lapsing)
                 case Abort():
                     self._abort(action)
                 case Record(update):
+                    self._leased_at.pop(update.id, None)  # a buffered line handed back or closed
                     self.recorder.add(update)
                 case WakeAt(when):
                     self._wake_at(when)
@@ -270,6 +273,40 @@ class Dispatcher:
                     raise TypeError(f"{type(action).__name__} is not performed here")
         for starts in together.values():
             self._start_request(starts)
+        if lapsing:
+            self._hand_back_lapsing(lapsing)
+
+    def _start(self, start: Start, together: dict[int, list[Start]], lapsing: list[Start]) -> None:
+        if self._lapsing(start.line.id):
+            lapsing.append(start)
+        elif start.request:
+            together.setdefault(start.request, []).append(start)
+        else:
+            line_task = asyncio.create_task(self._run_line(start))
+            line_task.add_done_callback(functools.partial(self._line_ended, start.line.id))
+            self._lines[start.line.id] = line_task
+
+    def _renewed(self, at: float) -> None:
+        self._renewed_at = at
+
+    def _lapsing(self, line_id: int) -> bool:
+        """Whether a line about to start may have lost its lease: its lease ran out, or will within a third of
+        `lease_ttl_s` (the renewals have failed meanwhile: a database in trouble, a loop stalled). Another worker
+        may then take the line over and run it, and even commit its success before this one would send it."""
+        leased_at = self._leased_at.pop(line_id, None)
+        if leased_at is None:  # leased before this process kept track (never), or started already
+            return False
+        lapses_at = max(leased_at, self._renewed_at) + self.settings.lease_ttl_s
+        return self.clock() >= lapses_at - self.settings.lease_ttl_s / 3
+
+    def _hand_back_lapsing(self, starts: Sequence[Start]) -> None:
+        """Lines whose lease may have lapsed go back to the queue unsent and uncharged (the write is fenced: where
+        another worker holds the line by now, it changes nothing)."""
+        log.warning("dispatcher.leases_lapsing", lines=len(starts), renewed_at=self._renewed_at)
+        now = self.clock()
+        for start in starts:
+            self._perform(self.core.handle(Unsent(start.line.id, Unanswered.ABORTED), now))
+        self._wake.set()
 
     def _start_request(self, starts: list[Start]) -> None:
         request = _Request(starts)

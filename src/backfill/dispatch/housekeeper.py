@@ -31,6 +31,7 @@ class Housekeeper:
         *,
         before_tend: Callable[[], Awaitable[None]],
         watch_batches: Callable[[float], Awaitable[None]],
+        renewed: Callable[[float], None] = lambda at: None,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -40,6 +41,7 @@ class Housekeeper:
         self.owner = owner
         self.before_tend = before_tend  # commit what this process knows: a batch's counters must include it
         self.watch_batches = watch_batches  # look for cancelled and expired batches among those this worker holds
+        self.renewed = renewed  # every lease this worker holds runs until `at` + lease_ttl_s
         self.stopping = False  # only keep the leases of lines still in flight alive
         self.drained = asyncio.Event()  # nothing is in flight any more: stop
         self.tending: set[str] = set()
@@ -59,6 +61,7 @@ class Housekeeper:
                 if now - renewed >= renew_every:
                     await self.store.renew_leases(self.owner, now, self.settings.lease_ttl_s)
                     renewed = now
+                    self.renewed(now)
                     if not self.stopping:
                         await self.store.reclaim_lapsed_leases(now)
                 if not self.stopping:
