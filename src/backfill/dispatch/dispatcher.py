@@ -294,7 +294,7 @@ class Dispatcher:
         `lease_ttl_s` (the renewals have failed meanwhile: a database in trouble, a loop stalled). Another worker
         may then take the line over and run it, and even commit its success before this one would send it."""
         leased_at = self._leased_at.pop(line_id, None)
-        if leased_at is None:  # leased before this process kept track (never), or started already
+        if leased_at is None:  # started already: it is checked once, when it starts
             return False
         lapses_at = max(leased_at, self._renewed_at) + self.settings.lease_ttl_s
         return self.clock() >= lapses_at - self.settings.lease_ttl_s / 3

@@ -31,7 +31,7 @@ class Housekeeper:
         *,
         before_tend: Callable[[], Awaitable[None]],
         watch_batches: Callable[[float], Awaitable[None]],
-        renewed: Callable[[float], None] = lambda at: None,
+        renewed: Callable[[float], None],
     ) -> None:
         self.store = store
         self.blobs = blobs
