@@ -391,6 +391,27 @@ async def test_renewed_leases_are_not_reclaimed(store: Store) -> None:
     assert ("queued", None) == rows[2][:2]
 
 
+async def test_renewal_and_reclaim_go_round_a_line_a_group_commit_holds(sql_store: SqlStore) -> None:
+    """PostgreSQL only. Waiting for a line the owner's own group commit holds deadlocked (the commit locks the
+    lines in answer order, the heartbeat in its own): the heartbeat and the reclaim sweep skip it instead."""
+    store = sql_store
+    if not store.is_postgres:
+        pytest.skip("SQLite runs one write transaction at a time")
+    batch = await running_batch(store, 2)
+    held, other_line = await store.lease_lines(batch.id, "owner-a", 2, NOW, 5.0)
+    async with store.engine.connect() as other:
+        await other.begin()  # owner-a's group commit, between writing `held` and its COMMIT
+        await other.execute(update(requests).where(requests.c.id == held.id).values(attempts=1))
+        await asyncio.wait_for(store.renew_leases("owner-a", NOW + 4, 5.0), timeout=30)
+        assert 0 == await asyncio.wait_for(store.reclaim_lapsed_leases(NOW + 6), timeout=30)
+        await other.rollback()
+    # Only the line nobody held was renewed: the held one lapses at NOW + 5 and the next sweep takes it.
+    assert 1 == await store.reclaim_lapsed_leases(NOW + 6)
+    rows = await line_rows(store, batch.id)
+    assert ("queued", None) == rows[held.line_no][:2]
+    assert ("leased", "owner-a") == rows[other_line.line_no][:2]
+
+
 async def test_close_queued_lines_counts_them_as_failed(store: Store) -> None:
     batch = await running_batch(store, 4)
     [in_flight] = await store.lease_lines(batch.id, "w1", 1, NOW, TTL_S)

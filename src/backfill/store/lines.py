@@ -164,7 +164,7 @@ class LineQueries:
                 .values(eta_at=bindparam("_eta"), schedule_state=bindparam("_state"), waiting=bindparam("_waiting")),
                 [
                     {"_id": batch_id, "_eta": eta, "_state": state, "_waiting": waiting.get(batch_id)}
-                    for batch_id, eta, state in outlooks
+                    for batch_id, eta, state in sorted(outlooks)  # batch rows in id order, as a group commit
                 ],
             )
 
@@ -211,21 +211,36 @@ class LineQueries:
         return leased
 
     async def renew_leases(self, owner: str, now: float, ttl_s: float) -> None:
-        """Heartbeat: push back the expiry of every lease and batch claim this owner holds."""
+        """Heartbeat: push back the expiry of every lease and batch claim this owner holds.
+
+        On PostgreSQL it never waits on a line another transaction holds: that is this owner's own group commit,
+        which ends the line or requeues it (if it rolls back, the next heartbeat renews it), or another worker's
+        reclaim of a lease already lapsed. Waiting there deadlocked with group commits, which lock the same lines
+        in answer order. The batch claims go in a transaction of their own, in id order, as a group commit and the
+        outlooks lock batch rows: held together with the lines they also crossed.
+        """
+        mine = select(requests.c.id).where(requests.c.lease_owner == owner, IS_LEASED)
         async with self.engine.begin() as conn:
             await conn.execute(
-                update(requests).where(requests.c.lease_owner == owner, IS_LEASED).values(lease_expires_at=now + ttl_s)
+                update(requests)
+                .where(requests.c.id.in_(mine.with_for_update(skip_locked=True)))
+                .values(lease_expires_at=now + ttl_s)
             )
+        claimed = select(batches.c.id).where(batches.c.claimed_by == owner).order_by(batches.c.id)
+        async with self.engine.begin() as conn:
             await conn.execute(
-                update(batches).where(batches.c.claimed_by == owner).values(claim_expires_at=now + ttl_s)
+                update(batches).where(batches.c.id.in_(claimed.with_for_update())).values(claim_expires_at=now + ttl_s)
             )
 
     async def reclaim_lapsed_leases(self, now: float) -> int:
         """Lines whose holder stopped renewing go back to the queue (uncharged)."""
+        # A lapsed line locked by another transaction is its holder's group commit writing it at the last moment:
+        # skipped (the next sweep takes it if that rolls back), never waited on, as that deadlocked.
+        lapsed = select(requests.c.id).where(IS_LEASED, requests.c.lease_expires_at < now)
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 update(requests)
-                .where(IS_LEASED, requests.c.lease_expires_at < now)
+                .where(requests.c.id.in_(lapsed.with_for_update(skip_locked=True)))
                 .values(state=RequestState.QUEUED.value, lease_owner=None, lease_expires_at=None)
             )
             return int(result.rowcount)
