@@ -11,7 +11,7 @@ import orjson
 from sqlalchemy import bindparam, func, literal_column, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from backfill.domain.batches import BatchStatus, RequestState
+from backfill.domain.batches import OPEN_STATES, BatchStatus, RequestState
 from backfill.domain.leases import DispatchBatch, LeasedLine, LineUpdate
 from backfill.domain.result_cache import metadata_flag
 from backfill.domain.results import StoredResult
@@ -41,6 +41,9 @@ _LEASED_COLUMNS = (
 )
 
 # Matches the partial index over leased lines (store/tables.py): the planner can use it only for this literal.
+# The states the partial indexes over `requests` are on (`store.tables`), as literals: a query must say them so.
+IS_QUEUED = requests.c.state == literal_column(f"'{RequestState.QUEUED.value}'")
+IS_OPEN = requests.c.state.in_([literal_column(f"'{state.value}'") for state in OPEN_STATES])
 IS_LEASED = requests.c.state == literal_column(f"'{RequestState.LEASED.value}'")
 
 # Fenced: only the holder of this exact lease (owner and lease_seq) may write the line.
@@ -185,7 +188,7 @@ class LineQueries:
             select(requests.c.id)
             .where(
                 requests.c.batch_id == batch_id,
-                requests.c.state == RequestState.QUEUED.value,
+                IS_QUEUED,
                 requests.c.next_attempt_at <= now,
             )
             .order_by(requests.c.prefix_group, requests.c.line_no)
@@ -343,7 +346,7 @@ class LineQueries:
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 update(requests)
-                .where(requests.c.batch_id == batch_id, requests.c.state == RequestState.QUEUED.value)
+                .where(requests.c.batch_id == batch_id, IS_QUEUED)
                 .values(state=state.value, error_message=func.coalesce(requests.c.error_message, note))
             )
             closed = int(result.rowcount)
@@ -398,11 +401,8 @@ class LineQueries:
     async def settled_successes(self, batch_id: str) -> int:
         """Succeeded lines before the batch's first line still open (queued or leased): the part of its output
         file that can no longer change."""
-        open_states = [RequestState.QUEUED.value, RequestState.LEASED.value]
         first_open = (
-            select(func.min(requests.c.line_no))
-            .where(requests.c.batch_id == batch_id, requests.c.state.in_(open_states))
-            .scalar_subquery()
+            select(func.min(requests.c.line_no)).where(requests.c.batch_id == batch_id, IS_OPEN).scalar_subquery()
         )
         query = select(func.count()).where(
             requests.c.batch_id == batch_id,

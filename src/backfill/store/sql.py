@@ -14,7 +14,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from backfill import ids
 from backfill.domain.batches import (
     CANCELLABLE,
-    OPEN_STATES,
     TERMINAL,
     Batch,
     BatchApi,
@@ -27,7 +26,7 @@ from backfill.domain.valid_lines import ValidLine, estimates, rows
 from backfill.errors import Conflict, NotFound, TokenLimitExceeded
 from backfill.ports import Store
 from backfill.store.idempotency import IdempotencyQueries
-from backfill.store.lines import LineQueries
+from backfill.store.lines import IS_OPEN, LineQueries
 from backfill.store.message_batches import MessageBatchQueries
 from backfill.store.result_cache import ResultCacheQueries
 from backfill.store.rows import batch_from_row, batch_to_row, file_from_row
@@ -396,7 +395,7 @@ def _enqueued_tokens_query(tenant_id: str, model: str) -> Select[tuple[int]]:
         .where(
             batches.c.tenant_id == tenant_id,
             batches.c.model == model,
-            requests.c.state.in_([state.value for state in OPEN_STATES]),
+            IS_OPEN,
         )
     )
 

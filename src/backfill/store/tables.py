@@ -127,6 +127,11 @@ batches = Table(
     Index(None, "tenant_id", "seq"),
 )
 
+# The predicates of the partial indexes over `requests` (states as literals; see the indexes below).
+QUEUED_ONLY = text("state = 'queued'")
+OPEN_ONLY = text("state IN ('queued', 'leased')")
+LEASED_ONLY = text("state = 'leased'")
+
 requests = Table(
     "requests",
     metadata,
@@ -160,12 +165,17 @@ requests = Table(
     # The line whose answer this one reuses from the result cache (its result_id); NULL if a backend answered.
     Column("cached_from", String(64), nullable=True),
     UniqueConstraint("batch_id", "line_no"),
-    Index(None, "batch_id", "state", "line_no"),
-    Index(None, "batch_id", "state", "prefix_group", "line_no"),
+    # Partial indexes, each over the lines in the states its queries ask for, so that a line changing state
+    # rewrites as few index entries as can be: the lease picks from the queued lines in (prefix group, line) order,
+    # and "how far has this batch got" asks for the first line still open. A finished line is in neither, so
+    # finishing one (the group commit) only removes it from the open lines. Queries that use them say the states
+    # as literals (`store.lines.IS_QUEUED`, `IS_OPEN`): a bound parameter cannot match a partial index.
+    Index(None, "batch_id", "prefix_group", "line_no", sqlite_where=QUEUED_ONLY, postgresql_where=QUEUED_ONLY),
+    Index(None, "batch_id", "line_no", sqlite_where=OPEN_ONLY, postgresql_where=OPEN_ONLY),
     # Leased lines only (the heartbeat renews them by owner, the sweep reclaims lapsed ones): a queued or finished
     # line is in no entry of it, so ingest, results and the many finished rows cost it nothing. Queries that use it
     # say `state = 'leased'` as a literal (`store.lines.IS_LEASED`): a bound parameter cannot match a partial index.
-    Index(None, "lease_expires_at", sqlite_where=text("state = 'leased'"), postgresql_where=text("state = 'leased'")),
+    Index(None, "lease_expires_at", sqlite_where=LEASED_ONLY, postgresql_where=LEASED_ONLY),
 )
 
 # What each dispatcher process serves per model pool (line cost per second), so that completion estimates use
