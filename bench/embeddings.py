@@ -6,7 +6,7 @@ upstream (`python -m backfill.testing.upstream`), one at a time:
 
     direct     this process, httpx, the inputs in requests of 256 (`--direct-inputs`), `--concurrency` requests in
                flight: what a hand-written client that batches inputs itself gets. Time: first request to last
-               answer.
+               answer, the fastest of `--direct-runs` (3) runs.
     backfill   `backfill serve` (SQLite, default settings) whose one backend has max_concurrency `--concurrency` and
                max_inputs_per_request 256; the file is uploaded first (not timed). Time: POST /v1/batches -> status
                `completed` seen by polling every 100 ms: validation, dispatch (lines coalesced into array requests
@@ -336,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=20_000, help="one-input lines in the batch (default 20,000)")
     parser.add_argument("--direct-inputs", type=int, default=256, help="inputs a request, both sides (default 256)")
+    parser.add_argument("--direct-runs", type=int, default=3, help="direct runs, the fastest kept (default 3)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight, both sides (default 8)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run: 2,000 lines")
     parser.add_argument("--profile", type=Path, help="py-spy the backfill server into this file (.svg, .json, .txt)")
@@ -362,8 +363,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         texts = generate(path, lines, dimensions=args.dimensions)
         with running() as children:
             upstream = Upstream.start(children)
-            direct = run_direct(upstream, texts, args.direct_inputs, args.concurrency, args.dimensions)
-            print(f"direct: {lines / direct['seconds']:.0f} inputs/s ({direct['seconds']:.2f} s)")
+            # The fastest of a few runs: one run takes a fraction of a second, and a stall of this noisy machine
+            # in it made the direct side slow enough once to show the ratio goal as met.
+            runs = [
+                run_direct(upstream, texts, args.direct_inputs, args.concurrency, args.dimensions)
+                for _ in range(args.direct_runs)
+            ]
+            direct = min(runs, key=lambda run: run["seconds"])
+            shown = ", ".join(f"{run['seconds']:.2f}" for run in runs)
+            print(f"direct: {lines / direct['seconds']:.0f} inputs/s ({direct['seconds']:.2f} s, fastest of {shown})")
             work = tmp / "backfill"
             backfill = run_backfill(
                 children,
