@@ -491,3 +491,53 @@ async def test_a_buffered_line_whose_lease_may_have_lapsed_goes_back_unsent(
     assert ["a", "b", "c"] == sorted(backend.sent)  # each once
     seqs = {row[0]: row[2] for row in fetch_rows(database_url, query, (batch.id,))}
     assert {name: 2 for name in buffered} == {name: seqs[name] for name in buffered}  # run on a fresh lease
+
+
+class SlowFirstRead:
+    """A blob store whose first line read waits until `release` is set (`reading` says it has begun)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.reading = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def read_range(self, key: str, offset: int, length: int) -> bytes:
+        if not self.reading.is_set():
+            self.reading.set()
+            await self.release.wait()
+        result: bytes = await self.inner.read_range(key, offset, length)
+        return result
+
+
+async def test_a_line_whose_lease_lapsed_while_its_input_was_read_is_not_sent(
+    make_harness: MakeHarness, database_url: str
+) -> None:
+    """The same once a line has started: its input took long to read while renewals failed. It is not sent on
+    that lease; it goes back unsent and runs on a fresh one."""
+    backend = GatedBackend(MODEL, lines=1)
+    backend.gate.set()
+    harness = await make_harness(backend=backend, lease_ttl_s=3.0)
+    slow = SlowFirstRead(harness.services.blobs)
+    harness.services.dispatcher.blobs = slow
+
+    async def away(*_: object) -> None:
+        raise ConnectionError("the database is away")
+
+    harness.services.store.renew_leases = away  # type: ignore[method-assign]
+    batch = await harness.submit(chat("a", text="a"))
+    async with asyncio.timeout(10):
+        await slow.reading.wait()
+    harness.clock.offset_s += 2.5  # leased for 3 s, never renewed: under a third of it is left
+    slow.release.set()
+    async with asyncio.timeout(10):
+        await backend.all_sent.wait()
+    del harness.services.store.renew_leases
+    done = await harness.wait_terminal(batch.id)
+
+    assert (BatchStatus.COMPLETED, 1) == (done.status, done.completed)
+    assert ["a"] == backend.sent
+    query = "SELECT custom_id, lease_seq FROM requests WHERE batch_id = %s"
+    assert [("a", 2)] == fetch_rows(database_url, query, (batch.id,))  # sent on its second lease

@@ -4,6 +4,7 @@ or closed when the process stops or the batch is cancelled."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from backfill.domain.batches import BatchStatus, RequestState
@@ -79,5 +80,54 @@ def test_cancelling_closes_a_request_s_lines_after_the_grace() -> None:
         await harness.close()
 
         assert (BatchStatus.CANCELLED, 0, 4) == (done.status, done.completed, done.failed)
+
+    run(scenario)
+
+
+class SlowFirstRead:
+    """A blob store whose first line read takes `delay_s` (of the loop's virtual time); `reading` while it does."""
+
+    def __init__(self, inner: Any, delay_s: float) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+        self.reads = 0
+        self.reading = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def read_range(self, key: str, offset: int, length: int) -> bytes:
+        self.reads += 1
+        if self.reads == 1:
+            self.reading = True
+            await asyncio.sleep(self.delay_s)
+            self.reading = False
+        result: bytes = await self.inner.read_range(key, offset, length)
+        return result
+
+
+def test_a_request_s_lines_whose_leases_lapsed_while_their_input_was_read_are_not_sent() -> None:
+    """Renewals fail and the input takes 25 s of a 30 s lease to read: the lines may be another worker's by now, so
+    the request is not sent on those leases; the lines go back uncharged and run on fresh ones."""
+
+    async def scenario() -> None:
+        harness = await start(max_concurrency=1, lease_ttl_s=30.0)
+        slow = harness.dispatcher.blobs = SlowFirstRead(harness.services.blobs, delay_s=25.0)
+        renew = harness.services.store.renew_leases
+
+        async def away_while_reading(owner: str, now: float, ttl_s: float) -> None:
+            if slow.reading:
+                raise ConnectionError("the database is away")
+            await renew(owner, now, ttl_s)
+
+        harness.services.store.renew_leases = away_while_reading  # type: ignore[method-assign]
+        lines = [embedding(f"e{i}", f"text {i}") for i in range(4)]
+        done = await harness.wait_terminal((await harness.submit(*lines, endpoint=EMBEDDINGS)).id)
+        await harness.close()
+
+        assert (BatchStatus.COMPLETED, 4) == (done.status, done.completed)
+        assert 1 == harness.upstream.stats()["total"]  # sent once, on the second leases
+        assert isinstance(harness.services.store, InMemoryStore)
+        assert {(2, 1)} == {(line.lease_seq, line.attempts) for line in harness.services.store.lines(done.id)}
 
     run(scenario)

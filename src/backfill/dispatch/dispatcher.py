@@ -134,8 +134,8 @@ class Dispatcher:
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0  # the loop time `_timer` fires at
         self._announced: set[str] = set()  # batches whose at-risk webhook is queued
-        # Leased lines not yet started, with when their lease was taken; and when every lease held was last renewed.
-        # A line whose lease may have lapsed is never started (`_lapsing`).
+        # Leased lines not yet sent, with when their lease was taken; and when every lease held was last renewed.
+        # A line whose lease may have lapsed is never started, nor sent once its input is read (`_lapsing`).
         self._leased_at: dict[int, float] = {}
         self._renewed_at = -float("inf")
         self._finished_counters: dict[RequestState, Counter] = {}
@@ -257,7 +257,7 @@ class Dispatcher:
                 case Abort():
                     self._abort(action)
                 case Record(update):
-                    self._leased_at.pop(update.id, None)  # a buffered line handed back or closed
+                    self._leased_at.pop(update.id, None)  # a line answered, handed back or closed
                     self.recorder.add(update)
                 case WakeAt(when):
                     self._wake_at(when)
@@ -290,14 +290,33 @@ class Dispatcher:
         self._renewed_at = at
 
     def _lapsing(self, line_id: int) -> bool:
-        """Whether a line about to start may have lost its lease: its lease ran out, or will within a third of
-        `lease_ttl_s` (the renewals have failed meanwhile: a database in trouble, a loop stalled). Another worker
-        may then take the line over and run it, and even commit its success before this one would send it."""
-        leased_at = self._leased_at.pop(line_id, None)
-        if leased_at is None:  # started already: it is checked once, when it starts
+        """Whether a line about to start, or to be sent once its input is read, may have lost its lease: its lease
+        ran out, or will within a third of `lease_ttl_s` (the renewals have failed meanwhile: a database in trouble,
+        a loop stalled). Another worker may then take the line over and run it, and even commit its success before
+        this one would send it."""
+        leased_at = self._leased_at.get(line_id)
+        if leased_at is None:  # sent already
             return False
         lapses_at = max(leased_at, self._renewed_at) + self.settings.lease_ttl_s
         return self.clock() >= lapses_at - self.settings.lease_ttl_s / 3
+
+    def _not_lapsing(
+        self, lines: list[LeasedLine], bodies: list[dict[str, Any]], keys: list[str | None]
+    ) -> tuple[list[LeasedLine], list[dict[str, Any]], list[str | None]]:
+        """The lines of a coalesced request about to be sent whose lease still holds (with their bodies and keys);
+        the others go back unsent, as at their start."""
+        # Renewed within two thirds of a lease (the usual case): none can lapse; one look for the whole request.
+        renewed_lately = self.clock() < self._renewed_at + self.settings.lease_ttl_s * 2 / 3
+        lapsing = [] if renewed_lately else [line for line in lines if self._lapsing(line.id)]
+        if lapsing:
+            log.warning("dispatcher.leases_lapsing", lines=len(lapsing), renewed_at=self._renewed_at)
+            self._unsend(lapsing, Unanswered.ABORTED)
+            gone = {line.id for line in lapsing}
+            kept = [i for i, line in enumerate(lines) if line.id not in gone]
+            lines, bodies, keys = [lines[i] for i in kept], [bodies[i] for i in kept], [keys[i] for i in kept]
+        for line in lines:
+            self._leased_at.pop(line.id, None)
+        return lines, bodies, keys
 
     def _hand_back_lapsing(self, starts: Sequence[Start]) -> None:
         """Lines whose lease may have lapsed go back to the queue unsent and uncharged (the write is fenced: where
@@ -381,6 +400,10 @@ class Dispatcher:
                 self._answer(line, backend.name, hit, 0.0, key)
                 return
             body = orjson.dumps(parsed)
+            if self._lapsing(line.id):  # its input took long to read, and the renewals have failed meanwhile
+                self._hand_back_lapsing([start])
+                return
+            self._leased_at.pop(line.id, None)
             # A line in flight when the window closes gets the same grace as one in flight at a cancel.
             left_s = batch.expires_at - self.clock() + self.settings.cancel_grace_s
             timeout = max(1.0, min(self.settings.request_timeout_s, left_s))
@@ -419,6 +442,7 @@ class Dispatcher:
             bodies = [orjson.loads(raw)["body"] for raw in raws]
             keys = [await self.cache.key(batch, backend, body) for body in bodies]
             lines, bodies, keys = await self._answer_cached(request, backend.name, lines, bodies, keys)
+            lines, bodies, keys = self._not_lapsing(lines, bodies, keys)
             if not lines:
                 return
             left_s = batch.expires_at - self.clock() + self.settings.cancel_grace_s
