@@ -40,8 +40,8 @@ _LEASED_COLUMNS = (
     requests.c.prefix_group,
 )
 
-# Matches the partial index over leased lines (store/tables.py): the planner can use it only for this literal.
-# The states the partial indexes over `requests` are on (`store.tables`), as literals: a query must say them so.
+# The states the partial indexes over `requests` are on (store/tables.py), as literals: a planner can use such an
+# index only where the query says them so, never for a bound parameter.
 IS_QUEUED = requests.c.state == literal_column(f"'{RequestState.QUEUED.value}'")
 IS_OPEN = requests.c.state.in_([literal_column(f"'{state.value}'") for state in OPEN_STATES])
 IS_LEASED = requests.c.state == literal_column(f"'{RequestState.LEASED.value}'")
