@@ -415,12 +415,12 @@ def _file_values(record: FileRecord) -> dict[str, Any]:
     }
 
 
-# Through the driver's executemany with one tuple a line: SQLAlchemy's compiled insert built a parameter dict per
-# row, about half of validating a batch (BENCHMARKS.md, "Ingest"). `{p}` is the dialect's placeholder.
+# SQLite: through the driver's executemany with one tuple a line (SQLAlchemy's compiled insert built a parameter
+# dict per row, about half of validating a batch: BENCHMARKS.md, "Ingest").
 _INSERT_LINE_SQL = (
     "INSERT INTO requests (batch_id, line_no, custom_id, body_offset, body_length, est_prompt_tokens,"
     " max_output_tokens, prefix_group, state, attempts, next_attempt_at, lease_seq, input_tokens, cached_tokens,"
-    " output_tokens, reasoning_tokens) VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, 'queued', 0, 0.0, 0, 0, 0, 0, 0)"
+    " output_tokens, reasoning_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, 0.0, 0, 0, 0, 0, 0)"
 )
 
 
@@ -438,11 +438,10 @@ async def _insert_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[Va
     if conn.dialect.name == "postgresql":
         await _copy_lines(conn, batch_id, lines)
         return
-    sql = _INSERT_LINE_SQL.format(p="?")
     for start in range(0, len(lines), _INSERT_CHUNK):
         # Straight from the validator's columns: no `ValidLine` built per line.
         chunk = [(batch_id, *row) for row in rows(lines, start, start + _INSERT_CHUNK)]
-        await conn.exec_driver_sql(sql, chunk)
+        await conn.exec_driver_sql(_INSERT_LINE_SQL, chunk)
 
 
 async def _copy_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[ValidLine]) -> None:
