@@ -305,7 +305,8 @@ async def replay(
     url: str, model: str, trace: list[TraceRequest], scale: float, seconds: float, measure_from: float
 ) -> list[Sent]:
     """Send the trace's requests due in the first `seconds` (compressed by `scale`) to `url`, streamed, each at its
-    time whatever the others do; return what each one saw (its tokens counted from `measure_from` on)."""
+    time whatever the others do; return what each one saw (its tokens counted from `measure_from` to `seconds`, the
+    window the engine's counters are read over)."""
     rng = random.Random(5)
     due = [(r.at_s / scale, r) for r in trace if r.at_s / scale < seconds]
     texts = [prompt_text(rng, r.prompt_tokens) for _, r in due]
@@ -330,18 +331,20 @@ async def replay(
                         return
                     # The first content event found as the proxy finds it (FirstTokenScanner); after it, events
                     # are only counted (one token each; the usage event and [DONE] come off at the end).
-                    scanner, events = FirstTokenScanner(), 0
+                    scanner, events, inside = FirstTokenScanner(), 0, False
                     async for chunk in response.aiter_raw():
                         now = time.monotonic()
+                        inside = measure_from <= now - start < seconds
                         if record.ttft_s is None:
                             if not scanner.feed(chunk):
                                 continue
                             record.ttft_s = now - began
-                            if now - start >= measure_from:
+                            if inside:
                                 record.prompt_tokens = request.prompt_tokens
-                        if now - start >= measure_from:
+                        if inside:
                             events += chunk.count(b"data:")
-                    record.output_tokens = max(0, events - 2)
+                    # The usage event and [DONE] come last: off the count when the stream ended inside the window.
+                    record.output_tokens = max(0, events - (2 if inside else 0))
             except httpx.HTTPError as exc:
                 record.error = type(exc).__name__
 
@@ -421,9 +424,10 @@ async def drive(
     trace: list[TraceRequest],
     scale: float,
     args: argparse.Namespace,
-) -> tuple[list[Sent], tuple[int, int], str | None]:
-    """The batch and the interactive traffic from the start; after the warm-up, the engine counters' first
-    reading (the measured window is the steady state, not the batch's first seconds)."""
+) -> tuple[list[Sent], tuple[tuple[int, int], tuple[int, int]], str | None]:
+    """The batch and the interactive traffic from the start; the engine's counters read after the warm-up and at
+    the end of the measured window (the steady state, not the batch's first seconds; not the grace the last
+    interactive requests get after it either: tokens the engine served then are outside the window)."""
     profile = engine.profile
     batch_id = None
     if file_id is not None and server is not None:
@@ -433,10 +437,13 @@ async def drive(
             created.raise_for_status()
             batch_id = created.json()["id"]
     total = args.warmup + args.seconds
+    started = time.monotonic()
     traffic = asyncio.create_task(replay(target, profile.model, trace, scale, total, args.warmup))
     await asyncio.sleep(args.warmup)
-    counted = await asyncio.to_thread(engine.counters)
-    return await traffic, counted, batch_id
+    before = await asyncio.to_thread(engine.counters)
+    await asyncio.sleep(max(0.0, started + total - time.monotonic()))
+    after = await asyncio.to_thread(engine.counters)
+    return await traffic, (before, after), batch_id
 
 
 async def watch_controller(dispatcher: Server, seconds: float, seen: list[tuple[float, float | None]]) -> None:
@@ -523,7 +530,7 @@ def run_row(
         t0 = time.monotonic()
         seen: list[tuple[float, float | None]] = []
 
-        async def both() -> tuple[list[Sent], tuple[int, int], str | None]:
+        async def both() -> tuple[list[Sent], tuple[tuple[int, int], tuple[int, int]], str | None]:
             dispatcher = backfill.worker or backfill.server if backfill is not None else None
             if dispatcher is not None:
                 watcher = asyncio.create_task(watch_controller(dispatcher, args.warmup + args.seconds, seen))
@@ -532,9 +539,8 @@ def run_row(
                 await watcher
             return driven
 
-        sent, before, batch_id = asyncio.run(both())
+        sent, (before, after), batch_id = asyncio.run(both())
         elapsed = time.monotonic() - t0 - args.warmup
-        after = engine.counters()
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         result = RowResult(
             row,
