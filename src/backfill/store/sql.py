@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
-import psycopg
 from sqlalchemy import ColumnElement, Select, and_, false, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -415,23 +414,21 @@ def _file_values(record: FileRecord) -> dict[str, Any]:
     }
 
 
+# A new line's columns: the batch's and the validator's `rows`, then those every queued line starts with.
+_LINE_COLUMNS = (
+    "batch_id, line_no, custom_id, body_offset, body_length, est_prompt_tokens, max_output_tokens, prefix_group,"
+    " state, attempts, next_attempt_at, lease_seq, input_tokens, cached_tokens, output_tokens, reasoning_tokens"
+)
+_QUEUED_LINE = (RequestState.QUEUED.value, 0, 0.0, 0, 0, 0, 0, 0)  # state, attempts, ... reasoning_tokens
 # SQLite: through the driver's executemany with one tuple a line (SQLAlchemy's compiled insert built a parameter
 # dict per row, about half of validating a batch: BENCHMARKS.md, "Ingest").
 _INSERT_LINE_SQL = (
-    "INSERT INTO requests (batch_id, line_no, custom_id, body_offset, body_length, est_prompt_tokens,"
-    " max_output_tokens, prefix_group, state, attempts, next_attempt_at, lease_seq, input_tokens, cached_tokens,"
-    " output_tokens, reasoning_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, 0.0, 0, 0, 0, 0, 0)"
+    f"INSERT INTO requests ({_LINE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
+    f" {', '.join(repr(value) for value in _QUEUED_LINE)})"
 )
-
-
 # PostgreSQL takes the lines as one COPY: an INSERT a row, even pipelined by the driver's executemany, cost its
 # server ~30 µs a line (BENCHMARKS.md, "Fewer index entries a line").
-_COPY_LINES_SQL = (
-    "COPY requests (batch_id, line_no, custom_id, body_offset, body_length, est_prompt_tokens, max_output_tokens,"
-    " prefix_group, state, attempts, next_attempt_at, lease_seq, input_tokens, cached_tokens, output_tokens,"
-    " reasoning_tokens) FROM STDIN"
-)
-_QUEUED_LINE = (RequestState.QUEUED.value, 0, 0.0, 0, 0, 0, 0, 0)  # state, attempts, ... reasoning_tokens
+_COPY_LINES_SQL = f"COPY requests ({_LINE_COLUMNS}) FROM STDIN"
 
 
 async def _insert_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[ValidLine]) -> None:
@@ -447,7 +444,7 @@ async def _insert_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[Va
 async def _copy_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[ValidLine]) -> None:
     """The lines in one COPY, on the driver's connection, inside the transaction `conn` is in."""
     raw = await conn.get_raw_connection()
-    driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+    driver: AsyncPgConnection[Any] = raw.driver_connection  # type: ignore[assignment]
     async with driver.cursor() as cursor, cursor.copy(_COPY_LINES_SQL) as copy:
         for start in range(0, len(lines), _INSERT_CHUNK):
             for row in rows(lines, start, start + _INSERT_CHUNK):
@@ -455,4 +452,6 @@ async def _copy_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[Vali
 
 
 if TYPE_CHECKING:
+    from psycopg import AsyncConnection as AsyncPgConnection  # a SQLite deployment never imports the driver
+
     _satisfies_the_port: type[Store] = SqlStore  # mypy checks every method's signature against the port
