@@ -40,7 +40,7 @@ from backfill.config import Settings
 from backfill.domain.outcomes import Outcome
 from backfill.policy.fair import FifoScheduler
 from backfill.policy.harvest import HarvestController, Signals, batch_share
-from backfill.sim.engine import EngineModel, SimRequest
+from backfill.sim.engine import EngineModel, SimRequest, TokenEvent
 from backfill.sim.profile import EngineProfile
 from backfill.sim.virtual import BatchSpec, LineSpec, VirtualDriver, sim_backend
 from backfill.sim.virtual_engines import EventLoop, IterationEngine
@@ -95,10 +95,13 @@ class SharedResult:
     duration_s: float
     interactive_ttft_s: list[float]
     interactive_sent_s: list[float]  # when each of interactive_ttft_s was sent (virtual seconds)
-    interactive_tokens: int  # prompt + output of interactive requests finished
-    batch_tokens: int  # prompt + output of batch lines finished
+    # Tokens the engine served inside the measured window, as the real path counts them (bench/harvest_e2e.py):
+    # an interactive request's prompt when its first token came out then, its output tokens as they came out
+    # then; the batch's, the engine's counters over the window less the interactive ones.
+    interactive_tokens: int
+    batch_tokens: int
     batch_output_tokens: int
-    batch_lines: int
+    batch_lines: int  # batch lines that finished inside the window
     shed: int = 0
 
     def ttft_quantile(self, q: float, since: float = -math.inf, until: float = math.inf) -> float:
@@ -125,7 +128,8 @@ class InteractiveReplay:
         self.ttft_s: list[float] = []
         self.sent_s: list[float] = []  # when each of ttft_s was sent
         self.fresh: list[float] = []  # TTFTs since the proxy's meter was last read
-        self.tokens = 0
+        self.tokens = 0  # prompt + output served from `measure_from` on (see SharedResult)
+        self.output_tokens = 0
         for n, request in enumerate(trace):
             loop.at(request.at_s / scale, functools.partial(self._send, n, request))
 
@@ -138,15 +142,22 @@ class InteractiveReplay:
                 self.sent_s.append(sent)
             self.fresh.append(now - sent)
 
-        def done(now: float, outcome: Outcome) -> None:
-            if sent >= self.measure_from:
-                self.tokens += outcome.usage.input_tokens + outcome.usage.output_tokens
+        def served(now: float, event: TokenEvent) -> None:
+            if now >= self.measure_from:
+                self.tokens += event.num_tokens + (request.prompt_tokens if event.is_first_token else 0)
+                self.output_tokens += event.num_tokens
 
-        self.engine.submit(f"i{n}", request.prompt_tokens, request.output_tokens, (), done, first_token=first)
+        self.engine.submit(
+            f"i{n}", request.prompt_tokens, request.output_tokens, (), _ignore, first_token=first, served=served
+        )
 
     def drain(self) -> list[float]:
         fresh, self.fresh = self.fresh, []
         return fresh
+
+
+def _ignore(now: float, outcome: Outcome) -> None:
+    """An interactive request's end: its tokens were counted as they came out."""
 
 
 class Clairvoyant(HarvestController):
@@ -191,7 +202,7 @@ def capacity_tokens_per_s(
     requests kept at max_num_seqs and a queue, as many as fit): the capacity harvest efficiency divides by."""
     model = EngineModel(profile)
     rng = random.Random(seed)
-    now, served, n = 0.0, 0, 0
+    now, n = 0.0, 0
     while now < seconds:
         while model.num_running + model.num_waiting < profile.max_num_seqs + 16:
             request = rng.choice(trace)
@@ -200,10 +211,12 @@ def capacity_tokens_per_s(
         step = model.step()
         assert step is not None
         now += step.duration_s
-        for event in step.events:
-            served += event.num_tokens
-        served += step.prefill_tokens
-    return served / now
+    return engine_tokens(model) / now
+
+
+def engine_tokens(model: EngineModel) -> int:
+    """Prompt + output tokens the engine has counted (vLLM's prompt_tokens_total + generation_tokens_total)."""
+    return model.totals.prompt_tokens + model.totals.generation_tokens
 
 
 def run(
@@ -222,9 +235,9 @@ def run(
 ) -> SharedResult:
     """Replay `duration_s` seconds (virtual) of the compressed trace under one strategy.
 
-    With `warmup_s`, only what follows the first `warmup_s` is measured (interactive requests sent from then on,
-    batch lines finished from then on; the result's duration is what is left): a window of steady state, the
-    batch having started with the trace. `capacity`: the harvested endpoint's
+    With `warmup_s`, only what follows the first `warmup_s` is measured (the TTFT of interactive requests sent
+    from then on, tokens served from then on; the result's duration is what is left): a window of steady state,
+    the batch having started with the trace. `capacity`: the harvested endpoint's
     `capacity_tokens_per_s`, as configured (None: learned).
 
     Batch work goes through the production dispatch core (`VirtualDriver`), configured as a user would configure
@@ -235,9 +248,10 @@ def run(
     engine_profile = dataclasses.replace(profile, scheduling_policy="priority" if priority else "fcfs")
     loop = EventLoop()
     engine = IterationEngine(loop, engine_profile)
-    counted: dict[str, int] = {}  # the batch's counts at the end of the warm-up
+    counted: dict[str, int] = {}  # the engine's and the batch's counts at the end of the warm-up
     interactive = InteractiveReplay(loop, engine, [r for r in trace if r.at_s / scale < duration_s], scale, warmup_s)
     result = SharedResult(strategy, duration_s - warmup_s, interactive.ttft_s, interactive.sent_s, 0, 0, 0, 0)
+    driver: VirtualDriver | None = None
     if strategy != "interactive":
         harvest = strategy.startswith("backfill") or strategy == "clairvoyant"
         if strategy.startswith("cap:"):
@@ -258,20 +272,26 @@ def run(
         if harvest and make is not None:
             driver.core.harvest.harvested[ENDPOINT].controller = make(ceiling)
         driver.submit_at(batch_backlog(trace, backlog, seed))
-        if warmup_s > 0:
-            loop.at(warmup_s, lambda: counted.update(driver_counts(driver)))
+    if warmup_s > 0:
+        loop.at(warmup_s, lambda: counted.update(counts(engine, driver)))
     loop.run(until=duration_s)
+    # The engine's counters include the iteration running at either bound: a window's edges are exact to within
+    # one iteration, as a scrape's are.
+    served = {key: value - counted.get(key, 0) for key, value in counts(engine, driver).items()}
     result.interactive_tokens = interactive.tokens
-    if strategy != "interactive":
-        result.batch_lines = driver.lines_done - counted.get("lines", 0)
-        result.batch_output_tokens = driver.output_tokens - counted.get("output", 0)
-        result.batch_tokens = driver.batch_tokens - counted.get("tokens", 0)
+    if driver is not None:
+        result.batch_lines = served["lines"]
+        result.batch_tokens = max(0, served["tokens"] - interactive.tokens)
+        result.batch_output_tokens = max(0, served["output"] - interactive.output_tokens)
         result.shed = driver.shed
     return result
 
 
-def driver_counts(driver: VirtualDriver) -> dict[str, int]:
-    return {"lines": driver.lines_done, "output": driver.output_tokens, "tokens": driver.batch_tokens}
+def counts(engine: IterationEngine, driver: VirtualDriver | None) -> dict[str, int]:
+    """The engine's token counters and the batch's finished lines, now."""
+    totals = engine.model.totals
+    lines = driver.lines_done if driver is not None else 0
+    return {"tokens": engine_tokens(engine.model), "output": totals.generation_tokens, "lines": lines}
 
 
 def harvest_efficiency(result: SharedResult, capacity: float) -> float:

@@ -20,7 +20,7 @@ from backfill.domain.engine_load import EngineLoad
 from backfill.domain.outcomes import Outcome, OutcomeKind
 from backfill.domain.usage import Usage
 from backfill.policy.fair import line_cost
-from backfill.sim.engine import EngineModel, SimRequest, StepResult
+from backfill.sim.engine import EngineModel, SimRequest, StepResult, TokenEvent
 from backfill.sim.profile import EngineProfile
 
 
@@ -75,6 +75,7 @@ class IterationEngine:
         self.model = EngineModel(profile)
         self._done: dict[str, tuple[Done, int, int]] = {}
         self._first: dict[str, Callable[[float], None]] = {}
+        self._served: dict[str, Callable[[float, TokenEvent], None]] = {}
         self._submitted: dict[str, float] = {}
         self._busy = False
         self.on_first_token: Callable[[float], None] | None = None  # every request's TTFT, as vLLM's histogram
@@ -89,13 +90,18 @@ class IterationEngine:
         *,
         priority: int = 0,
         first_token: Callable[[float], None] | None = None,
+        served: Callable[[float, TokenEvent], None] | None = None,
     ) -> None:
+        """As `VirtualEngine.submit`; `served`, if given, sees each of the request's iterations as it comes out
+        (what a streaming client receives, when it receives it)."""
         request = SimRequest(line_id, prompt_tokens, prefix, output_tokens, priority=priority, arrival_s=self.loop.now)
         self.model.submit(request)
         self._done[line_id] = (done, prompt_tokens, output_tokens)
         self._submitted[line_id] = self.loop.now
         if first_token is not None:
             self._first[line_id] = first_token
+        if served is not None:
+            self._served[line_id] = served
         if not self._busy:
             self._busy = True
             self.loop.at(self.loop.now, self._step)
@@ -104,6 +110,7 @@ class IterationEngine:
         self.model.abort(line_id)
         self._done.pop(line_id, None)
         self._first.pop(line_id, None)
+        self._served.pop(line_id, None)
         self._submitted.pop(line_id, None)
 
     def load(self) -> EngineLoad:
@@ -123,6 +130,10 @@ class IterationEngine:
         for event in result.events:
             if event.request_id not in self._done:
                 continue  # aborted while this iteration ran
+            if self._served:
+                served = self._served.get(event.request_id)
+                if served is not None:
+                    served(self.loop.now, event)
             if event.is_first_token:
                 first = self._first.pop(event.request_id, None)
                 if first is not None:
@@ -131,6 +142,7 @@ class IterationEngine:
                 if self.on_first_token is not None:
                     self.on_first_token(self.loop.now - submitted)
             if event.finished:
+                self._served.pop(event.request_id, None)
                 done, prompt, output = self._done.pop(event.request_id)
                 usage = Usage(input_tokens=prompt, cached_tokens=event.cached_tokens, output_tokens=output)
                 done(self.loop.now, Outcome(OutcomeKind.SUCCESS, 200, usage=usage))
