@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from backfill.sim.profile import EngineProfile
@@ -47,3 +48,14 @@ def test_an_interactive_prompt_counts_when_its_first_token_comes_out_in_the_wind
     measured = run("interactive", trace, EngineProfile(), scale=1.0, duration_s=3.0, warmup_s=1.0)
 
     assert 305 == measured.interactive_tokens
+
+
+def test_a_request_still_unanswered_at_the_end_counts_as_what_it_has_waited() -> None:
+    """As bench/harvest_e2e.py counts it on the real path; left out, the slowest requests would shorten the tail."""
+    two_slots = dataclasses.replace(EngineProfile(), max_num_seqs=2)
+    trace = [TraceRequest(at_s=1.5, prompt_tokens=300, output_tokens=4_000)]
+
+    measured = run("fifo", trace, two_slots, scale=1.0, duration_s=3.0, backlog=4, warmup_s=1.0)
+
+    assert [1.5] == measured.interactive_ttft_s  # queued behind the batch lines holding both slots
+    assert 1.5 == measured.ttft_quantile(0.99)
