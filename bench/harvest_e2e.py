@@ -24,7 +24,8 @@ the virtual-time search finds); engine priority alone; backfill (role all, and a
 PostgreSQL). Straight to the engine: interactive only and backfill (metrics only); `--every-row` adds the rest.
 Columns: interactive p50 / p99 time to first token relative to interactive only on the same route, batch output
 tokens/s, harvest efficiency = batch tokens served / (capacity x duration - interactive tokens served), all
-tokens from the engine's own counters; and the virtual-time p99 ratio of the same strategy and slice.
+tokens from the engine's own counters; and the virtual-time p99 ratio and harvest efficiency of the same strategy
+and slice (counted the same way: the simulated engine's counters over the window).
 
 The load generator runs in this process (asyncio, one HTTP/1.1 connection per request in flight); its lag
 behind the trace's schedule and its CPU share are printed, so a row whose generator could not keep up says so.
@@ -60,6 +61,7 @@ from backfill.backends.engine_metrics import parse_samples
 from backfill.interactive import FirstTokenScanner
 from backfill.sim.profile import EngineProfile
 from backfill.sim.shared_engine import (
+    CAPACITY_WARMUP_S,
     SharedResult,
     TraceRequest,
     capacity_tokens_per_s,
@@ -375,11 +377,12 @@ async def saturate(url: str, model: str, trace: list[TraceRequest], concurrency:
 
 
 def measure_capacity(engine: Engine, children: Children, trace: list[TraceRequest], seconds: float) -> float:
-    """Prompt + output tokens/s the engine serves saturated with the trace's mix (counted after a warm-up)."""
+    """Prompt + output tokens/s the engine serves saturated with the trace's mix, counted after the warm-up its
+    first wave of sequences needs (`CAPACITY_WARMUP_S`; counted from 5 s, it measured ~10 % over the steady rate)."""
     engine.start(children, priority=False)
     try:
         concurrency = engine.profile.max_num_seqs + 16
-        warmup = min(10.0, seconds / 3)
+        warmup = CAPACITY_WARMUP_S
 
         async def go() -> tuple[float, int, float]:
             load = asyncio.create_task(saturate(engine.url, engine.profile.model, trace, concurrency, warmup + seconds))
@@ -622,17 +625,17 @@ def virtual(
     )  # fmt: skip
 
 
-def virtual_p99s(
+def virtual_twins(
     rows: Sequence[Row],
     trace: list[TraceRequest],
     profile: EngineProfile,
     scale: float,
     args: argparse.Namespace,
     capacity: float,
-) -> dict[str, float]:
-    """p99 TTFT of each strategy in virtual time."""
+) -> dict[str, SharedResult]:
+    """Each strategy in virtual time."""
     strategies = sorted({row.virtual_strategy for row in rows} | {"interactive"})
-    return {s: virtual(s, trace, profile, scale, args, capacity).ttft_quantile(0.99) for s in strategies}
+    return {s: virtual(s, trace, profile, scale, args, capacity) for s in strategies}
 
 
 def best_virtual_cap(
@@ -656,7 +659,7 @@ def best_virtual_cap(
 # --- the report --------------------------------------------------------------------------------------------------
 
 
-def report(results: list[RowResult], capacity: float, virtual: dict[str, float], grace_s: float) -> None:
+def report(results: list[RowResult], capacity: float, twins: dict[str, SharedResult], grace_s: float) -> None:
     for route in ("proxy", "direct"):
         mine = [r for r in results if r.row.route == route]
         if not mine:
@@ -674,9 +677,9 @@ def report(results: list[RowResult], capacity: float, virtual: dict[str, float],
             p50, p99 = quantile(ttfts, 0.5), quantile(ttfts, 0.99)
             idle = capacity * r.duration_s - r.interactive_tokens
             efficiency = r.batch_tokens / idle if r.row.strategy != "interactive" and idle > 0 else float("nan")
-            v_ref = virtual.get("interactive")
-            v = virtual.get(r.row.virtual_strategy)
-            v_ratio = f"{v / v_ref - 1:+.1%}" if v is not None and v_ref else "-"
+            v_ref, v = twins.get("interactive"), twins.get(r.row.virtual_strategy)
+            v_ratio = f"{v.ttft_quantile(0.99) / v_ref.ttft_quantile(0.99) - 1:+.1%}" if v and v_ref else "-"
+            v_efficiency = harvest_efficiency(v, capacity) if v and r.row.strategy != "interactive" else float("nan")
             lags = [s.lag_s for s in r.sent]
             versus_cap = (
                 f"{r.batch_output_per_s / best_cap.batch_output_per_s:.2f}x"
@@ -690,6 +693,7 @@ def report(results: list[RowResult], capacity: float, virtual: dict[str, float],
                 v_ratio,
                 f"{r.batch_output_per_s:,.0f}" if r.row.strategy != "interactive" else "-",
                 f"{efficiency:.1%}" if efficiency == efficiency else "-",
+                f"{v_efficiency:.1%}" if v_efficiency == v_efficiency else "-",
                 versus_cap,
                 f"{len(ttfts)}",
                 f"{quantile(lags, 0.99) * 1000:.1f}",
@@ -701,7 +705,7 @@ def report(results: list[RowResult], capacity: float, virtual: dict[str, float],
         print(
             table(
                 ["strategy", "TTFT p50 ms", "TTFT p99 ms", "virtual p99", "batch out tok/s", "harvest eff.",
-                 "x best cap", "requests", "gen lag p99 ms", "gen CPU", "notes"],
+                 "virtual eff.", "x best cap", "requests", "gen lag p99 ms", "gen CPU", "notes"],
                 rows,
             )
         )  # fmt: skip
@@ -715,7 +719,9 @@ def main() -> None:
     parser.add_argument("--peak", type=float, default=0.9, help="share of the engine the trace's busiest minute needs")
     parser.add_argument("--backlog", type=int, default=1500, help="batch lines waiting (more than a row can serve)")
     parser.add_argument("--caps", type=int, nargs="*", help="fixed caps to run (default: the virtual best and next)")
-    parser.add_argument("--capacity-s", type=float, default=15.0, help="seconds of saturation to measure capacity")
+    parser.add_argument(
+        "--capacity-s", type=float, default=30.0, help="seconds of saturation to measure capacity (after 30 s)"
+    )
     parser.add_argument("--every-row", action="store_true", help="also fifo, caps and priority straight to the engine")
     parser.add_argument("--rows", nargs="*", help="only these rows, as route:strategy (proxy:backfill, direct:fifo)")
     parser.add_argument("--engine-url", help="a real engine already running (its /v1 URL) instead of the simulator")
@@ -789,7 +795,7 @@ def main() -> None:
             rows.insert(rows.index(Row("backfill", "proxy")) + 1, Row("backfill", "proxy", split=True))
         if args.rows:
             rows = [row for row in rows if row.key in args.rows]
-        p99s = virtual_p99s(rows, trace, profile, scale, args, capacity) if not real else {}
+        twins = virtual_twins(rows, trace, profile, scale, args, capacity) if not real else {}
         backlog = batch_file(workdir / "backlog.jsonl", trace, args.backlog, profile.model)
         results = []
         for row in rows:
@@ -798,7 +804,7 @@ def main() -> None:
             ttfts = result.ttfts(10.0)
             print(f"p50 {quantile(ttfts, 0.5) * 1000:.0f} ms, p99 {quantile(ttfts, 0.99) * 1000:.0f} ms", flush=True)
             results.append(result)
-        report(results, capacity, p99s, 10.0)
+        report(results, capacity, twins, 10.0)
         print(f"\n{time.monotonic() - began:.0f} s in all")
 
 
