@@ -78,6 +78,9 @@ BATCH_PRIORITY = 10
 TEMPLATE_TOKENS = 8  # what the simulator's chat template adds to a one-message prompt (sim/tokens.py)
 
 
+Counters = tuple[int, int, float]  # Engine.counters()
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     """One strategy on one route."""
@@ -275,9 +278,11 @@ class Engine:
             children.stop(self.process)
             self.process = None
 
-    def counters(self) -> tuple[int, int]:
-        """(prompt + output tokens, output tokens) the engine has processed so far."""
+    def counters(self) -> tuple[int, int, float]:
+        """(prompt + output tokens, output tokens) the engine has processed so far, and the seconds the simulator
+        fell behind its model (0 for a real engine)."""
         samples = parse_samples(httpx.get(f"{self.root}/metrics", timeout=120).text) or {}
+        lost = sum(v for _, v in samples.get("backfill_sim_lost_seconds_total", ()))
         names = {
             "vllm": ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"),
             "llamacpp": ("llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total"),
@@ -285,7 +290,7 @@ class Engine:
         prompt, output = (round(sum(v for _, v in samples.get(name, ()))) for name in names)
         if self.args.flavour == "llamacpp":  # cached prompt tokens were served too
             prompt += round(sum(v for _, v in samples.get("llamacpp:prompt_tokens_cached_total", ())))
-        return prompt + output, output
+        return prompt + output, output, lost
 
 
 # --- the load generator ------------------------------------------------------------------------------------------
@@ -427,7 +432,7 @@ async def drive(
     trace: list[TraceRequest],
     scale: float,
     args: argparse.Namespace,
-) -> tuple[list[Sent], tuple[tuple[int, int], tuple[int, int]], str | None]:
+) -> tuple[list[Sent], tuple[Counters, Counters], str | None]:
     """The batch and the interactive traffic from the start; the engine's counters read after the warm-up and at
     the end of the measured window (the steady state, not the batch's first seconds; not the grace the last
     interactive requests get after it either: tokens the engine served then are outside the window)."""
@@ -533,7 +538,7 @@ def run_row(
         t0 = time.monotonic()
         seen: list[tuple[float, float | None]] = []
 
-        async def both() -> tuple[list[Sent], tuple[tuple[int, int], tuple[int, int]], str | None]:
+        async def both() -> tuple[list[Sent], tuple[Counters, Counters], str | None]:
             dispatcher = backfill.worker or backfill.server if backfill is not None else None
             if dispatcher is not None:
                 watcher = asyncio.create_task(watch_controller(dispatcher, args.warmup + args.seconds, seen))
@@ -554,8 +559,7 @@ def run_row(
             (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime),
             warmup_s=args.warmup,
         )
-        if elapsed > args.seconds + 11:
-            result.notes.append(f"replay took {elapsed:.0f} s")
+        result.notes += timing_notes(elapsed - args.seconds, after[2] - before[2])
         if batch_id is not None and server is not None:
             counts = server.batch(batch_id)["request_counts"]
             result.batch_lines_done = counts["completed"] + counts["failed"]
@@ -572,6 +576,14 @@ def run_row(
         if backfill is not None:
             backfill.stop(children)
         engine.stop(children)
+
+
+def timing_notes(overrun_s: float, lost_s: float) -> list[str]:
+    """What went slower than planned in a row: the replay past its window, the simulator behind its model."""
+    notes = [f"replay ran {overrun_s:.0f} s past its window"] if overrun_s > 11 else []
+    if lost_s > 0.05:  # the engine's iterations stretched: its latencies are not the model's
+        notes.append(f"the simulator fell {lost_s:.2f} s behind its model")
+    return notes
 
 
 @dataclass

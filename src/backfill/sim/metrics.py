@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from backfill.sim.engine import EngineModel
@@ -42,6 +42,13 @@ class SimMetrics:
         )
         self.time_to_first_token = ttft.labels(model_name)
         self.e2e_latency = e2e.labels(model_name)
+        # Not vLLM's: how far the real-time runner fell behind the model, to tell a bench that measures latency
+        # on this server whether it measured the model or a process short of CPU.
+        self.lost_seconds = Counter(
+            "backfill_sim_lost_seconds",
+            "Wall seconds the engine fell behind its modelled iteration times and did not make up.",
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -75,6 +75,8 @@ class EngineRunner:
                 deadline = loop.time()
                 continue
             now = loop.time()
+            if self._time_scale and now - deadline > _MAX_CARRIED_LAG_S:
+                self.metrics.lost_seconds.inc(now - deadline - _MAX_CARRIED_LAG_S)
             # Requests that arrive during the sleep join the next iteration, as they would on a real engine.
             deadline = max(deadline, now - _MAX_CARRIED_LAG_S) + result.duration_s * self._time_scale
             await asyncio.sleep(deadline - now)
