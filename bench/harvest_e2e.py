@@ -278,7 +278,7 @@ class Engine:
             children.stop(self.process)
             self.process = None
 
-    def counters(self) -> tuple[int, int, float]:
+    def counters(self) -> Counters:
         """(prompt + output tokens, output tokens) the engine has processed so far, and the seconds the simulator
         fell behind its model (0 for a real engine)."""
         samples = parse_samples(httpx.get(f"{self.root}/metrics", timeout=120).text) or {}
