@@ -282,15 +282,16 @@ class Engine:
         """(prompt + output tokens, output tokens) the engine has processed so far, and the seconds the simulator
         fell behind its model (0 for a real engine)."""
         samples = parse_samples(httpx.get(f"{self.root}/metrics", timeout=120).text) or {}
-        lost = sum(v for _, v in samples.get("backfill_sim_lost_seconds_total", ()))
-        names = {
-            "vllm": ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"),
-            "llamacpp": ("llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total"),
-        }[self.args.flavour]
-        prompt, output = (round(sum(v for _, v in samples.get(name, ()))) for name in names)
+
+        def total(name: str) -> float:  # over every label set
+            return sum(value for _, value in samples.get(name, ()))
+
         if self.args.flavour == "llamacpp":  # cached prompt tokens were served too
-            prompt += round(sum(v for _, v in samples.get("llamacpp:prompt_tokens_cached_total", ())))
-        return prompt + output, output, lost
+            prompt = total("llamacpp:prompt_tokens_total") + total("llamacpp:prompt_tokens_cached_total")
+            output = total("llamacpp:tokens_predicted_total")
+        else:
+            prompt, output = total("vllm:prompt_tokens_total"), total("vllm:generation_tokens_total")
+        return round(prompt) + round(output), round(output), total("backfill_sim_lost_seconds_total")
 
 
 # --- the load generator ------------------------------------------------------------------------------------------
@@ -389,17 +390,16 @@ def measure_capacity(engine: Engine, children: Children, trace: list[TraceReques
         concurrency = engine.profile.max_num_seqs + 16
         warmup = CAPACITY_WARMUP_S
 
-        async def go() -> tuple[float, int, float]:
+        async def go() -> float:
             load = asyncio.create_task(saturate(engine.url, engine.profile.model, trace, concurrency, warmup + seconds))
             await asyncio.sleep(warmup)
             before, t0 = engine.counters()[0], time.monotonic()
             await asyncio.sleep(seconds)
             after, t1 = engine.counters()[0], time.monotonic()
             await load
-            return after - before, after, t1 - t0
+            return (after - before) / (t1 - t0)
 
-        tokens, _, elapsed = asyncio.run(go())
-        return tokens / elapsed
+        return asyncio.run(go())
     finally:
         engine.stop(children)
 
