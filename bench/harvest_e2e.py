@@ -33,6 +33,7 @@ behind the trace's schedule and its CPU share are printed, so a row whose genera
     .venv/bin/python bench/harvest_e2e.py                      # 8 rows, ~10 minutes
     .venv/bin/python bench/harvest_e2e.py --every-row --caps 8 12 --seconds 45 --warmup 30   # 13 rows, ~22 minutes
     .venv/bin/python bench/harvest_e2e.py --seconds 20 --rows proxy:interactive proxy:backfill   # a smoke run
+    .venv/bin/python bench/harvest_e2e.py --twin-draws 11 12 13 14 15 16   # the twin alone, over six batch draws
     .venv/bin/python bench/harvest_e2e.py --engine-url http://127.0.0.1:8081/v1 --flavour llamacpp ...  # a real engine
 """
 
@@ -46,6 +47,7 @@ import json
 import random
 import resource
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -629,12 +631,38 @@ def virtual(
     scale: float,
     args: argparse.Namespace,
     capacity: float,
+    seed: int = SEED,
 ) -> SharedResult:
-    """One strategy on the same slice, warm-up and backlog in virtual time (the simulator's model of the engine)."""
+    """One strategy on the same slice, warm-up and backlog in virtual time (the simulator's model of the engine);
+    `seed`: the batch backlog's draw."""
     return run(
         strategy, trace, profile, scale=scale, duration_s=args.warmup + args.seconds, backlog=args.backlog,
-        seed=SEED, warmup_s=args.warmup, capacity=capacity,
+        seed=seed, warmup_s=args.warmup, capacity=capacity,
     )  # fmt: skip
+
+
+def twin_draws(
+    trace: list[TraceRequest], profile: EngineProfile, scale: float, args: argparse.Namespace, capacity: float
+) -> None:
+    """The slice in virtual time over several batch draws: what one draw's p99 is worth, and the fixed caps'
+    frontier (p99 against efficiency) with that noise averaged out."""
+    reference = virtual("interactive", trace, profile, scale, args, capacity).ttft_quantile(0.99)
+    strategies = [*(f"cap:{cap}" for cap in VIRTUAL_CAPS), "priority", "backfill", "backfill-metrics", "clairvoyant"]
+    rows = []
+    for strategy in strategies:
+        results = [virtual(strategy, trace, profile, scale, args, capacity, seed) for seed in args.twin_draws]
+        p99s = [r.ttft_quantile(0.99) / reference - 1 for r in results]
+        efficiencies = [harvest_efficiency(r, capacity) for r in results]
+        rows.append([
+            strategy,
+            f"{statistics.mean(p99s):+.0%}",
+            f"{min(p99s):+.0%} .. {max(p99s):+.0%}",
+            f"{statistics.mean(efficiencies):.1%}",
+            f"{min(efficiencies):.0%} .. {max(efficiencies):.0%}",
+        ])  # fmt: skip
+    draws = " ".join(map(str, args.twin_draws))
+    print(f"virtual time, batch draws {draws}; interactive only p99 {reference * 1000:.0f} ms")
+    print(table(["strategy", "p99 vs interactive, mean", "range", "harvest eff., mean", "range"], rows))
 
 
 def virtual_twins(
@@ -747,6 +775,11 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, help="the real engine's context per sequence (prompts are cut)")
     parser.add_argument("--trace", type=Path, default=TRACE)
     parser.add_argument(
+        "--twin-draws", type=int, nargs="+", metavar="SEED",
+        help="only the virtual twin, over these batch draws (fixed caps and controllers); no process is started",
+    )  # fmt: skip
+    parser.add_argument("--capacity", type=float, help="with --twin-draws: tokens/s (default: the model's)")
+    parser.add_argument(
         "--postgres",
         default="postgresql://postgres@127.0.0.1:5432/postgres",
         help="a PostgreSQL server (any database on it) for the api + worker row: a database is created there and"
@@ -774,6 +807,15 @@ def main() -> None:
     start = args.offset_min * 60
     trace = [dataclasses.replace(r, at_s=r.at_s - start) for r in whole if r.at_s >= start]
     print(machine_line())
+    if args.twin_draws:
+        capacity = args.capacity or capacity_tokens_per_s(profile, whole, seed=3)
+        scale = args.peak * capacity * 60 / busiest_minute_tokens(whole)
+        print(
+            f"capacity {capacity:,.0f} tokens/s; trace compressed x{scale:.2f};"
+            f" {args.warmup:g} s warm-up, {args.seconds:g} s measured"
+        )
+        twin_draws(trace, profile, scale, args, capacity)
+        return
 
     with tempfile.TemporaryDirectory(prefix="harvest-e2e-") as tmp, running() as children:
         workdir = Path(tmp)
