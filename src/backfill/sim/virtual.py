@@ -115,6 +115,8 @@ class VirtualDriver:
     `settings.backends` names the endpoints (one per engine, serving the model "sim") with their limits, harvest
     and priority settings, exactly as a config file would. `interactive_ttft(endpoint)`: the proxy's TTFT samples
     since the last reading, for harvested endpoints (None: interactive traffic bypasses the proxy).
+    `probe_phase_s`: how long after the driver starts the engines are first read (then every
+    `engine_metrics_interval_s`); on the real path the watcher's readings fall anywhere relative to the workload.
     """
 
     MODEL = "sim"
@@ -131,8 +133,10 @@ class VirtualDriver:
         interactive_ttft: Callable[[str], list[float]] | None = None,
         seed: int = 0,
         core: DispatchCore | None = None,
+        probe_phase_s: float = 0.0,
     ) -> None:
         self.loop = loop
+        self.probe_phase_s = probe_phase_s
         self.engines = engines
         self.settings = settings
         self.group_prefixes = group_prefixes
@@ -239,8 +243,8 @@ class VirtualDriver:
             self._polling = True
             self.loop.at(self.loop.now + self.settings.poll_interval_s, self._poll)
         if (self._scraped or self.core.harvesting) and not self._probing:
-            self._probing = True  # the first reading at once, as the watcher reads when the dispatcher starts
-            self.loop.at(self.loop.now, self._probe)
+            self._probing = True  # the first reading at once (after the phase), as the watcher reads when it starts
+            self.loop.at(self.loop.now + self.probe_phase_s, self._probe)
 
     def _poll(self) -> None:
         """The fill loop's poll and the housekeeper's look at batch states, every `poll_interval_s`."""
