@@ -27,6 +27,12 @@ tokens/s, harvest efficiency = batch tokens served / (capacity x duration - inte
 tokens from the engine's own counters; and the virtual-time p99 ratio and harvest efficiency of the same strategy
 and slice (counted the same way: the simulated engine's counters over the window).
 
+The p99 of one row is close to its second-slowest request, and for the controller rows a draw: where the
+dispatcher's once-a-second engine readings fall relative to the trace is chance on the real path, and moves the
+twin's p99 on this slice by tens of points. So the twin runs each controller row at `--twin-phases` reading
+phases (mean and range shown), and `--repeat N` runs the real rows N times, with a summary of the runs beside the
+twin's phases. `--capacity` skips measuring it, so that separate invocations compress the trace alike.
+
 The load generator runs in this process (asyncio, one HTTP/1.1 connection per request in flight); its lag
 behind the trace's schedule and its CPU share are printed, so a row whose generator could not keep up says so.
 
@@ -34,6 +40,8 @@ behind the trace's schedule and its CPU share are printed, so a row whose genera
     .venv/bin/python bench/harvest_e2e.py --every-row --caps 8 12 --seconds 45 --warmup 30   # 13 rows, ~22 minutes
     .venv/bin/python bench/harvest_e2e.py --seconds 20 --rows proxy:interactive proxy:backfill   # a smoke run
     .venv/bin/python bench/harvest_e2e.py --twin-draws 11 12 13 14 15 16   # the twin alone, over six batch draws
+    .venv/bin/python bench/harvest_e2e.py --capacity 13571 --repeat 3 --postgres none \
+        --rows proxy:interactive proxy:backfill direct:interactive direct:backfill   # 12 rows, ~15 minutes
     .venv/bin/python bench/harvest_e2e.py --engine-url http://127.0.0.1:8081/v1 --flavour llamacpp ...  # a real engine
 """
 
@@ -60,6 +68,7 @@ import httpx
 from harness import REPO, Children, Server, machine_line, running, table
 
 from backfill.backends.engine_metrics import parse_samples
+from backfill.config import Settings
 from backfill.interactive import FirstTokenScanner
 from backfill.sim.profile import EngineProfile
 from backfill.sim.shared_engine import (
@@ -149,6 +158,7 @@ class RowResult:
     notes: list[str] = field(default_factory=list)
 
     warmup_s: float = 0.0
+    run: int = 0  # which of --repeat's runs
 
     def ttfts(self, grace_s: float) -> list[float]:
         """The TTFT of every request sent in the measured window; one that had none by the row's end (+ grace)
@@ -632,25 +642,40 @@ def virtual(
     args: argparse.Namespace,
     capacity: float,
     seed: int = SEED,
+    phase: float = 0.0,
 ) -> SharedResult:
     """One strategy on the same slice, warm-up and backlog in virtual time (the simulator's model of the engine);
-    `seed`: the batch backlog's draw."""
+    `seed`: the batch backlog's draw; `phase`: when the dispatcher first reads the engine."""
     return run(
         strategy, trace, profile, scale=scale, duration_s=args.warmup + args.seconds, backlog=args.backlog,
-        seed=seed, warmup_s=args.warmup, capacity=capacity,
+        seed=seed, warmup_s=args.warmup, capacity=capacity, probe_phase_s=phase,
     )  # fmt: skip
+
+
+def phases(strategy: str, args: argparse.Namespace) -> list[float]:
+    """Where the dispatcher's once-a-second engine readings fall relative to the trace, evenly over a second, for a
+    strategy that acts on them (on the real path that is chance, and a controller's p99 on one slice moves with it
+    by tens of points); a fixed cap or engine priority alone never does, and one phase is all of them."""
+    if not strategy.startswith(("backfill", "clairvoyant")):
+        return [0.0]
+    interval = Settings.model_fields["engine_metrics_interval_s"].default
+    return [interval * k / args.twin_phases for k in range(args.twin_phases)]
 
 
 def twin_draws(
     trace: list[TraceRequest], profile: EngineProfile, scale: float, args: argparse.Namespace, capacity: float
 ) -> None:
-    """The slice in virtual time over several batch draws: what one draw's p99 is worth, and the fixed caps'
-    frontier (p99 against efficiency) with that noise averaged out."""
+    """The slice in virtual time over several batch draws (and reading phases): what one draw's p99 is worth, and
+    the fixed caps' frontier (p99 against efficiency) with that noise averaged out."""
     reference = virtual("interactive", trace, profile, scale, args, capacity).ttft_quantile(0.99)
     strategies = [*(f"cap:{cap}" for cap in VIRTUAL_CAPS), "priority", "backfill", "backfill-metrics", "clairvoyant"]
     rows = []
     for strategy in strategies:
-        results = [virtual(strategy, trace, profile, scale, args, capacity, seed) for seed in args.twin_draws]
+        results = [
+            virtual(strategy, trace, profile, scale, args, capacity, seed, phase)
+            for seed in args.twin_draws
+            for phase in phases(strategy, args)
+        ]
         p99s = [r.ttft_quantile(0.99) / reference - 1 for r in results]
         efficiencies = [harvest_efficiency(r, capacity) for r in results]
         rows.append([
@@ -661,7 +686,10 @@ def twin_draws(
             f"{min(efficiencies):.0%} .. {max(efficiencies):.0%}",
         ])  # fmt: skip
     draws = " ".join(map(str, args.twin_draws))
-    print(f"virtual time, batch draws {draws}; interactive only p99 {reference * 1000:.0f} ms")
+    print(
+        f"virtual time, batch draws {draws} (the controllers over {args.twin_phases} reading phases each);"
+        f" interactive only p99 {reference * 1000:.0f} ms"
+    )
     print(table(["strategy", "p99 vs interactive, mean", "range", "harvest eff., mean", "range"], rows))
 
 
@@ -672,10 +700,12 @@ def virtual_twins(
     scale: float,
     args: argparse.Namespace,
     capacity: float,
-) -> dict[str, SharedResult]:
-    """Each strategy in virtual time."""
+) -> dict[str, list[SharedResult]]:
+    """Each strategy in virtual time, the controllers at every reading phase."""
     strategies = sorted({row.virtual_strategy for row in rows} | {"interactive"})
-    return {s: virtual(s, trace, profile, scale, args, capacity) for s in strategies}
+    return {
+        s: [virtual(s, trace, profile, scale, args, capacity, phase=p) for p in phases(s, args)] for s in strategies
+    }
 
 
 def best_virtual_cap(
@@ -699,56 +729,106 @@ def best_virtual_cap(
 # --- the report --------------------------------------------------------------------------------------------------
 
 
-def report(results: list[RowResult], capacity: float, twins: dict[str, SharedResult], grace_s: float) -> None:
+def twin_figures(twins: dict[str, list[SharedResult]], row: Row, capacity: float) -> tuple[list[float], list[float]]:
+    """The twin's p99 ratios (against its interactive-only p99) and harvest efficiencies for a row, one a phase."""
+    v_ref, vs = twins.get("interactive"), twins.get(row.virtual_strategy, [])
+    if not v_ref or not vs:
+        return [], []
+    reference = v_ref[0].ttft_quantile(0.99)
+    efficiencies = [harvest_efficiency(v, capacity) for v in vs] if row.strategy != "interactive" else []
+    return [v.ttft_quantile(0.99) / reference - 1 for v in vs], efficiencies
+
+
+def spread(values: Sequence[float], digits: int = 0) -> str:
+    """A mean, with the range when there are several: "+55% (+34% .. +95%)"."""
+    if not values:
+        return "-"
+    mean = f"{statistics.mean(values):+.{digits}%}"
+    return mean if len(values) == 1 else f"{mean} ({min(values):+.0%} .. {max(values):+.0%})"
+
+
+def report(results: list[RowResult], capacity: float, twins: dict[str, list[SharedResult]], grace_s: float) -> None:
+    ratios: dict[Row, list[float]] = {}  # each row's p99 ratio, run by run
+    efficiencies: dict[Row, list[float]] = {}
+    runs = sorted({r.run for r in results})
     for route in ("proxy", "direct"):
-        mine = [r for r in results if r.row.route == route]
-        if not mine:
-            continue
-        ref = next((r for r in mine if r.row.strategy == "interactive"), None)
-        ref50 = quantile(ref.ttfts(grace_s), 0.5) if ref else float("nan")
-        ref99 = quantile(ref.ttfts(grace_s), 0.99) if ref else float("nan")
-        caps = [
-            r for r in mine if r.row.strategy.startswith("cap:") and quantile(r.ttfts(grace_s), 0.99) <= 1.1 * ref99
-        ]
-        best_cap = max(caps, key=lambda r: r.batch_output_per_s, default=None)
-        rows = []
-        for r in mine:
-            ttfts = r.ttfts(grace_s)
-            p50, p99 = quantile(ttfts, 0.5), quantile(ttfts, 0.99)
-            idle = capacity * r.duration_s - r.interactive_tokens
-            efficiency = r.batch_tokens / idle if r.row.strategy != "interactive" and idle > 0 else float("nan")
-            v_ref, v = twins.get("interactive"), twins.get(r.row.virtual_strategy)
-            v_ratio = f"{v.ttft_quantile(0.99) / v_ref.ttft_quantile(0.99) - 1:+.1%}" if v and v_ref else "-"
-            v_efficiency = harvest_efficiency(v, capacity) if v and r.row.strategy != "interactive" else float("nan")
-            lags = [s.lag_s for s in r.sent]
-            versus_cap = (
-                f"{r.batch_output_per_s / best_cap.batch_output_per_s:.2f}x"
-                if best_cap is not None and best_cap.batch_output_per_s > 0 and r.row.strategy != "interactive"
-                else "-"
-            )
-            rows.append([
-                r.row.label,
-                f"{p50 * 1000:.0f} ({p50 / ref50 - 1:+.1%})",
-                f"{p99 * 1000:.0f} ({p99 / ref99 - 1:+.1%})",
-                v_ratio,
-                f"{r.batch_output_per_s:,.0f}" if r.row.strategy != "interactive" else "-",
-                f"{efficiency:.1%}" if efficiency == efficiency else "-",
-                f"{v_efficiency:.1%}" if v_efficiency == v_efficiency else "-",
-                versus_cap,
-                f"{len(ttfts)}",
-                f"{quantile(lags, 0.99) * 1000:.1f}",
-                f"{r.generator_cpu_s / r.duration_s:.0%}",
-                "; ".join(r.notes) or "",
-            ])  # fmt: skip
-        best = f" (best fixed cap within +10%: {best_cap.row.strategy})" if best_cap else " (no fixed cap within +10%)"
-        print(f"\ninteractive {'through the proxy' if route == 'proxy' else 'straight to the engine'}{best}")
-        print(
-            table(
-                ["strategy", "TTFT p50 ms", "TTFT p99 ms", "virtual p99", "batch out tok/s", "harvest eff.",
-                 "virtual eff.", "x best cap", "requests", "gen lag p99 ms", "gen CPU", "notes"],
-                rows,
-            )
-        )  # fmt: skip
+        for index in runs:
+            mine = [r for r in results if r.row.route == route and r.run == index]
+            label = f", run {index + 1} of {len(runs)}" if len(runs) > 1 else ""
+            if mine:
+                report_run(mine, label, capacity, twins, grace_s, ratios, efficiencies)
+    if len(runs) < 2:
+        return
+    rows = []
+    for row, values in ratios.items():
+        v_ratios, v_efficiencies = twin_figures(twins, row, capacity)
+        effs = efficiencies.get(row, [])
+        rows.append([
+            f"{row.label} ({row.route})",
+            spread(values),
+            spread(v_ratios),
+            f"{statistics.mean(effs):.1%}" if effs else "-",
+            f"{statistics.mean(v_efficiencies):.1%}" if v_efficiencies else "-",
+        ])  # fmt: skip
+    print(f"\nover {len(runs)} runs (real) and the reading phases (virtual)")
+    print(table(["row", "p99 real, mean (range)", "p99 virtual", "harvest eff. real", "virtual"], rows))
+
+
+def report_run(
+    mine: list[RowResult],
+    label: str,
+    capacity: float,
+    twins: dict[str, list[SharedResult]],
+    grace_s: float,
+    ratios: dict[Row, list[float]],
+    efficiencies: dict[Row, list[float]],
+) -> None:
+    """One run of one route's rows, each against the interactive-only row of the same run."""
+    ref = next((r for r in mine if r.row.strategy == "interactive"), None)
+    ref50 = quantile(ref.ttfts(grace_s), 0.5) if ref else float("nan")
+    ref99 = quantile(ref.ttfts(grace_s), 0.99) if ref else float("nan")
+    caps = [r for r in mine if r.row.strategy.startswith("cap:") and quantile(r.ttfts(grace_s), 0.99) <= 1.1 * ref99]
+    best_cap = max(caps, key=lambda r: r.batch_output_per_s, default=None)
+    rows = []
+    for r in mine:
+        ttfts = r.ttfts(grace_s)
+        p50, p99 = quantile(ttfts, 0.5), quantile(ttfts, 0.99)
+        idle = capacity * r.duration_s - r.interactive_tokens
+        efficiency = r.batch_tokens / idle if r.row.strategy != "interactive" and idle > 0 else float("nan")
+        if r.row.strategy != "interactive":
+            ratios.setdefault(r.row, []).append(p99 / ref99 - 1)
+            efficiencies.setdefault(r.row, []).append(efficiency)
+        v_ratios, v_efficiencies = twin_figures(twins, r.row, capacity)
+        lags = [s.lag_s for s in r.sent]
+        versus_cap = (
+            f"{r.batch_output_per_s / best_cap.batch_output_per_s:.2f}x"
+            if best_cap is not None and best_cap.batch_output_per_s > 0 and r.row.strategy != "interactive"
+            else "-"
+        )
+        rows.append([
+            r.row.label,
+            f"{p50 * 1000:.0f} ({p50 / ref50 - 1:+.1%})",
+            f"{p99 * 1000:.0f} ({p99 / ref99 - 1:+.1%})",
+            spread(v_ratios, 1),
+            f"{r.batch_output_per_s:,.0f}" if r.row.strategy != "interactive" else "-",
+            f"{efficiency:.1%}" if efficiency == efficiency else "-",
+            f"{statistics.mean(v_efficiencies):.1%}" if v_efficiencies else "-",
+            versus_cap,
+            f"{len(ttfts)}",
+            f"{quantile(lags, 0.99) * 1000:.1f}",
+            f"{r.generator_cpu_s / r.duration_s:.0%}",
+            "; ".join(r.notes) or "",
+        ])  # fmt: skip
+    best = f" (best fixed cap within +10%: {best_cap.row.strategy})" if best_cap else " (no fixed cap within +10%)"
+    route = "through the proxy" if mine[0].row.route == "proxy" else "straight to the engine"
+    print(f"\ninteractive {route}{best}{label}")
+    print(
+        table(
+            ["strategy", "TTFT p50 ms", "TTFT p99 ms", "virtual p99 (phases)", "batch out tok/s", "harvest eff.",
+             "virtual eff.", "x best cap", "requests", "gen lag p99 ms", "gen CPU", "notes"],
+            rows,
+        )
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -778,7 +858,17 @@ def main() -> None:
         "--twin-draws", type=int, nargs="+", metavar="SEED",
         help="only the virtual twin, over these batch draws (fixed caps and controllers); no process is started",
     )  # fmt: skip
-    parser.add_argument("--capacity", type=float, help="with --twin-draws: tokens/s (default: the model's)")
+    parser.add_argument(
+        "--capacity", type=float,
+        help="the engine's tokens/s, not measured (so that runs compress the trace alike); with --twin-draws, default:"
+        " the model's",
+    )  # fmt: skip
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run the rows this many times (the p99 of a run is noisy)"
+    )
+    parser.add_argument(
+        "--twin-phases", type=int, default=10, help="reading phases the twin's controller rows are run at"
+    )
     parser.add_argument(
         "--postgres",
         default="postgresql://postgres@127.0.0.1:5432/postgres",
@@ -821,7 +911,7 @@ def main() -> None:
         workdir = Path(tmp)
         engine = Engine(args, profile, workdir)
         began = time.monotonic()
-        capacity = measure_capacity(engine, children, whole, args.capacity_s)
+        capacity = args.capacity or measure_capacity(engine, children, whole, args.capacity_s)
         real = args.engine_url or args.engine_command
         modelled = "" if real else f" ({capacity_tokens_per_s(profile, whole, seed=3):,.0f} in the simulator's model)"
         # Compress so that the busiest minute's tokens are --peak of the capacity measured.
@@ -829,9 +919,9 @@ def main() -> None:
         window = [r for r in trace if args.warmup <= r.at_s / scale < args.warmup + args.seconds]
         load = sum(r.prompt_tokens + r.output_tokens for r in window) / args.seconds / capacity
         print(
-            f"engine capacity {capacity:,.0f} tokens/s measured{modelled} with the trace mix at"
-            f" {profile.max_num_seqs + 16} in flight; trace compressed x{scale:.2f}; each row: the batch and the"
-            f" trace from the start, {args.warmup:g} s of warm-up, then {args.seconds:g} s measured ="
+            f"engine capacity {capacity:,.0f} tokens/s {'given' if args.capacity else 'measured'}{modelled} with the"
+            f" trace mix at {profile.max_num_seqs + 16} in flight; trace compressed x{scale:.2f}; each row: the batch"
+            f" and the trace from the start, {args.warmup:g} s of warm-up, then {args.seconds:g} s measured ="
             f" {(args.warmup + args.seconds) * scale / 60:.1f} trace minutes from minute {args.offset_min:g};"
             f" {len(window)} interactive requests measured per row, {load:.0%} of the capacity\n",
             flush=True,
@@ -852,12 +942,15 @@ def main() -> None:
         twins = virtual_twins(rows, trace, profile, scale, args, capacity) if not real else {}
         backlog = batch_file(workdir / "backlog.jsonl", trace, args.backlog, profile.model)
         results = []
-        for row in rows:
-            print(f"  {row.key} ...", end=" ", flush=True)
-            result = run_row(row, engine, children, workdir, trace, scale, args, backlog, capacity)
-            ttfts = result.ttfts(10.0)
-            print(f"p50 {quantile(ttfts, 0.5) * 1000:.0f} ms, p99 {quantile(ttfts, 0.99) * 1000:.0f} ms", flush=True)
-            results.append(result)
+        for index in range(args.repeat):
+            for row in rows:
+                print(f"  {row.key} ...", end=" ", flush=True)
+                result = run_row(row, engine, children, workdir, trace, scale, args, backlog, capacity)
+                result.run = index
+                ttfts = result.ttfts(10.0)
+                p50, p99 = quantile(ttfts, 0.5), quantile(ttfts, 0.99)
+                print(f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms", flush=True)
+                results.append(result)
         report(results, capacity, twins, 10.0)
         print(f"\n{time.monotonic() - began:.0f} s in all")
 
