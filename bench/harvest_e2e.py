@@ -279,7 +279,10 @@ class Engine:
             argv = shlex.split(self.args.engine_command.replace("{port}", str(port)))
         else:
             profile = self.workdir / f"profile-{'priority' if priority else 'fcfs'}.toml"
-            profile.write_text(f'scheduling_policy = "{"priority" if priority else "fcfs"}"\n')
+            profile.write_text(
+                f'scheduling_policy = "{"priority" if priority else "fcfs"}"\n'
+                f"max_num_batched_tokens = {self.profile.max_num_batched_tokens}\n"
+            )
             argv = [sys.executable, "-m", "backfill", "sim", "serve", "--port", str(port), "--profile", str(profile)]
         self.process = children.start(argv, self.workdir / "engine.log")
         self.url = f"http://127.0.0.1:{port}/v1"
@@ -417,6 +420,23 @@ def measure_capacity(engine: Engine, children: Children, trace: list[TraceReques
 
 
 # --- one row -----------------------------------------------------------------------------------------------------
+
+
+def batch_pool(trace: list[TraceRequest], args: argparse.Namespace) -> list[TraceRequest]:
+    """The trace's (prompt, output) pairs batch lines are drawn from: all of them, or with --batch-prompt-max only
+    those with shorter prompts (a what-if: a backlog of short prompts, where one line's prefill never fills an
+    iteration)."""
+    if args.batch_prompt_max is None:
+        return trace
+    return [r for r in trace if r.prompt_tokens <= args.batch_prompt_max]
+
+
+def what_if(args: argparse.Namespace, profile: EngineProfile) -> str:
+    """What this run changes from the default slice, for its header."""
+    changes = [f"; iteration budget {profile.max_num_batched_tokens} tokens"] if args.max_num_batched_tokens else []
+    if args.batch_prompt_max is not None:
+        changes.append(f"; batch lines only of prompts <= {args.batch_prompt_max} tokens")
+    return "".join(changes)
 
 
 def batch_file(path: Path, trace: list[TraceRequest], count: int, model: str) -> Path:
@@ -648,7 +668,7 @@ def virtual(
     `seed`: the batch backlog's draw; `phase`: when the dispatcher first reads the engine."""
     return run(
         strategy, trace, profile, scale=scale, duration_s=args.warmup + args.seconds, backlog=args.backlog,
-        seed=seed, warmup_s=args.warmup, capacity=capacity, probe_phase_s=phase,
+        seed=seed, warmup_s=args.warmup, capacity=capacity, probe_phase_s=phase, batch_from=batch_pool(trace, args),
     )  # fmt: skip
 
 
@@ -867,6 +887,12 @@ def main() -> None:
         "--repeat", type=int, default=1, help="run the rows this many times (the p99 of a run is noisy)"
     )
     parser.add_argument(
+        "--batch-prompt-max", type=int, help="draw batch lines only from trace requests with prompts this long or less"
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, help="the simulated engine's token budget an iteration (default 8192)"
+    )
+    parser.add_argument(
         "--twin-phases", type=int, default=10, help="reading phases the twin's controller rows are run at"
     )
     parser.add_argument(
@@ -884,6 +910,8 @@ def main() -> None:
         profile = dataclasses.replace(profile, max_num_seqs=args.max_num_seqs)
     if args.max_model_len:
         profile = dataclasses.replace(profile, max_model_len=args.max_model_len)
+    if args.max_num_batched_tokens:
+        profile = dataclasses.replace(profile, max_num_batched_tokens=args.max_num_batched_tokens)
     whole = fit(load_trace(args.trace), profile)
     if args.token_scale != 1.0:  # a small engine: the same arrivals and mix, every request shorter
         whole = [
@@ -901,7 +929,7 @@ def main() -> None:
         capacity = args.capacity or capacity_tokens_per_s(profile, whole, seed=3)
         scale = args.peak * capacity * 60 / busiest_minute_tokens(whole)
         print(
-            f"capacity {capacity:,.0f} tokens/s; trace compressed x{scale:.2f};"
+            f"capacity {capacity:,.0f} tokens/s{what_if(args, profile)}; trace compressed x{scale:.2f};"
             f" {args.warmup:g} s warm-up, {args.seconds:g} s measured"
         )
         twin_draws(trace, profile, scale, args, capacity)
@@ -923,7 +951,8 @@ def main() -> None:
             f" trace mix at {profile.max_num_seqs + 16} in flight; trace compressed x{scale:.2f}; each row: the batch"
             f" and the trace from the start, {args.warmup:g} s of warm-up, then {args.seconds:g} s measured ="
             f" {(args.warmup + args.seconds) * scale / 60:.1f} trace minutes from minute {args.offset_min:g};"
-            f" {len(window)} interactive requests measured per row, {load:.0%} of the capacity\n",
+            f" {len(window)} interactive requests measured per row, {load:.0%} of the capacity"
+            f"{what_if(args, profile)}\n",
             flush=True,
         )
         if args.caps is None:
@@ -940,7 +969,7 @@ def main() -> None:
         if args.rows:
             rows = [row for row in rows if row.key in args.rows]
         twins = virtual_twins(rows, trace, profile, scale, args, capacity) if not real else {}
-        backlog = batch_file(workdir / "backlog.jsonl", trace, args.backlog, profile.model)
+        backlog = batch_file(workdir / "backlog.jsonl", batch_pool(trace, args), args.backlog, profile.model)
         results = []
         for index in range(args.repeat):
             for row in rows:

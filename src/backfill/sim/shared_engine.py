@@ -270,6 +270,7 @@ def run(
     warmup_s: float = 0.0,
     capacity: float | None = None,
     probe_phase_s: float = 0.0,
+    batch_from: list[TraceRequest] | None = None,
 ) -> SharedResult:
     """Replay `duration_s` seconds (virtual) of the compressed trace under one strategy.
 
@@ -279,6 +280,7 @@ def run(
     `capacity_tokens_per_s`, as configured (None: learned). `probe_phase_s`: when the dispatcher first reads the
     engine (then once a second): on the real path its readings fall anywhere relative to the trace, and a
     controller's p99 moves with that phase (the twin of harvest_e2e's slice: +28 % to +104 % over 20 phases).
+    `batch_from`: the (prompt, output) pairs batch lines are drawn from (default: the trace's own).
 
     Batch work goes through the production dispatch core (`VirtualDriver`), configured as a user would configure
     the endpoint: a fixed `max_concurrency` (no limit, or a cap), `priority` on or off, `harvest = true` for the
@@ -311,7 +313,7 @@ def run(
         make = clairvoyant(trace, profile, scale) if strategy == "clairvoyant" else controller
         if harvest and make is not None:
             driver.core.harvest.harvested[ENDPOINT].controller = make(ceiling)
-        driver.submit_at(batch_backlog(trace, backlog, seed, profile.block_size))
+        driver.submit_at(batch_backlog(batch_from or trace, backlog, seed, profile.block_size))
     if warmup_s > 0:
         loop.at(warmup_s, lambda: counted.update(counts(engine, driver)))
     loop.run(until=duration_s)
