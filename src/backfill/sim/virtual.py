@@ -115,7 +115,7 @@ class VirtualDriver:
     `settings.backends` names the endpoints (one per engine, serving the model "sim") with their limits, harvest
     and priority settings, exactly as a config file would. `interactive_ttft(endpoint)`: the proxy's TTFT samples
     since the last reading, for harvested endpoints (None: interactive traffic bypasses the proxy).
-    `probe_phase_s`: how long after the driver starts the engines are first read (then every
+    `probe_phase_s`: how long after the first batch arrives the engines are first read (then every
     `engine_metrics_interval_s`); on the real path the watcher's readings fall anywhere relative to the workload.
     """
 
@@ -243,7 +243,7 @@ class VirtualDriver:
             self._polling = True
             self.loop.at(self.loop.now + self.settings.poll_interval_s, self._poll)
         if (self._scraped or self.core.harvesting) and not self._probing:
-            self._probing = True  # the first reading at once (after the phase), as the watcher reads when it starts
+            self._probing = True  # phase 0: at once, as the watcher reads when the dispatcher starts
             self.loop.at(self.loop.now + self.probe_phase_s, self._probe)
 
     def _poll(self) -> None:
